@@ -1,0 +1,9 @@
+//! tts-module through its public surface: HTTP CloudEvents in, HTTP replies and NATS messages out.
+//! One test binary (modules below) so the workspace links fewer executables.
+
+mod bad_input;
+mod events;
+mod nats;
+mod resilience;
+mod shutdown;
+mod support;

@@ -1,0 +1,259 @@
+//! Typed configuration from environment variables.
+//!
+//! Configuration is read once at start-up through [`ConfigReader`], which keeps going after a
+//! problem so the operator sees *every* bad or missing variable in one go, then
+//! [`load_or_exit`] exits with status 64 (`EX_USAGE`). Variables are read through the [`Env`]
+//! lookup trait so tests pass a map instead of mutating the process environment.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Where configuration values come from.
+pub trait Env {
+    /// The value of `key`, if set.
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).cloned()
+    }
+}
+
+fn lookup<K: AsRef<str>, V: AsRef<str>>(pairs: &[(K, V)], key: &str) -> Option<String> {
+    pairs
+        .iter()
+        .find(|(k, _)| k.as_ref() == key)
+        .map(|(_, v)| v.as_ref().to_string())
+}
+
+impl<const N: usize> Env for [(&str, &str); N] {
+    fn get(&self, key: &str) -> Option<String> {
+        lookup(self, key)
+    }
+}
+
+impl<K: AsRef<str>, V: AsRef<str>> Env for Vec<(K, V)> {
+    fn get(&self, key: &str) -> Option<String> {
+        lookup(self, key)
+    }
+}
+
+/// Every configuration problem found, reported together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub Vec<String>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration: {}", self.0.join("; "))
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads typed values and collects problems instead of stopping at the first.
+pub struct ConfigReader<'a> {
+    env: &'a dyn Env,
+    problems: Vec<String>,
+}
+
+impl<'a> ConfigReader<'a> {
+    /// A reader over `env`.
+    pub fn new(env: &'a dyn Env) -> Self {
+        Self {
+            env,
+            problems: Vec::new(),
+        }
+    }
+
+    /// The value of `key`; an empty value counts as unset.
+    pub fn optional(&mut self, key: &str) -> Option<String> {
+        self.env
+            .get(key)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The value of `key`, or `default`.
+    pub fn string(&mut self, key: &str, default: &str) -> String {
+        self.optional(key).unwrap_or_else(|| default.to_string())
+    }
+
+    /// The value of `key`, recording a problem when it is missing.
+    pub fn required(&mut self, key: &str, what: &str) -> String {
+        self.optional(key).unwrap_or_else(|| {
+            self.problems.push(format!("{key} is required ({what})"));
+            String::new()
+        })
+    }
+
+    /// `key` parsed as `T`, or `default` when unset.
+    pub fn parse<T>(&mut self, key: &str, default: T) -> T
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        match self.optional(key) {
+            None => default,
+            Some(raw) => raw.parse().unwrap_or_else(|e| {
+                self.problems.push(format!("{key}={raw:?} is invalid: {e}"));
+                default
+            }),
+        }
+    }
+
+    /// A positive count (concurrency, sizes): zero is a problem, because it would stall work.
+    pub fn positive(&mut self, key: &str, default: usize) -> usize {
+        let value = self.parse(key, default);
+        if value == 0 {
+            self.problems.push(format!("{key} must be at least 1"));
+            return default;
+        }
+        value
+    }
+
+    /// A duration given in milliseconds.
+    pub fn millis(&mut self, key: &str, default_ms: u64) -> Duration {
+        Duration::from_millis(self.parse(key, default_ms))
+    }
+
+    /// One of a fixed set of words.
+    pub fn choice(&mut self, key: &str, default: &str, allowed: &[&str]) -> String {
+        let value = self.string(key, default).to_ascii_lowercase();
+        if !allowed.contains(&value.as_str()) {
+            self.problems.push(format!(
+                "{key}={value:?} is invalid: expected one of {}",
+                allowed.join(", ")
+            ));
+            return default.to_string();
+        }
+        value
+    }
+
+    /// An `http://` or `https://` base URL, trailing slashes removed.
+    pub fn http_url(&mut self, key: &str, what: &str) -> String {
+        let raw = self.required(key, what);
+        if !(raw.is_empty() || raw.starts_with("http://") || raw.starts_with("https://")) {
+            self.problems.push(format!(
+                "{key}={raw:?} is invalid: expected an http(s):// URL"
+            ));
+        }
+        raw.trim_end_matches('/').to_string()
+    }
+
+    /// Records a problem found by the caller's own checks.
+    pub fn problem(&mut self, message: impl Into<String>) {
+        self.problems.push(message.into());
+    }
+
+    /// Ok when nothing was wrong, else every problem found.
+    pub fn finish(self) -> Result<(), ConfigError> {
+        if self.problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(self.problems))
+        }
+    }
+}
+
+/// Reads configuration with `read` from `env`, returning every problem at once.
+pub fn load<T>(env: &dyn Env, read: impl FnOnce(&mut ConfigReader) -> T) -> Result<T, ConfigError> {
+    let mut reader = ConfigReader::new(env);
+    let config = read(&mut reader);
+    reader.finish().map(|()| config)
+}
+
+/// Reads configuration from the process environment; on problems prints them all and exits 64.
+pub fn load_or_exit<T>(read: impl FnOnce(&mut ConfigReader) -> T) -> T {
+    load(&ProcessEnv, read).unwrap_or_else(|err| {
+        for problem in &err.0 {
+            eprintln!("config error: {problem}");
+        }
+        std::process::exit(64)
+    })
+}
+
+/// Settings every function shares.
+#[derive(Debug, Clone)]
+pub struct BaseConfig {
+    /// `PORT` (default 8080): the HTTP port; Knative sets it.
+    pub port: u16,
+    /// `CE_SOURCE` (default `K_SERVICE`, else the function's name): `source` of replies.
+    pub source: String,
+    /// `MAX_BODY_BYTES` (default per function): events above it get 413 before parsing.
+    pub max_body_bytes: usize,
+    /// `EVENT_TIMEOUT_MS` (default 60000): one deadline for everything an event does.
+    pub event_timeout: Duration,
+    /// `SHUTDOWN_GRACE_MS` (default 20000): how long in-flight events may finish after
+    /// SIGTERM; keep it below the pod's `terminationGracePeriodSeconds`.
+    pub shutdown_grace: Duration,
+    /// `NATS_URL` (unset: no publishing): where replies and stream chunks are published.
+    pub nats_url: Option<String>,
+}
+
+impl BaseConfig {
+    /// Reads the shared settings for the function `name`.
+    pub fn read(r: &mut ConfigReader, name: &str, default_body_bytes: usize) -> Self {
+        let default_source = r.optional("K_SERVICE").unwrap_or_else(|| name.to_string());
+        Self {
+            port: r.parse("PORT", 8080),
+            source: r.string("CE_SOURCE", &default_source),
+            max_body_bytes: r.positive("MAX_BODY_BYTES", default_body_bytes),
+            event_timeout: r.millis("EVENT_TIMEOUT_MS", 60_000),
+            shutdown_grace: r.millis("SHUTDOWN_GRACE_MS", 20_000),
+            nats_url: r.optional("NATS_URL"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let env = [("PORT", "eighty"), ("MODE", "loud"), ("LIMIT", "0")];
+        let err = load(&env, |r| {
+            let port: u16 = r.parse("PORT", 8080);
+            let mode = r.choice("MODE", "quiet", &["quiet", "normal"]);
+            let limit = r.positive("LIMIT", 4);
+            let url = r.http_url("BACKEND_URL", "the backend");
+            (port, mode, limit, url)
+        })
+        .expect_err("must fail");
+        assert_eq!(err.0.len(), 4, "{err}");
+        assert!(err.0[0].starts_with("PORT=\"eighty\" is invalid"));
+        assert!(err.0[3].contains("BACKEND_URL is required"));
+    }
+
+    #[test]
+    fn defaults_apply_and_empty_counts_as_unset() {
+        let env = [("NATS_URL", ""), ("K_SERVICE", "tts")];
+        let base = load(&env, |r| BaseConfig::read(r, "tts-module", 1024)).expect("valid");
+        assert_eq!(base.port, 8080);
+        assert_eq!(base.source, "tts");
+        assert_eq!(base.nats_url, None);
+        assert_eq!(base.max_body_bytes, 1024);
+    }
+
+    #[test]
+    fn urls_are_checked_and_normalised() {
+        let env = [("A", "http://x:1/"), ("B", "x:1")];
+        let err = load(&env, |r| (r.http_url("A", "a"), r.http_url("B", "b"))).expect_err("B bad");
+        assert_eq!(err.0.len(), 1);
+        let ok = load(&env, |r| r.http_url("A", "a")).expect("A ok");
+        assert_eq!(ok, "http://x:1");
+    }
+}

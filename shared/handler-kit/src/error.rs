@@ -1,0 +1,134 @@
+//! [`HandlerError`]: the one error type of the crate, and how it renders over HTTP.
+//!
+//! Every variant belongs to one [`Class`] of the delivery contract, so the status a caller sees
+//! (and therefore whether the NATS source retries) is decided in one place, [`crate::delivery`].
+
+use std::time::Duration;
+
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::delivery::{self, Class};
+
+/// What went wrong while handling one event.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// The request is not a valid CloudEvent (missing `ce-*` headers, wrong specversion, ...).
+    #[error("invalid CloudEvent: {0}")]
+    InvalidEvent(String),
+    /// The event's data could not be decoded into the expected payload.
+    #[error("invalid payload: {0}")]
+    InvalidPayload(String),
+    /// The payload decoded but cannot be processed (empty text, over a limit, ...).
+    #[error("{0}")]
+    Unprocessable(String),
+    /// The body is larger than this function accepts.
+    #[error("request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The configured limit in bytes.
+        limit: usize,
+    },
+    /// The event's `datacontenttype` is not one this function decodes.
+    #[error("unsupported datacontenttype {0:?}: use application/json or application/msgpack")]
+    UnsupportedMediaType(String),
+    /// A backend is known to be down (breaker open) or saturated: try again later.
+    #[error("{backend} unavailable: {reason}")]
+    Unavailable {
+        /// The backend's name.
+        backend: &'static str,
+        /// Why it is unavailable.
+        reason: String,
+        /// When a retry may succeed.
+        retry_after: Duration,
+    },
+    /// A backend failed in a way that may be transient (5xx, connection error).
+    #[error("{backend} failed: {detail}")]
+    Backend {
+        /// The backend's name.
+        backend: &'static str,
+        /// What it answered or why the call failed.
+        detail: String,
+    },
+    /// A backend refused this particular request (4xx): retrying will not help.
+    #[error("{backend} rejected the request: {detail}")]
+    BackendRejected {
+        /// The backend's name.
+        backend: &'static str,
+        /// What it answered.
+        detail: String,
+    },
+    /// A backend did not answer in time.
+    #[error("{backend} timed out after {after:?}")]
+    Timeout {
+        /// The backend's name.
+        backend: &'static str,
+        /// The timeout that elapsed.
+        after: Duration,
+    },
+    /// The whole event took longer than its deadline.
+    #[error("event deadline of {0:?} exceeded")]
+    Deadline(Duration),
+    /// A bug or an impossible state; logged with detail, reported briefly.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl HandlerError {
+    /// The delivery class of this error, which decides the HTTP status.
+    pub fn class(&self) -> Class {
+        match self {
+            Self::InvalidEvent(_) | Self::InvalidPayload(_) => Class::BadRequest,
+            Self::Unprocessable(_) | Self::BackendRejected { .. } => Class::Unprocessable,
+            Self::PayloadTooLarge { .. } => Class::TooLarge,
+            Self::UnsupportedMediaType(_) => Class::UnsupportedMediaType,
+            Self::Unavailable { retry_after, .. } => Class::Unavailable(*retry_after),
+            Self::Backend { .. } => Class::BadGateway,
+            Self::Timeout { .. } | Self::Deadline(_) => Class::GatewayTimeout,
+            Self::Internal(_) => Class::Internal,
+        }
+    }
+
+    /// A short stable code for the JSON body and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidEvent(_) => "invalid_event",
+            Self::InvalidPayload(_) => "invalid_payload",
+            Self::Unprocessable(_) => "unprocessable",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::Unavailable { .. } => "backend_unavailable",
+            Self::Backend { .. } => "backend_error",
+            Self::BackendRejected { .. } => "backend_rejected",
+            Self::Timeout { .. } => "backend_timeout",
+            Self::Deadline(_) => "deadline_exceeded",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+/// The JSON body of every error answer: `{"error": "...", "detail": "..."}`.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    /// Stable machine-readable code.
+    pub error: &'a str,
+    /// Human-readable explanation.
+    pub detail: String,
+}
+
+impl IntoResponse for HandlerError {
+    fn into_response(self) -> Response {
+        let class = self.class();
+        if class.is_retryable() {
+            tracing::warn!(error = self.code(), detail = %self, "event failed, retryable");
+        } else {
+            tracing::info!(error = self.code(), detail = %self, "event rejected");
+        }
+        delivery::error_response(
+            class,
+            &ErrorBody {
+                error: self.code(),
+                detail: self.to_string(),
+            },
+        )
+    }
+}

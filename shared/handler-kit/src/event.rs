@@ -1,0 +1,429 @@
+//! CloudEvents over HTTP: a body-capped extractor and a responder that answers in kind.
+//!
+//! The body is read with a hard cap *before* anything parses it: an unbounded read of a chunked
+//! body is a memory bomb, and answering it with a 500 would make the source redeliver it forever.
+//! Both content modes are accepted (binary: `ce-*` headers; structured:
+//! `application/cloudevents+json`). `data` is decoded by `datacontenttype`: MessagePack, JSON, or
+//! handed over as raw bytes. The reply uses the request's mode and data format, so a msgpack
+//! caller gets msgpack back and a curl user gets JSON, unless `Accept` asks for something else.
+
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use cloudevents::binding::http::to_event;
+use cloudevents::event::{Data, EventBuilder, EventBuilderV10};
+use cloudevents::{AttributesReader, Event};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::HandlerError;
+
+/// Body cap for events, in bytes. Put in the request extensions by [`crate::serve::FunctionApp`].
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+/// Used when no [`BodyLimit`] is set: large enough for text events, small enough to be safe.
+pub const DEFAULT_BODY_LIMIT: usize = 256 * 1024;
+
+/// How the CloudEvent was carried over HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Attributes in `ce-*` headers, data as the body.
+    Binary,
+    /// The whole event as `application/cloudevents+json`.
+    Structured,
+}
+
+/// How the event's `data` is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataFormat {
+    /// `application/json` (and `*+json`).
+    Json,
+    /// `application/msgpack` (and `application/x-msgpack`, `application/vnd.msgpack`).
+    Msgpack,
+}
+
+impl DataFormat {
+    /// The `datacontenttype` this format is announced with.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Json => "application/json",
+            Self::Msgpack => "application/msgpack",
+        }
+    }
+
+    /// The format named by a content type, `None` for anything else (raw bytes).
+    pub fn from_content_type(content_type: &str) -> Option<Self> {
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        match essence.as_str() {
+            "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
+                Some(Self::Msgpack)
+            }
+            "application/json" | "text/json" => Some(Self::Json),
+            e if e.ends_with("+json") => Some(Self::Json),
+            _ => None,
+        }
+    }
+
+    /// Serializes a payload in this format (MessagePack as a map with field names).
+    pub fn encode<T: Serialize>(self, payload: &T) -> Result<Vec<u8>, HandlerError> {
+        match self {
+            Self::Json => {
+                serde_json::to_vec(payload).map_err(|e| HandlerError::Internal(e.to_string()))
+            }
+            Self::Msgpack => {
+                rmp_serde::to_vec_named(payload).map_err(|e| HandlerError::Internal(e.to_string()))
+            }
+        }
+    }
+}
+
+/// An incoming CloudEvent, its body already read under the cap and parsed.
+#[derive(Debug, Clone)]
+pub struct CloudEvent {
+    event: Event,
+    mode: Mode,
+    reply_mode: Mode,
+    reply_format: Option<DataFormat>,
+}
+
+impl CloudEvent {
+    /// Parses a CloudEvent from headers and a body that was already read under the cap.
+    pub fn parse(headers: &HeaderMap, body: Vec<u8>) -> Result<Self, HandlerError> {
+        let event = to_event(headers, body).map_err(describe_parse_error)?;
+        let mode = if event_is_structured(headers) {
+            Mode::Structured
+        } else {
+            Mode::Binary
+        };
+        let (reply_mode, reply_format) = negotiate_reply(headers, mode);
+        Ok(Self {
+            event,
+            mode,
+            reply_mode,
+            reply_format,
+        })
+    }
+
+    /// The event's `id`.
+    pub fn id(&self) -> &str {
+        self.event.id()
+    }
+
+    /// The event's `type`.
+    pub fn ty(&self) -> &str {
+        self.event.ty()
+    }
+
+    /// The event's `subject`, if any.
+    pub fn subject(&self) -> Option<&str> {
+        self.event.subject()
+    }
+
+    /// How the event arrived.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The underlying SDK event, for attributes and extensions not wrapped here.
+    pub fn event(&self) -> &Event {
+        &self.event
+    }
+
+    /// The format of `data`, from `datacontenttype` (absent means JSON, as in structured mode).
+    pub fn data_format(&self) -> Result<DataFormat, HandlerError> {
+        match self.event.datacontenttype() {
+            None => Ok(DataFormat::Json),
+            Some(ct) => DataFormat::from_content_type(ct)
+                .ok_or_else(|| HandlerError::UnsupportedMediaType(ct.to_string())),
+        }
+    }
+
+    /// Checks the event's type, so a misrouted event is rejected rather than misread.
+    pub fn expect_type(&self, accepted: &[&str]) -> Result<(), HandlerError> {
+        if accepted.contains(&self.ty()) {
+            Ok(())
+        } else {
+            Err(HandlerError::InvalidEvent(format!(
+                "unexpected type {:?}; this function accepts {}",
+                self.ty(),
+                accepted.join(", ")
+            )))
+        }
+    }
+
+    /// Decodes `data` into the function's payload type according to `datacontenttype`.
+    pub fn data<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
+        let format = self.data_format()?;
+        let invalid = |e: &dyn std::fmt::Display| HandlerError::InvalidPayload(e.to_string());
+        match (format, self.event.data()) {
+            (_, None) => Err(HandlerError::InvalidPayload("the event has no data".into())),
+            (DataFormat::Msgpack, Some(Data::Binary(bytes))) => {
+                rmp_serde::from_slice(bytes).map_err(|e| invalid(&e))
+            }
+            (DataFormat::Msgpack, Some(_)) => Err(HandlerError::InvalidPayload(
+                "datacontenttype is msgpack but data is not binary (use data_base64)".into(),
+            )),
+            (DataFormat::Json, Some(Data::Json(value))) => {
+                T::deserialize(value).map_err(|e| invalid(&e))
+            }
+            (DataFormat::Json, Some(Data::Binary(bytes))) => {
+                serde_json::from_slice(bytes).map_err(|e| invalid(&e))
+            }
+            (DataFormat::Json, Some(Data::String(text))) => {
+                serde_json::from_str(text).map_err(|e| invalid(&e))
+            }
+        }
+    }
+
+    /// The format a reply will use: `Accept` if it named one, else the request's own.
+    pub fn reply_format(&self) -> DataFormat {
+        self.reply_format
+            .or_else(|| self.data_format().ok())
+            .unwrap_or(DataFormat::Json)
+    }
+
+    /// Builds the reply CloudEvent for this request, in the request's encoding.
+    ///
+    /// The reply's `id` is derived from the request's, so a redelivered event produces the same
+    /// reply id and downstream deduplication (`Nats-Msg-Id`) can drop the second copy.
+    pub fn reply<T: Serialize>(
+        &self,
+        ty: &str,
+        source: &str,
+        payload: &T,
+    ) -> Result<Reply, HandlerError> {
+        let format = self.reply_format();
+        let id = format!("{}.reply", self.id());
+        let time = chrono::Utc::now();
+        let response = match self.reply_mode {
+            Mode::Binary => {
+                let body = format.encode(payload)?;
+                let mut headers = HeaderMap::new();
+                let mut set = |name: &'static str, value: &str| {
+                    HeaderValue::from_str(value)
+                        .map(|v| headers.insert(name, v))
+                        .map_err(|_| {
+                            HandlerError::Internal(format!("{name} is not a valid header"))
+                        })
+                };
+                set("ce-specversion", "1.0")?;
+                set("ce-id", &id)?;
+                set("ce-source", source)?;
+                set("ce-type", ty)?;
+                set("ce-time", &time.to_rfc3339())?;
+                set(header::CONTENT_TYPE.as_str(), format.content_type())?;
+                (headers, body).into_response()
+            }
+            Mode::Structured => {
+                let data = match format {
+                    DataFormat::Json => Data::Json(
+                        serde_json::to_value(payload)
+                            .map_err(|e| HandlerError::Internal(e.to_string()))?,
+                    ),
+                    DataFormat::Msgpack => Data::Binary(format.encode(payload)?),
+                };
+                let event = EventBuilderV10::new()
+                    .id(id)
+                    .source(source)
+                    .ty(ty)
+                    .time(time)
+                    .data(format.content_type(), data)
+                    .build()
+                    .map_err(|e| HandlerError::Internal(e.to_string()))?;
+                let body = serde_json::to_vec(&event)
+                    .map_err(|e| HandlerError::Internal(e.to_string()))?;
+                (
+                    [(header::CONTENT_TYPE, "application/cloudevents+json")],
+                    body,
+                )
+                    .into_response()
+            }
+        };
+        Ok(Reply(response))
+    }
+}
+
+/// A reply CloudEvent ready to send (200).
+#[derive(Debug)]
+pub struct Reply(Response);
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        self.0
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for CloudEvent {
+    type Rejection = HandlerError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map_or(DEFAULT_BODY_LIMIT, |l| l.0);
+        let (parts, body) = req.into_parts();
+        // A declared length over the cap is refused before a byte is read.
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|len| len > limit) {
+            return Err(HandlerError::PayloadTooLarge { limit });
+        }
+        // Chunked bodies have no declared length: the cap is enforced while reading.
+        let body = Limited::new(body, limit)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.downcast_ref::<LengthLimitError>().is_some() {
+                    HandlerError::PayloadTooLarge { limit }
+                } else {
+                    HandlerError::InvalidEvent(format!("could not read the body: {e}"))
+                }
+            })?
+            .to_bytes();
+        let event = Self::parse(&parts.headers, body.to_vec())?;
+        crate::telemetry::continue_trace_from_event(&event.event);
+        Ok(event)
+    }
+}
+
+fn event_is_structured(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/cloudevents+json"))
+}
+
+fn negotiate_reply(headers: &HeaderMap, mode: Mode) -> (Mode, Option<DataFormat>) {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if accept.starts_with("application/cloudevents+json") {
+        (Mode::Structured, None)
+    } else {
+        (mode, DataFormat::from_content_type(accept))
+    }
+}
+
+fn describe_parse_error(err: cloudevents::message::Error) -> HandlerError {
+    use cloudevents::message::Error;
+    let detail = match err {
+        Error::WrongEncoding {} => "not a CloudEvent: send binary mode (ce-specversion, ce-id, \
+             ce-source, ce-type headers) or structured mode (content-type \
+             application/cloudevents+json)"
+            .to_string(),
+        Error::UnknownSpecVersion { source } => {
+            format!("{source}; this function speaks CloudEvents 1.0")
+        }
+        other => other.to_string(),
+    };
+    HandlerError::InvalidEvent(detail)
+}
+
+/// Serde for byte fields (audio): MessagePack `bin` on the wire, a base64 string in JSON.
+///
+/// Use with `#[serde(with = "handler_kit::event::bytes_field")]` on a `Vec<u8>`.
+pub mod bytes_field {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::de::{self, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    /// Bytes as `bin` for binary formats, base64 for human-readable ones.
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&STANDARD.encode(bytes))
+        } else {
+            s.serialize_bytes(bytes)
+        }
+    }
+
+    /// Accepts `bin`, a base64 string, or an array of byte values.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_any(BytesVisitor)
+    }
+
+    struct BytesVisitor;
+
+    impl<'de> Visitor<'de> for BytesVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("bytes or a base64 string")
+        }
+
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Self::Value, E> {
+            Ok(v)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            STANDARD
+                .decode(v.trim())
+                .map_err(|e| E::custom(format!("invalid base64: {e}")))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct Audio {
+        #[serde(with = "bytes_field")]
+        audio: Vec<u8>,
+    }
+
+    #[test]
+    fn bytes_are_bin_in_msgpack_and_base64_in_json() {
+        let a = Audio {
+            audio: vec![0, 1, 2, 255],
+        };
+        let json = serde_json::to_string(&a).expect("json");
+        assert_eq!(json, r#"{"audio":"AAEC/w=="}"#);
+        assert_eq!(serde_json::from_str::<Audio>(&json).expect("json back"), a);
+        let mp = rmp_serde::to_vec_named(&a).expect("msgpack");
+        // 0xc4 = bin 8: the bytes travel as binary, not as a string or an array.
+        assert!(mp.windows(2).any(|w| w == [0xc4, 4]));
+        assert_eq!(
+            rmp_serde::from_slice::<Audio>(&mp).expect("msgpack back"),
+            a
+        );
+    }
+
+    #[test]
+    fn content_types_are_recognised_with_parameters() {
+        assert_eq!(
+            DataFormat::from_content_type("application/json; charset=utf-8"),
+            Some(DataFormat::Json)
+        );
+        assert_eq!(
+            DataFormat::from_content_type("application/x-msgpack"),
+            Some(DataFormat::Msgpack)
+        );
+        assert_eq!(DataFormat::from_content_type("text/plain"), None);
+    }
+}

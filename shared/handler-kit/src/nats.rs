@@ -1,0 +1,211 @@
+//! A lazily connected NATS client that publishes MessagePack.
+//!
+//! Connecting never blocks start-up: the client is created with retry-on-initial-connect, so
+//! the HTTP port is serving while NATS comes up. The first event after a cold start usually
+//! arrives before that connection is up, so a publish waits for the *first* connection (at most
+//! [`FIRST_CONNECT_WAIT`]). Once connected, a lost connection is an outage: publishing fails
+//! fast with a retryable 503 instead of buffering silently, so the source redelivers later.
+
+use std::time::Duration;
+
+use async_nats::connection::State;
+use opentelemetry::propagation::{Injector, TextMapPropagator as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::HandlerError;
+use crate::event::DataFormat;
+
+/// How long a publish waits for the very first connection before giving up with 503.
+pub const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(3);
+
+/// NATS' default `max_payload`, used until the server has told us its own.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// Room left for headers and framing when deciding what fits in one message.
+const HEADER_ROOM: usize = 4 * 1024;
+
+/// A NATS connection, or nothing when `NATS_URL` is unset.
+#[derive(Debug, Clone, Default)]
+pub struct Nats {
+    client: Option<async_nats::Client>,
+    /// Becomes true at the first successful connection and stays true.
+    ever_connected: Option<watch::Receiver<bool>>,
+}
+
+impl Nats {
+    /// Starts connecting to `url` in the background (or does nothing when `url` is `None`).
+    pub async fn connect(url: Option<&str>, name: &str) -> Result<Self, HandlerError> {
+        let Some(url) = url else {
+            return Ok(Self::default());
+        };
+        let (connected_tx, connected_rx) = watch::channel(false);
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .event_callback(move |event| {
+                if matches!(event, async_nats::Event::Connected) {
+                    connected_tx.send_replace(true);
+                }
+                tracing::info!(%event, "nats");
+                async {}
+            })
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| HandlerError::Internal(format!("NATS_URL {url:?}: {e}")))?;
+        Ok(Self {
+            client: Some(client),
+            ever_connected: Some(connected_rx),
+        })
+    }
+
+    /// Whether publishing is configured.
+    pub fn is_enabled(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// The underlying client, for JetStream and subscriptions.
+    pub fn client(&self) -> Option<&async_nats::Client> {
+        self.client.as_ref()
+    }
+
+    /// The largest payload one message may carry, minus room for headers.
+    pub fn max_payload(&self) -> usize {
+        let server = self
+            .client
+            .as_ref()
+            .map_or(0, async_nats::Client::max_payload);
+        let max = if server == 0 {
+            DEFAULT_MAX_PAYLOAD
+        } else {
+            server
+        };
+        max.saturating_sub(HEADER_ROOM)
+    }
+
+    /// Publishes `payload` as MessagePack to `subject`.
+    ///
+    /// `msg_id` becomes `Nats-Msg-Id`, which a JetStream stream uses to drop duplicates
+    /// when a redelivered event publishes the same message again. The current trace context
+    /// travels in `traceparent`. A payload over the server's limit is refused here, before it
+    /// could fail on the wire.
+    pub async fn publish<T: Serialize>(
+        &self,
+        subject: String,
+        payload: &T,
+        msg_id: Option<&str>,
+    ) -> Result<(), HandlerError> {
+        let Some(client) = &self.client else {
+            return Ok(());
+        };
+        self.ready(client).await?;
+        let bytes = DataFormat::Msgpack.encode(payload)?;
+        if bytes.len() > self.max_payload() {
+            return Err(HandlerError::Internal(format!(
+                "{} byte message for {subject} exceeds NATS max payload {}",
+                bytes.len(),
+                self.max_payload()
+            )));
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Content-Type", DataFormat::Msgpack.content_type());
+        if let Some(id) = msg_id {
+            headers.insert("Nats-Msg-Id", id);
+        }
+        TraceContextPropagator::new().inject_context(
+            &tracing::Span::current().context(),
+            &mut NatsHeaders(&mut headers),
+        );
+        client
+            .publish_with_headers(subject, headers, bytes.into())
+            .await
+            .map_err(|e| unavailable(&e.to_string()))?;
+        crate::telemetry::metrics().published.add(1, &[]);
+        Ok(())
+    }
+
+    /// Ok when connected; during the first connection, waits for it (bounded).
+    async fn ready(&self, client: &async_nats::Client) -> Result<(), HandlerError> {
+        if client.connection_state() == State::Connected {
+            return Ok(());
+        }
+        if let Some(rx) = self.ever_connected.as_ref().filter(|rx| !*rx.borrow()) {
+            let mut rx = rx.clone();
+            let first = tokio::time::timeout(FIRST_CONNECT_WAIT, rx.wait_for(|c| *c)).await;
+            if matches!(first, Ok(Ok(_))) && client.connection_state() == State::Connected {
+                return Ok(());
+            }
+            return Err(unavailable("could not connect"));
+        }
+        Err(unavailable("connection lost"))
+    }
+
+    /// Waits until everything published so far has been written to the server.
+    pub async fn flush(&self) -> Result<(), HandlerError> {
+        match &self.client {
+            Some(client) => client
+                .flush()
+                .await
+                .map_err(|e| unavailable(&e.to_string())),
+            None => Ok(()),
+        }
+    }
+}
+
+fn unavailable(reason: &str) -> HandlerError {
+    HandlerError::Unavailable {
+        backend: "nats",
+        reason: reason.to_string(),
+        retry_after: Duration::from_secs(2),
+    }
+}
+
+struct NatsHeaders<'a>(&'a mut async_nats::HeaderMap);
+
+impl Injector for NatsHeaders<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+/// Fills `{request_id}` (and other `{name}` placeholders) in a subject template.
+///
+/// Characters that would change the subject's meaning (`.`, `*`, `>`, whitespace) are replaced
+/// with `_`, so a hostile id cannot publish outside its own subject.
+pub fn subject(template: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = template.to_string();
+    for (name, value) in vars {
+        let safe: String = value
+            .chars()
+            .map(|c| {
+                if c == '.' || c == '*' || c == '>' || c.is_whitespace() {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        out = out.replace(&format!("{{{name}}}"), &safe);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_templates_cannot_be_escaped() {
+        assert_eq!(
+            subject("ai.tts.response.{request_id}", &[("request_id", "r1")]),
+            "ai.tts.response.r1"
+        );
+        assert_eq!(
+            subject("a.{request_id}", &[("request_id", "x.>* y")]),
+            "a.x____y"
+        );
+    }
+}

@@ -1,0 +1,312 @@
+//! Guarding outbound calls: a timeout, a circuit breaker and a concurrency limit per backend.
+//!
+//! When a backend is down, every event waiting on it would hold a connection, memory and the
+//! source's in-flight slot until its timeout. The breaker (the `failsafe` crate: consecutive
+//! failures open it, a constant wait half-opens it, one success closes it) turns that into an
+//! immediate 503 with `Retry-After`, so the source backs off and the backend gets room to
+//! recover. The semaphore bounds how many calls one replica makes at once; a caller that waits
+//! longer than the queue timeout is told to come back later instead of piling up.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use failsafe::StateMachine;
+use failsafe::backoff::Constant;
+use failsafe::failure_policy::ConsecutiveFailures;
+use opentelemetry::KeyValue;
+use tokio::sync::Semaphore;
+
+use crate::HandlerError;
+use crate::config::ConfigReader;
+use crate::telemetry;
+
+/// Limits for one backend; read from `{PREFIX}_*` variables.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    /// `{PREFIX}_TIMEOUT_MS`: one call's deadline.
+    pub timeout: Duration,
+    /// `{PREFIX}_CONCURRENCY`: calls in flight at once from this replica.
+    pub concurrency: usize,
+    /// `{PREFIX}_QUEUE_TIMEOUT_MS`: how long a call may wait for a slot before 503.
+    pub queue_timeout: Duration,
+    /// `{PREFIX}_BREAKER_FAILURES`: consecutive failures that open the breaker.
+    pub breaker_failures: u32,
+    /// `{PREFIX}_BREAKER_OPEN_MS`: how long it stays open before a probe is let through.
+    pub breaker_open: Duration,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            concurrency: 8,
+            queue_timeout: Duration::from_secs(5),
+            breaker_failures: 5,
+            breaker_open: Duration::from_secs(10),
+        }
+    }
+}
+
+impl BackendConfig {
+    /// Reads the `{prefix}_*` variables, falling back to `defaults`.
+    pub fn read(r: &mut ConfigReader, prefix: &str, defaults: Self) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            timeout: r.millis(&format!("{prefix}_TIMEOUT_MS"), ms(defaults.timeout)),
+            concurrency: r.positive(&format!("{prefix}_CONCURRENCY"), defaults.concurrency),
+            queue_timeout: r.millis(
+                &format!("{prefix}_QUEUE_TIMEOUT_MS"),
+                ms(defaults.queue_timeout),
+            ),
+            breaker_failures: r
+                .positive(
+                    &format!("{prefix}_BREAKER_FAILURES"),
+                    defaults.breaker_failures as usize,
+                )
+                .try_into()
+                .unwrap_or(u32::MAX),
+            breaker_open: r.millis(
+                &format!("{prefix}_BREAKER_OPEN_MS"),
+                ms(defaults.breaker_open),
+            ),
+        }
+    }
+}
+
+/// How a call failed, as judged by the code that made it.
+#[derive(Debug)]
+pub enum CallError {
+    /// The backend is unwell (connection refused, 5xx, garbage): counts against the breaker.
+    Transient(String),
+    /// The backend refused this request (4xx): the backend is fine, the request is not.
+    Rejected(String),
+}
+
+type Breaker = StateMachine<ConsecutiveFailures<Constant>, BreakerEvents>;
+
+/// A guarded backend: every call to it goes through [`Backend::call`].
+#[derive(Clone)]
+pub struct Backend {
+    name: &'static str,
+    config: BackendConfig,
+    breaker: Breaker,
+    permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backend {
+    /// A guard for the backend `name` (used in errors, logs and metric labels).
+    pub fn new(name: &'static str, config: BackendConfig) -> Self {
+        let policy = failsafe::failure_policy::consecutive_failures(
+            config.breaker_failures.max(1),
+            failsafe::backoff::constant(config.breaker_open),
+        );
+        let breaker = failsafe::Config::new()
+            .failure_policy(policy)
+            .instrument(BreakerEvents { backend: name })
+            .build();
+        telemetry::metrics()
+            .breaker_open
+            .record(0, &[KeyValue::new("backend", name)]);
+        Self {
+            name,
+            permits: Arc::new(Semaphore::new(config.concurrency)),
+            config,
+            breaker,
+        }
+    }
+
+    /// The backend's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The per-call timeout.
+    pub fn timeout(&self) -> Duration {
+        self.config.timeout
+    }
+
+    /// Runs `call` under the breaker, the concurrency limit and the timeout.
+    pub async fn call<T>(
+        &self,
+        call: impl Future<Output = Result<T, CallError>>,
+    ) -> Result<T, HandlerError> {
+        let m = telemetry::metrics();
+        let outcome = |o: &'static str| {
+            [
+                KeyValue::new("backend", self.name),
+                KeyValue::new("outcome", o),
+            ]
+        };
+        if !self.breaker.is_call_permitted() {
+            m.backend_calls.add(1, &outcome("open"));
+            return Err(HandlerError::Unavailable {
+                backend: self.name,
+                reason: "circuit breaker open after repeated failures".into(),
+                retry_after: self.config.breaker_open,
+            });
+        }
+        let Ok(Ok(_permit)) =
+            tokio::time::timeout(self.config.queue_timeout, self.permits.acquire()).await
+        else {
+            m.backend_calls.add(1, &outcome("saturated"));
+            return Err(HandlerError::Unavailable {
+                backend: self.name,
+                reason: format!("all {} call slots busy", self.config.concurrency),
+                retry_after: Duration::from_secs(1),
+            });
+        };
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.config.timeout, call).await;
+        m.backend_duration.record(
+            started.elapsed().as_secs_f64(),
+            &[KeyValue::new("backend", self.name)],
+        );
+        match result {
+            Ok(Ok(value)) => {
+                self.breaker.on_success();
+                m.backend_calls.add(1, &outcome("ok"));
+                Ok(value)
+            }
+            Ok(Err(CallError::Rejected(detail))) => {
+                self.breaker.on_success();
+                m.backend_calls.add(1, &outcome("rejected"));
+                Err(HandlerError::BackendRejected {
+                    backend: self.name,
+                    detail,
+                })
+            }
+            Ok(Err(CallError::Transient(detail))) => {
+                self.breaker.on_error();
+                m.backend_calls.add(1, &outcome("failed"));
+                Err(HandlerError::Backend {
+                    backend: self.name,
+                    detail,
+                })
+            }
+            Err(_) => {
+                self.breaker.on_error();
+                m.backend_calls.add(1, &outcome("timeout"));
+                Err(HandlerError::Timeout {
+                    backend: self.name,
+                    after: self.config.timeout,
+                })
+            }
+        }
+    }
+}
+
+/// Logs breaker transitions and keeps the `handler_breaker_open` gauge current.
+#[derive(Debug, Clone, Copy)]
+struct BreakerEvents {
+    backend: &'static str,
+}
+
+impl failsafe::Instrument for BreakerEvents {
+    fn on_call_rejected(&self) {}
+
+    fn on_open(&self) {
+        tracing::warn!(backend = self.backend, "circuit breaker opened");
+        telemetry::metrics()
+            .breaker_open
+            .record(1, &[KeyValue::new("backend", self.backend)]);
+    }
+
+    fn on_half_open(&self) {
+        tracing::info!(backend = self.backend, "circuit breaker half-open, probing");
+    }
+
+    fn on_closed(&self) {
+        tracing::info!(backend = self.backend, "circuit breaker closed");
+        telemetry::metrics()
+            .breaker_open
+            .record(0, &[KeyValue::new("backend", self.backend)]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(failures: u32, open_ms: u64) -> Backend {
+        Backend::new(
+            "test",
+            BackendConfig {
+                timeout: Duration::from_millis(200),
+                concurrency: 1,
+                queue_timeout: Duration::from_millis(20),
+                breaker_failures: failures,
+                breaker_open: Duration::from_millis(open_ms),
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn breaker_opens_after_consecutive_failures_and_recovers() {
+        let b = backend(2, 50);
+        for _ in 0..2 {
+            let r = b
+                .call(async { Err::<(), _>(CallError::Transient("boom".into())) })
+                .await;
+            assert!(matches!(r, Err(HandlerError::Backend { .. })));
+        }
+        let r = b.call(async { Ok::<_, CallError>(1) }).await;
+        assert!(matches!(r, Err(HandlerError::Unavailable { .. })), "{r:?}");
+        // Past the open period a probe goes through and a success closes the breaker.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match b.call(async { Ok::<_, CallError>(1) }).await {
+                Ok(1) => break,
+                _ if Instant::now() < deadline => tokio::task::yield_now().await,
+                other => panic!("breaker never recovered: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            b.call(async { Ok::<_, CallError>(2) }).await,
+            Ok(2)
+        ));
+    }
+
+    #[tokio::test]
+    async fn rejections_do_not_open_the_breaker() {
+        let b = backend(1, 10_000);
+        for _ in 0..3 {
+            let r = b
+                .call(async { Err::<(), _>(CallError::Rejected("bad voice".into())) })
+                .await;
+            assert!(matches!(r, Err(HandlerError::BackendRejected { .. })));
+        }
+        assert!(b.call(async { Ok::<_, CallError>(()) }).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_calls_time_out_and_a_full_queue_answers_unavailable() {
+        let b = backend(5, 1000);
+        let slow = b.call(async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok::<_, CallError>(())
+        });
+        let queued = async {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            b.call(async { Ok::<_, CallError>(()) }).await
+        };
+        let (slow, queued) = tokio::join!(slow, queued);
+        assert!(
+            matches!(slow, Err(HandlerError::Timeout { .. })),
+            "{slow:?}"
+        );
+        assert!(
+            matches!(queued, Err(HandlerError::Unavailable { .. })),
+            "{queued:?}"
+        );
+    }
+}

@@ -1,0 +1,223 @@
+//! The standard router around a function's event routes, and serving with drain.
+//!
+//! Every function answers the same operational endpoints (`/healthz`, `/readyz`, `/metrics`),
+//! caps its event bodies, turns a panic into a JSON 500 instead of a dropped connection, and
+//! records one metric sample and one log line per event. [`serve`] takes an already-bound
+//! listener (bind first: the port must be open before any network I/O, cold start is the
+//! product) and on shutdown stops accepting, reports not-ready, and lets in-flight events finish
+//! within the grace period.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use opentelemetry::KeyValue;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::delivery::{Class, error_response};
+use crate::error::ErrorBody;
+use crate::event::BodyLimit;
+use crate::telemetry;
+
+/// Liveness and readiness, shared by the router and the server.
+#[derive(Debug, Default)]
+pub struct Health {
+    draining: AtomicBool,
+}
+
+impl Health {
+    /// A fresh, ready health state.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Ready to take events: false once shutdown has begun, so the load balancer stops sending.
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Marks the process as draining.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Wraps a function's event routes with the standard endpoints and layers.
+pub fn function_router(events: Router, health: Arc<Health>, body_limit: usize) -> Router {
+    let events = events
+        .layer(middleware::from_fn(observe_event))
+        .layer(axum::Extension(BodyLimit(body_limit)));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = health.is_ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+                    }
+                }
+            }),
+        )
+        .route("/metrics", get(metrics))
+        .merge(events)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(CatchPanicLayer::custom(panic_response))
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        telemetry::render_prometheus(),
+    )
+}
+
+async fn not_found() -> Response {
+    let body = ErrorBody {
+        error: "not_found",
+        detail: "events are POSTed to /".into(),
+    };
+    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    let body = ErrorBody {
+        error: "method_not_allowed",
+        detail: "events are POSTed to /".into(),
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+}
+
+fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let detail = err
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| err.downcast_ref::<&str>().map(|s| (*s).to_string()))
+        .unwrap_or_default();
+    tracing::error!(panic = %detail, "handler panicked");
+    // Retryable on purpose: a panic is our bug, not the event's, and may be transient.
+    error_response(
+        Class::Internal,
+        &ErrorBody {
+            error: "internal",
+            detail: "the handler failed unexpectedly".into(),
+        },
+    )
+}
+
+/// One span, one metric sample and one log line per event.
+async fn observe_event(request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let ty = match header("ce-type") {
+        t if t.is_empty() => "structured".to_string(),
+        t => t,
+    };
+    let id = header("ce-id");
+    let span = tracing::info_span!("event", ce_type = %ty, ce_id = %id);
+    let _ = span.set_parent(telemetry::parent_from_headers(headers));
+    let m = telemetry::metrics();
+    m.in_flight.add(1, &[]);
+    let started = Instant::now();
+    let response = next.run(request).instrument(span.clone()).await;
+    m.in_flight.add(-1, &[]);
+    let elapsed = started.elapsed();
+    let status = response.status();
+    let attrs = [
+        KeyValue::new("type", ty),
+        KeyValue::new("status", i64::from(status.as_u16())),
+    ];
+    m.events.add(1, &attrs);
+    m.event_duration.record(elapsed.as_secs_f64(), &attrs);
+    span.in_scope(|| {
+        tracing::info!(
+            status = status.as_u16(),
+            ms = elapsed.as_secs_f64() * 1000.0,
+            "event answered"
+        );
+    });
+    response
+}
+
+/// Binds the HTTP port on all interfaces.
+pub async fn bind(port: u16) -> std::io::Result<TcpListener> {
+    TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await
+}
+
+/// Resolves on SIGTERM (what Kubernetes sends) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+/// Serves `app` until `shutdown` resolves, then drains for at most `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_health = health.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        drain_health.start_draining();
+        tracing::info!("shutdown requested, draining in-flight events");
+        let _ = began_tx.send(());
+    });
+    let grace_elapsed = async move {
+        if began_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = server.into_future() => {
+            tracing::info!("drained, exiting");
+            result
+        }
+        () = grace_elapsed => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over, abandoning in-flight events");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Dev-only test support for the workspace's functions, including the inference
+//! simulator: a labelled local stand-in for inference backends.
+
+pub mod cloudevent;
+pub mod nats_server;
+pub mod sim;
+pub mod wav;
