@@ -37,6 +37,9 @@ pub const REQUEST_TYPE: &str = "ai.tts.request";
 /// The CloudEvent type of its replies.
 pub const RESPONSE_TYPE: &str = "ai.tts.response";
 
+/// Room for the msgpack envelope (ids, keys, numbers) around audio bytes in one NATS message.
+const ENVELOPE_ROOM: usize = 1024;
+
 /// tts-module's configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -182,10 +185,12 @@ async fn synthesize(
     request_id: &str,
 ) -> Result<TtsResponse, HandlerError> {
     let config = &state.config;
+    // Learn NATS' limit (and that NATS is up) before spending backend time on audio.
+    let max_payload = state.nats.max_payload().await?;
     let pieces = split_sentences(&request.text, config.max_chunk_chars);
     let total = pieces.len();
     let stream_subject = subject(&config.stream_subject, &[("request_id", request_id)]);
-    let mut stream = StreamPublisher::new(&state.nats, &stream_subject, request_id);
+    let mut stream = StreamPublisher::new(&state.nats, max_payload, &stream_subject, request_id);
     // `buffered` runs up to `parallelism` syntheses at once but yields them in text order,
     // so each piece can be streamed the moment it and every piece before it are ready.
     let request = Arc::new(request.clone());
@@ -221,7 +226,7 @@ async fn synthesize(
     if state.nats.is_enabled() {
         let reply_subject = subject(&config.reply_subject, &[("request_id", request_id)]);
         let msg_id = format!("{request_id}.reply");
-        if response.audio.len() + 1024 > state.nats.max_payload() {
+        if response.audio.len() + ENVELOPE_ROOM > max_payload {
             // Too big for one message: point to the stream, publishing it now if it was not asked for.
             if !request.stream {
                 stream.send(&merged, true).await?;
@@ -263,15 +268,17 @@ async fn speak(
 /// Publishes audio to the stream subject in order, cutting it to fit NATS' max payload.
 struct StreamPublisher<'a> {
     nats: &'a Nats,
+    max_payload: usize,
     subject: &'a str,
     request_id: &'a str,
     seq: usize,
 }
 
 impl<'a> StreamPublisher<'a> {
-    fn new(nats: &'a Nats, subject: &'a str, request_id: &'a str) -> Self {
+    fn new(nats: &'a Nats, max_payload: usize, subject: &'a str, request_id: &'a str) -> Self {
         Self {
             nats,
+            max_payload,
             subject,
             request_id,
             seq: 0,
@@ -282,9 +289,8 @@ impl<'a> StreamPublisher<'a> {
         if !self.nats.is_enabled() {
             return Ok(());
         }
-        // Leave room for the envelope (ids, keys) around the audio bytes.
         let pieces = wav
-            .split(self.nats.max_payload().saturating_sub(1024))
+            .split(self.max_payload.saturating_sub(ENVELOPE_ROOM))
             .map_err(|e| HandlerError::Internal(format!("splitting WAV: {e}")))?;
         let count = pieces.len();
         for (i, audio) in pieces.iter().enumerate() {

@@ -9,11 +9,16 @@ use std::time::Duration;
 use crate::HandlerError;
 use crate::resilience::CallError;
 
+/// Makes *ring* the process-wide rustls provider, for clients that look it up there (reqwest
+/// without a preconfigured TLS setup, the OTLP exporter). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A client for backend calls. Per-call deadlines come from [`crate::resilience::Backend`].
 pub fn client(connect_timeout: Duration) -> Result<reqwest::Client, HandlerError> {
+    install_crypto_provider();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    // Some dependencies look the provider up process-wide; installing it twice is harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };

@@ -48,7 +48,10 @@ impl Nats {
                 if matches!(event, async_nats::Event::Connected) {
                     connected_tx.send_replace(true);
                 }
-                tracing::info!(%event, "nats");
+                match &event {
+                    async_nats::Event::Connected => tracing::info!("nats connected"),
+                    other => tracing::warn!(event = %other, "nats connection event"),
+                }
                 async {}
             })
             .retry_on_initial_connect()
@@ -72,18 +75,23 @@ impl Nats {
         self.client.as_ref()
     }
 
-    /// The largest payload one message may carry, minus room for headers.
-    pub fn max_payload(&self) -> usize {
-        let server = self
-            .client
-            .as_ref()
-            .map_or(0, async_nats::Client::max_payload);
+    /// The largest payload one message may carry (minus room for headers), once connected.
+    ///
+    /// The server announces its limit when the connection is made, so this waits for the
+    /// connection like a publish does; call it before doing work whose output must fit, and a
+    /// NATS outage is reported before the work is wasted.
+    pub async fn max_payload(&self) -> Result<usize, HandlerError> {
+        let Some(client) = &self.client else {
+            return Ok(DEFAULT_MAX_PAYLOAD - HEADER_ROOM);
+        };
+        self.ready(client).await?;
+        let server = client.max_payload();
         let max = if server == 0 {
             DEFAULT_MAX_PAYLOAD
         } else {
             server
         };
-        max.saturating_sub(HEADER_ROOM)
+        Ok(max.saturating_sub(HEADER_ROOM))
     }
 
     /// Publishes `payload` as MessagePack to `subject`.
@@ -101,13 +109,12 @@ impl Nats {
         let Some(client) = &self.client else {
             return Ok(());
         };
-        self.ready(client).await?;
+        let max = self.max_payload().await?;
         let bytes = DataFormat::Msgpack.encode(payload)?;
-        if bytes.len() > self.max_payload() {
+        if bytes.len() > max {
             return Err(HandlerError::Internal(format!(
-                "{} byte message for {subject} exceeds NATS max payload {}",
-                bytes.len(),
-                self.max_payload()
+                "{} byte message for {subject} exceeds NATS max payload {max}",
+                bytes.len()
             )));
         }
         let mut headers = async_nats::HeaderMap::new();

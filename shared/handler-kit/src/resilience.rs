@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use failsafe::StateMachine;
@@ -112,7 +113,10 @@ impl Backend {
         );
         let breaker = failsafe::Config::new()
             .failure_policy(policy)
-            .instrument(BreakerEvents { backend: name })
+            .instrument(BreakerEvents {
+                backend: name,
+                opened: Arc::new(AtomicBool::new(false)),
+            })
             .build();
         telemetry::metrics()
             .breaker_open
@@ -206,15 +210,18 @@ impl Backend {
 }
 
 /// Logs breaker transitions and keeps the `handler_breaker_open` gauge current.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct BreakerEvents {
     backend: &'static str,
+    /// The state machine reports "closed" when it is created; only a recovery is news.
+    opened: Arc<AtomicBool>,
 }
 
 impl failsafe::Instrument for BreakerEvents {
     fn on_call_rejected(&self) {}
 
     fn on_open(&self) {
+        self.opened.store(true, Ordering::Relaxed);
         tracing::warn!(backend = self.backend, "circuit breaker opened");
         telemetry::metrics()
             .breaker_open
@@ -226,7 +233,12 @@ impl failsafe::Instrument for BreakerEvents {
     }
 
     fn on_closed(&self) {
-        tracing::info!(backend = self.backend, "circuit breaker closed");
+        if self.opened.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                backend = self.backend,
+                "circuit breaker closed, backend recovered"
+            );
+        }
         telemetry::metrics()
             .breaker_open
             .record(0, &[KeyValue::new("backend", self.backend)]);

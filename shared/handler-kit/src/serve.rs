@@ -153,7 +153,7 @@ async fn observe_event(request: Request, next: Next) -> Response {
     span.in_scope(|| {
         tracing::info!(
             status = status.as_u16(),
-            ms = elapsed.as_secs_f64() * 1000.0,
+            ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3,
             "event answered"
         );
     });

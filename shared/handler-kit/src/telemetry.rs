@@ -119,6 +119,7 @@ fn pipelines_for(service_name: &'static str, otlp: bool) -> &'static Pipelines {
         let mut tracer = None;
         #[cfg(feature = "otlp")]
         if otlp {
+            crate::http::install_crypto_provider();
             match otlp::metric_reader() {
                 Ok(reader) => builder = builder.with_reader(reader),
                 Err(e) => eprintln!("OTLP metrics disabled: {e}"),

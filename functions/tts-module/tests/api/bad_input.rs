@@ -1,6 +1,7 @@
 //! Bad input gets a clear 4xx with a JSON error, never a 5xx, and never reaches the backend.
 
 use serde_json::json;
+use std::time::Duration;
 use wiremock::MockServer;
 
 use crate::support::{app, assert_error, event, send};
@@ -162,7 +163,8 @@ async fn oversize_chunked_body_is_413_over_a_real_connection() {
     let pieces: Vec<Result<bytes::Bytes, std::io::Error>> = (0..64)
         .map(|_| Ok(bytes::Bytes::from(vec![b'a'; 256])))
         .collect();
-    let mut request = reqwest::Client::new()
+    let mut request = handler_kit::http::client(Duration::from_secs(5))
+        .expect("client")
         .post(&base)
         .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)));
     for (name, value) in headers {

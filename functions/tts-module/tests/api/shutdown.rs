@@ -32,7 +32,7 @@ async fn sigterm_lets_in_flight_events_finish() {
         .spawn()
         .expect("start tts-module");
     let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
+    let http = handler_kit::http::client(Duration::from_secs(5)).expect("client");
     let up = eventually(Duration::from_secs(10), || async {
         let r = http.get(format!("{base}/readyz")).send().await.ok()?;
         (r.status() == 200).then_some(())

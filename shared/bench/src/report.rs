@@ -1,0 +1,341 @@
+//! Results, the targets they are held to, the printed table and the JSON file.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::measure::{Held, Idle, Throughput};
+use crate::stats::Summary;
+
+/// Largest binary, MiB.
+pub const BINARY_MAX_MIB: f64 = 6.0;
+/// Slowest median cold start, ms.
+pub const COLD_START_MAX_MS: f64 = 10.0;
+/// Slowest median cold start as a multiple of the floor's.
+pub const COLD_START_MAX_X_FLOOR: f64 = 2.0;
+/// Largest idle RSS, MiB.
+pub const IDLE_RSS_MAX_MIB: f64 = 8.0;
+/// Largest RSS with 100 events in flight, MiB.
+pub const HELD_RSS_MAX_MIB: f64 = 30.0;
+
+/// Measurement names, as used in [`FunctionResult::errors`].
+pub mod measures {
+    /// Binary size.
+    pub const BINARY: &str = "binary size";
+    /// Cold start.
+    pub const COLD_START: &str = "cold start";
+    /// Idle RSS.
+    pub const IDLE: &str = "idle RSS";
+    /// RSS with 100 events in flight.
+    pub const HELD: &str = "RSS@100";
+    /// Events/s.
+    pub const THROUGHPUT: &str = "events/s";
+}
+
+/// A measurement that failed.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeasureError {
+    /// Which one (see [`measures`]).
+    pub measure: &'static str,
+    /// Why, with its cause chain.
+    pub error: String,
+}
+
+/// Everything measured for one binary.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FunctionResult {
+    /// Binary name.
+    pub name: String,
+    /// Whether this is the floor.
+    pub floor: bool,
+    /// Binary size in bytes.
+    pub binary_bytes: Option<u64>,
+    /// Binary size in MiB.
+    pub binary_mib: Option<f64>,
+    /// Cold starts summarised, ms.
+    pub cold_start_ms: Option<Summary>,
+    /// Every cold start, ms, in order.
+    pub cold_start_samples_ms: Vec<f64>,
+    /// Idle memory.
+    pub idle: Option<Idle>,
+    /// Memory with events held in flight.
+    pub in_flight: Option<Held>,
+    /// Events/s (when measured).
+    pub throughput: Option<Throughput>,
+    /// Failed measurements.
+    pub errors: Vec<MeasureError>,
+}
+
+impl FunctionResult {
+    /// An empty result for `name`.
+    pub fn new(name: &str, floor: bool) -> Self {
+        Self {
+            name: name.to_string(),
+            floor,
+            ..Self::default()
+        }
+    }
+
+    /// Records a failed measurement.
+    pub fn fail(&mut self, measure: &'static str, error: &anyhow::Error) {
+        self.errors.push(MeasureError {
+            measure,
+            error: format!("{error:#}"),
+        });
+    }
+
+    /// Whether `measure` failed.
+    pub fn failed(&self, measure: &str) -> bool {
+        self.errors.iter().any(|e| e.measure == measure)
+    }
+
+    fn cold_p50(&self) -> Option<f64> {
+        self.cold_start_ms.as_ref().map(|s| s.p50)
+    }
+    fn idle_mib(&self) -> Option<f64> {
+        self.idle.map(|i| i.rss_mib)
+    }
+    fn held_mib(&self) -> Option<f64> {
+        self.in_flight.as_ref().map(|h| h.rss_mib)
+    }
+    fn per_sec(&self) -> Option<f64> {
+        self.throughput.as_ref().map(|t| t.per_sec)
+    }
+}
+
+/// One target checked for one function.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetCheck {
+    /// The function.
+    pub function: String,
+    /// What is checked, e.g. `idle RSS <= 8 MiB`.
+    pub target: String,
+    /// The measured value (None: not measured).
+    pub value: Option<f64>,
+    /// The limit it is held to (None: no floor to derive it from).
+    pub limit: Option<f64>,
+    /// Unit of both.
+    pub unit: &'static str,
+    /// Whether it passes; a missing value fails.
+    pub pass: bool,
+}
+
+fn check(
+    function: &str,
+    target: String,
+    value: Option<f64>,
+    limit: Option<f64>,
+    unit: &'static str,
+) -> TargetCheck {
+    let pass = matches!((value, limit), (Some(v), Some(l)) if v <= l);
+    TargetCheck {
+        function: function.to_string(),
+        target,
+        value,
+        limit,
+        unit,
+        pass,
+    }
+}
+
+/// Holds every function (not the floor) to the targets.
+pub fn check_targets(results: &[FunctionResult]) -> Vec<TargetCheck> {
+    let floor_cold = results.iter().find(|r| r.floor).and_then(|r| r.cold_p50());
+    let mut checks = Vec::new();
+    for r in results.iter().filter(|r| !r.floor) {
+        let n = r.name.as_str();
+        checks.push(check(
+            n,
+            format!("binary <= {BINARY_MAX_MIB} MiB"),
+            r.binary_mib,
+            Some(BINARY_MAX_MIB),
+            "MiB",
+        ));
+        checks.push(check(
+            n,
+            format!("cold start p50 <= {COLD_START_MAX_X_FLOOR}x floor"),
+            r.cold_p50(),
+            floor_cold.map(|f| f * COLD_START_MAX_X_FLOOR),
+            "ms",
+        ));
+        checks.push(check(
+            n,
+            format!("cold start p50 <= {COLD_START_MAX_MS} ms"),
+            r.cold_p50(),
+            Some(COLD_START_MAX_MS),
+            "ms",
+        ));
+        checks.push(check(
+            n,
+            format!("idle RSS <= {IDLE_RSS_MAX_MIB} MiB"),
+            r.idle_mib(),
+            Some(IDLE_RSS_MAX_MIB),
+            "MiB",
+        ));
+        checks.push(check(
+            n,
+            format!("RSS with 100 in flight <= {HELD_RSS_MAX_MIB} MiB"),
+            r.held_mib(),
+            Some(HELD_RSS_MAX_MIB),
+            "MiB",
+        ));
+    }
+    checks
+}
+
+/// A value right-aligned in `width` with `prec` decimals; `ERR` when its measurement failed,
+/// `-` when it was not measured.
+fn cell(value: Option<f64>, failed: bool, width: usize, prec: usize) -> String {
+    match value {
+        Some(v) => format!("{v:>width$.prec$}"),
+        None if failed => format!("{:>width$}", "ERR"),
+        None => format!("{:>width$}", "-"),
+    }
+}
+
+fn pair(a: Option<f64>, b: Option<f64>, failed: bool, width: usize) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) => format!("{:>width$}", format!("{a:.2} / {b:.2}")),
+        _ => cell(None, failed, width, 0),
+    }
+}
+
+fn ratio(value: Option<f64>, floor: Option<f64>, width: usize) -> String {
+    match (value, floor) {
+        (Some(v), Some(f)) if f > 0.0 => format!("{:>width$}", format!("{:.2}x", v / f)),
+        _ => format!("{:>width$}", "-"),
+    }
+}
+
+/// The results table: one row per binary, and under every function its ratios to the floor.
+pub fn table(results: &[FunctionResult]) -> String {
+    use measures::*;
+    const W: [usize; 7] = [14, 11, 24, 13, 12, 10, 22];
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<w0$}{:>w1$}{:>w2$}{:>w3$}{:>w4$}{:>w5$}{:>w6$}",
+        "function",
+        "binary MiB",
+        "cold start ms p50/p90",
+        "idle RSS MiB",
+        "RSS@100 MiB",
+        "events/s",
+        "event ms p50/p99",
+        w0 = W[0],
+        w1 = W[1],
+        w2 = W[2],
+        w3 = W[3],
+        w4 = W[4],
+        w5 = W[5],
+        w6 = W[6],
+    );
+    let floor = results.iter().find(|r| r.floor);
+    for r in results {
+        let cold = r.cold_start_ms.as_ref();
+        let lat = r.throughput.as_ref().map(|t| &t.latency_ms);
+        let _ = writeln!(
+            out,
+            "{:<w0$}{}{}{}{}{}{}",
+            r.name,
+            cell(r.binary_mib, r.failed(BINARY), W[1], 2),
+            pair(
+                cold.map(|c| c.p50),
+                cold.map(|c| c.p90),
+                r.failed(COLD_START),
+                W[2]
+            ),
+            cell(r.idle_mib(), r.failed(IDLE), W[3], 2),
+            cell(r.held_mib(), r.failed(HELD), W[4], 2),
+            cell(r.per_sec(), r.failed(THROUGHPUT), W[5], 0),
+            pair(
+                lat.map(|l| l.p50),
+                lat.map(|l| l.p99),
+                r.failed(THROUGHPUT),
+                W[6]
+            ),
+            w0 = W[0],
+        );
+        if let (false, Some(fl)) = (r.floor, floor) {
+            let fl_lat = fl.throughput.as_ref().map(|t| t.latency_ms.p50);
+            let _ = writeln!(
+                out,
+                "{:<w0$}{}{}{}{}{}{}",
+                "  x floor",
+                ratio(r.binary_mib, fl.binary_mib, W[1]),
+                ratio(r.cold_p50(), fl.cold_p50(), W[2]),
+                ratio(r.idle_mib(), fl.idle_mib(), W[3]),
+                ratio(r.held_mib(), fl.held_mib(), W[4]),
+                ratio(r.per_sec(), fl.per_sec(), W[5]),
+                ratio(lat.map(|l| l.p50), fl_lat, W[6]),
+                w0 = W[0],
+            );
+        }
+    }
+    out
+}
+
+/// One PASS/FAIL line per target.
+pub fn target_lines(checks: &[TargetCheck]) -> String {
+    let mut out = String::new();
+    for c in checks {
+        let value = c.value.map_or_else(
+            || "not measured".to_string(),
+            |v| format!("{v:.2} {}", c.unit),
+        );
+        let limit = c
+            .limit
+            .map_or_else(|| "no floor".to_string(), |l| format!("{l:.2} {}", c.unit));
+        let _ = writeln!(
+            out,
+            "  {}  {:<12}{:<38}{:>14}  (limit {})",
+            if c.pass { "PASS" } else { "FAIL" },
+            c.function,
+            c.target,
+            value,
+            limit
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(name: &str, floor: bool, cold: f64, idle: f64) -> FunctionResult {
+        let mut r = FunctionResult::new(name, floor);
+        r.binary_mib = Some(if floor { 1.0 } else { 4.0 });
+        r.cold_start_ms = Some(Summary {
+            p50: cold,
+            p90: cold,
+            p99: cold,
+            min: cold,
+            max: cold,
+            count: 1,
+        });
+        r.idle = Some(Idle {
+            rss_mib: idle,
+            peak_mib: idle,
+        });
+        r
+    }
+
+    #[test]
+    fn targets_use_the_floor_and_missing_values_fail() {
+        let results = [
+            result("floor", true, 2.0, 1.0),
+            result("f", false, 5.0, 3.0),
+        ];
+        let checks = check_targets(&results);
+        let by = |t: &str| checks.iter().find(|c| c.target.starts_with(t)).unwrap();
+        assert!(by("binary").pass);
+        assert!(!by("cold start p50 <= 2x").pass, "5 ms > 2 x 2 ms");
+        assert!(by("cold start p50 <= 10").pass);
+        assert!(by("idle").pass);
+        assert!(!by("RSS with").pass, "not measured fails");
+        let table = table(&results);
+        assert!(table.contains("  x floor"), "{table}");
+        assert!(table.contains("2.50x"), "{table}");
+    }
+}
