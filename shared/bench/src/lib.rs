@@ -369,6 +369,11 @@ fn notes(settings: &Settings, subjects: &[Function]) -> String {
         out.push('\n');
     };
     line("MiB = 1,048,576 bytes; binaries are target/release/<name> as built (stripped by the release profile).".into());
+    line(
+        "a `--workspace` build unifies features across members (testkit's axum/tokio features end up \
+         in every binary); the image builds `-p <function>` alone for musl, so its binary can differ."
+            .into(),
+    );
     line(format!(
         "cold start: exec to the first CloudEvent answered 200 (fresh TCP connection per attempt, \
          hand-written HTTP/1.1, retried every ~0.1 ms); {} starts per binary after 1 warm-up, \

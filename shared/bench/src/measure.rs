@@ -388,36 +388,36 @@ fn load(
     let go = AtomicBool::new(false);
     let abort = AtomicBool::new(false);
     let deadline = Instant::now() + LOAD_DEADLINE;
+    let worker = || -> anyhow::Result<Vec<Duration>> {
+        let conn = Conn::connect(addr, REQUEST_TIMEOUT);
+        ready.fetch_add(1, Ordering::SeqCst);
+        while !go.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_micros(50));
+        }
+        let mut conn = conn?;
+        let mut latencies = Vec::with_capacity(total / concurrency.max(1) + 1);
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= total || abort.load(Ordering::Relaxed) {
+                return Ok(latencies);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "not done within {LOAD_DEADLINE:?}"
+            );
+            let request = f.event.request(addr, &format!("bench-{tag}-{i}"), true);
+            let sent = Instant::now();
+            let r = conn.send(&request)?;
+            latencies.push(sent.elapsed());
+            ensure!(
+                r.status == 200,
+                "HTTP {}: {}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            );
+        }
+    };
     thread::scope(|s| {
-        let worker = || -> anyhow::Result<Vec<Duration>> {
-            let conn = Conn::connect(addr, REQUEST_TIMEOUT);
-            ready.fetch_add(1, Ordering::SeqCst);
-            while !go.load(Ordering::SeqCst) {
-                thread::sleep(Duration::from_micros(50));
-            }
-            let mut conn = conn?;
-            let mut latencies = Vec::with_capacity(total / concurrency.max(1) + 1);
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total || abort.load(Ordering::Relaxed) {
-                    return Ok(latencies);
-                }
-                ensure!(
-                    Instant::now() < deadline,
-                    "not done within {LOAD_DEADLINE:?}"
-                );
-                let request = f.event.request(addr, &format!("bench-{tag}-{i}"), true);
-                let sent = Instant::now();
-                let r = conn.send(&request)?;
-                latencies.push(sent.elapsed());
-                ensure!(
-                    r.status == 200,
-                    "HTTP {}: {}",
-                    r.status,
-                    String::from_utf8_lossy(&r.body)
-                );
-            }
-        };
         let worker = &worker;
         let abort = &abort;
         let mut handles = Vec::with_capacity(concurrency);

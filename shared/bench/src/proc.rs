@@ -111,7 +111,7 @@ pub fn tail(path: &Path, max: u64) -> String {
     };
     match read() {
         Ok(text) if text.trim().is_empty() => "(no output)".to_string(),
-        Ok(text) => text,
+        Ok(text) => text.trim_end().to_string(),
         Err(e) => format!("(cannot read {}: {e})", path.display()),
     }
 }

@@ -210,7 +210,7 @@ fn ratio(value: Option<f64>, floor: Option<f64>, width: usize) -> String {
 /// The results table: one row per binary, and under every function its ratios to the floor.
 pub fn table(results: &[FunctionResult]) -> String {
     use measures::*;
-    const W: [usize; 7] = [14, 11, 24, 13, 12, 10, 22];
+    const W: [usize; 7] = [14, 12, 25, 15, 14, 11, 20];
     let mut out = String::new();
     let _ = writeln!(
         out,

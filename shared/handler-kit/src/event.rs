@@ -182,6 +182,19 @@ impl CloudEvent {
         }
     }
 
+    /// `data` as raw bytes, whatever its content type (e.g. `audio/wav` sent as the body).
+    ///
+    /// JSON data that arrived inside a structured envelope is returned as its JSON text.
+    pub fn data_bytes(&self) -> Result<std::borrow::Cow<'_, [u8]>, HandlerError> {
+        use std::borrow::Cow;
+        match self.event.data() {
+            None => Err(HandlerError::InvalidPayload("the event has no data".into())),
+            Some(Data::Binary(bytes)) => Ok(Cow::Borrowed(bytes)),
+            Some(Data::String(text)) => Ok(Cow::Borrowed(text.as_bytes())),
+            Some(Data::Json(value)) => Ok(Cow::Owned(value.to_string().into_bytes())),
+        }
+    }
+
     /// The format a reply will use: `Accept` if it named one, else the request's own.
     pub fn reply_format(&self) -> DataFormat {
         self.reply_format
@@ -412,6 +425,36 @@ mod tests {
             rmp_serde::from_slice::<Audio>(&mp).expect("msgpack back"),
             a
         );
+    }
+
+    #[test]
+    fn raw_data_is_available_in_both_modes() {
+        let mut headers = HeaderMap::new();
+        for (k, v) in [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "1"),
+            ("ce-source", "/t"),
+            ("ce-type", "t"),
+            ("content-type", "audio/wav"),
+        ] {
+            headers.insert(k, HeaderValue::from_static(v));
+        }
+        let ce = CloudEvent::parse(&headers, b"RIFF0000".to_vec()).expect("binary event");
+        assert_eq!(&*ce.data_bytes().expect("bytes"), b"RIFF0000");
+        assert!(matches!(
+            ce.data::<serde_json::Value>(),
+            Err(HandlerError::UnsupportedMediaType(_))
+        ));
+
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/cloudevents+json"),
+        );
+        let body = br#"{"specversion":"1.0","id":"2","source":"/t","type":"t","datacontenttype":"audio/wav","data_base64":"UklGRg=="}"#;
+        let ce = CloudEvent::parse(&headers, body.to_vec()).expect("structured event");
+        assert_eq!(ce.mode(), Mode::Structured);
+        assert_eq!(&*ce.data_bytes().expect("bytes"), b"RIFF");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! simulator: a labelled local stand-in for inference backends.
 
 pub mod cloudevent;
+pub mod mocks;
 pub mod nats_server;
 pub mod sim;
 pub mod wav;

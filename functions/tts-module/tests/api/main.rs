@@ -7,3 +7,4 @@ mod nats;
 mod resilience;
 mod shutdown;
 mod support;
+mod telemetry;

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use serde_json::json;
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use testkit::mocks::{coqui_tts, coqui_tts_failing};
+use testkit::wav::sine_wav;
+use wiremock::MockServer;
 
 use crate::support::{app, assert_error, event, eventually, send};
 
@@ -17,11 +18,7 @@ fn request() -> http::Request<axum::body::Body> {
 #[tokio::test]
 async fn failing_backend_opens_the_breaker_then_recovers() {
     let tts = MockServer::start().await;
-    let failing = Mock::given(method("GET"))
-        .and(path("/api/tts"))
-        .respond_with(ResponseTemplate::new(500).set_body_string("model crashed"))
-        .mount_as_scoped(&tts)
-        .await;
+    let failing = coqui_tts_failing(&tts, 500, "model crashed").await;
     let app = app(
         &tts.uri(),
         &[
@@ -52,13 +49,7 @@ async fn failing_backend_opens_the_breaker_then_recovers() {
     );
 
     drop(failing);
-    Mock::given(method("GET"))
-        .and(path("/api/tts"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_bytes(testkit::wav::sine_wav(50, 16000, 300.0)),
-        )
-        .mount(&tts)
-        .await;
+    let _healthy = coqui_tts(&tts, sine_wav(50, 16000, 300.0), Duration::ZERO).await;
     let recovered = eventually(Duration::from_secs(5), || async {
         (send(&app, request()).await.status == 200).then_some(())
     })
@@ -90,15 +81,7 @@ async fn unreachable_backend_fails_fast_and_retryably() {
 #[tokio::test]
 async fn slow_backend_times_out_with_504() {
     let tts = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/api/tts"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_bytes(testkit::wav::sine_wav(50, 16000, 300.0))
-                .set_delay(Duration::from_secs(5)),
-        )
-        .mount(&tts)
-        .await;
+    let _slow = coqui_tts(&tts, sine_wav(50, 16000, 300.0), Duration::from_secs(5)).await;
     let app = app(&tts.uri(), &[("TTS_TIMEOUT_MS", "100")]).await;
     assert_error(&send(&app, request()).await, 504, "backend_timeout");
 }
@@ -106,11 +89,7 @@ async fn slow_backend_times_out_with_504() {
 #[tokio::test]
 async fn backend_rejecting_the_request_is_not_retried() {
     let tts = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/api/tts"))
-        .respond_with(ResponseTemplate::new(400).set_body_string("unknown speaker"))
-        .mount(&tts)
-        .await;
+    let _rejecting = coqui_tts_failing(&tts, 400, "unknown speaker").await;
     let app = app(&tts.uri(), &[]).await;
     assert_error(&send(&app, request()).await, 422, "backend_rejected");
 }
@@ -118,11 +97,7 @@ async fn backend_rejecting_the_request_is_not_retried() {
 #[tokio::test]
 async fn backend_answering_garbage_is_a_backend_error() {
     let tts = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/api/tts"))
-        .respond_with(ResponseTemplate::new(200).set_body_string("<html>oops</html>"))
-        .mount(&tts)
-        .await;
+    let _garbage = coqui_tts_failing(&tts, 200, "<html>oops</html>").await;
     let app = app(&tts.uri(), &[]).await;
     assert_error(&send(&app, request()).await, 502, "backend_error");
 }

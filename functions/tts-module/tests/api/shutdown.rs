@@ -4,23 +4,15 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::MockServer;
 
 use crate::support::{event, eventually};
 
 #[tokio::test]
 async fn sigterm_lets_in_flight_events_finish() {
     let tts = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/api/tts"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_bytes(testkit::wav::sine_wav(50, 16000, 300.0))
-                .set_delay(Duration::from_millis(1500)),
-        )
-        .mount(&tts)
-        .await;
+    let wav = testkit::wav::sine_wav(50, 16000, 300.0);
+    let _slow = testkit::mocks::coqui_tts(&tts, wav, Duration::from_millis(1500)).await;
     let port = testkit::nats_server::free_port().expect("port");
     let mut child = Command::new(env!("CARGO_BIN_EXE_tts-module"))
         .env_clear()
