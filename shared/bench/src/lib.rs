@@ -216,7 +216,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         .collect();
     ensure!(
         missing.is_empty(),
-        "missing binaries: {}; build them first with `cargo build --release --workspace --bins`",
+        "missing binaries: {}; build them first with `just build` and `cargo build --release -p bench -p testkit --bins` (or run `just bench`)",
         missing.join(", ")
     );
     let out_dir = settings.out_dir();
@@ -370,8 +370,8 @@ fn notes(settings: &Settings, subjects: &[Function]) -> String {
     };
     line("MiB = 1,048,576 bytes; binaries are target/release/<name> as built (stripped by the release profile).".into());
     line(
-        "a `--workspace` build unifies features across members (testkit's axum/tokio features end up \
-         in every binary); the image builds `-p <function>` alone for musl, so its binary can differ."
+        "functions are built one at a time (`just build`), as the image builds them, so dev tools' \
+         dependency features are not unified into them; the image targets musl, so its size differs slightly."
             .into(),
     );
     line(format!(
