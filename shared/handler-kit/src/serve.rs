@@ -31,20 +31,36 @@ use crate::event::BodyLimit;
 use crate::telemetry;
 
 /// Liveness and readiness, shared by the router and the server.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
     draining: AtomicBool,
+    ready: AtomicBool,
 }
 
 impl Health {
-    /// A fresh, ready health state.
+    /// A health state that is ready at once (a function is ready when it serves).
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        Arc::new(Self {
+            draining: AtomicBool::new(false),
+            ready: AtomicBool::new(true),
+        })
     }
 
-    /// Ready to take events: false once shutdown has begun, so the load balancer stops sending.
+    /// A health state that is not ready until [`Health::set_ready`] (e.g. a consumer is bound).
+    pub fn starting() -> Arc<Self> {
+        let health = Self::new();
+        health.set_ready(false);
+        health
+    }
+
+    /// Marks the process ready or not (it stays not ready once draining).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Ready to take work: false until started and once shutdown has begun.
     pub fn is_ready(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
     }
 
     /// Marks the process as draining.

@@ -1,0 +1,282 @@
+//! One message's life: POST it, keep it alive while the sink works, then ack, term or retry.
+//!
+//! Every message ends in exactly one of: acked after a 2xx (the reply published first when
+//! there is one), dead-lettered then terminated (4xx, or retries exhausted), or nak'ed for
+//! redelivery (retryable failure, or shutdown). The DLQ publish is acknowledged by JetStream
+//! before the message is terminated, so a dead letter is never lost between the two.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use handler_kit::delivery::{Disposition, disposition, parse_retry_after};
+use opentelemetry::KeyValue;
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+use crate::config::Ordering;
+use crate::event::{self, Position};
+
+/// How a delivery attempt ended, as seen by the source.
+#[derive(Debug)]
+enum Attempt {
+    /// The sink answered.
+    Answered {
+        status: reqwest::StatusCode,
+        retry_after: Option<Duration>,
+        headers: reqwest::header::HeaderMap,
+        body: bytes::Bytes,
+    },
+    /// No answer: connection refused, reset, timeout.
+    Failed(String),
+}
+
+/// Delivers `msg` until it is settled (or shutdown cancels it, which naks it).
+pub(crate) async fn deliver(
+    shared: Arc<Shared>,
+    msg: jetstream::Message,
+    cancel: CancellationToken,
+) {
+    let config = &shared.config;
+    let Ok(info) = msg.info() else {
+        tracing::warn!(subject = %msg.subject, "message without JetStream metadata, terminating");
+        let _ = msg.ack_with(AckKind::Term).await;
+        return;
+    };
+    let position = Position {
+        stream: info.stream.to_string(),
+        sequence: info.stream_sequence,
+        published: info.published,
+    };
+    let mut deliveries = info.delivered;
+    let outbound = event::to_http(config, &msg, &position);
+    let m = &shared.metrics;
+    loop {
+        let started = Instant::now();
+        let attempt = tokio::select! {
+            a = keep_alive(&msg, shared.ack_wait, post(&shared, &outbound)) => a,
+            () = cancel.cancelled() => {
+                // Shutdown: hand the message back now rather than after ack-wait.
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                m.settled.add(1, &[KeyValue::new("outcome", "shutdown")]);
+                return;
+            }
+        };
+        m.sink_duration.record(started.elapsed().as_secs_f64(), &[]);
+        let (action, detail) = match &attempt {
+            Attempt::Answered {
+                status,
+                retry_after,
+                ..
+            } => (disposition(*status, *retry_after), format!("HTTP {status}")),
+            Attempt::Failed(e) => (Disposition::Retry { after: None }, e.clone()),
+        };
+        match action {
+            Disposition::Ack { reply } => {
+                if let (true, Attempt::Answered { headers, body, .. }) = (reply, attempt)
+                    && let Err(e) = publish_reply(&shared, &msg, &outbound.id, &headers, body).await
+                {
+                    tracing::warn!(id = %outbound.id, error = %e, "reply not published, retrying the message");
+                    retry_later(&shared, &msg, deliveries, None).await;
+                    return;
+                }
+                let _ = msg.ack().await;
+                m.settled.add(1, &[KeyValue::new("outcome", "delivered")]);
+                record_latency(&shared, &position);
+                return;
+            }
+            Disposition::Reject => {
+                dead_letter(&shared, &msg, &outbound.id, deliveries, &detail, &attempt).await;
+                return;
+            }
+            Disposition::Retry { after } => {
+                if deliveries >= config.max_deliver {
+                    let reason = format!("{detail}; gave up after {deliveries} deliveries");
+                    dead_letter(&shared, &msg, &outbound.id, deliveries, &reason, &attempt).await;
+                    return;
+                }
+                tracing::debug!(id = %outbound.id, deliveries, %detail, "retryable failure");
+                if config.ordering == Ordering::None {
+                    retry_later(&shared, &msg, deliveries, after).await;
+                    return;
+                }
+                // Per-subject order: wait here, holding the message, so nothing overtakes it.
+                m.settled.add(1, &[KeyValue::new("outcome", "retried")]);
+                let wait = backoff(&shared, deliveries, after);
+                tokio::select! {
+                    _ = keep_alive(&msg, shared.ack_wait, tokio::time::sleep(wait)) => {}
+                    () = cancel.cancelled() => {
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        return;
+                    }
+                }
+                deliveries += 1;
+            }
+        }
+    }
+}
+
+async fn post(shared: &Shared, outbound: &event::Outbound) -> Attempt {
+    let request = shared
+        .http
+        .post(&shared.config.sink)
+        .headers(outbound.headers.clone())
+        .body(outbound.body.clone())
+        .timeout(shared.config.sink_timeout);
+    match request.send().await {
+        Ok(response) => {
+            let status = response.status();
+            let retry_after =
+                parse_retry_after(response.headers().get(reqwest::header::RETRY_AFTER));
+            let headers = response.headers().clone();
+            match response.bytes().await {
+                Ok(body) => Attempt::Answered {
+                    status,
+                    retry_after,
+                    headers,
+                    body,
+                },
+                Err(e) => Attempt::Failed(handler_kit::http::describe(&e)),
+            }
+        }
+        Err(e) => Attempt::Failed(handler_kit::http::describe(&e)),
+    }
+}
+
+/// Runs `work` while telling JetStream every third of ack-wait that the message is in progress.
+async fn keep_alive<T>(
+    msg: &jetstream::Message,
+    ack_wait: Duration,
+    work: impl Future<Output = T>,
+) -> T {
+    let period = (ack_wait / 3).max(Duration::from_millis(100));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = ticker.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
+        }
+    }
+}
+
+/// Exponential backoff with equal jitter, or the sink's `Retry-After` (capped) with a little.
+fn backoff(shared: &Shared, deliveries: i64, retry_after: Option<Duration>) -> Duration {
+    let config = &shared.config;
+    let base = match retry_after {
+        Some(after) => after.min(config.backoff_max),
+        None => {
+            let exp = u32::try_from(deliveries.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
+            config
+                .backoff_base
+                .saturating_mul(1 << exp)
+                .min(config.backoff_max)
+        }
+    };
+    // Equal jitter for computed delays spreads a burst of failures; Retry-After is respected
+    // as a floor with up to 10% added.
+    let jitter = if retry_after.is_some() {
+        base.mul_f64(fastrand::f64() * 0.1)
+    } else {
+        base.mul_f64(fastrand::f64() * 0.5)
+    };
+    if retry_after.is_some() {
+        base + jitter
+    } else {
+        base / 2 + jitter
+    }
+}
+
+async fn retry_later(
+    shared: &Shared,
+    msg: &jetstream::Message,
+    deliveries: i64,
+    after: Option<Duration>,
+) {
+    let delay = backoff(shared, deliveries, after);
+    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+    shared
+        .metrics
+        .settled
+        .add(1, &[KeyValue::new("outcome", "retried")]);
+}
+
+async fn publish_reply(
+    shared: &Shared,
+    msg: &jetstream::Message,
+    id: &str,
+    headers: &reqwest::header::HeaderMap,
+    body: bytes::Bytes,
+) -> Result<(), String> {
+    let Some(subject) = event::reply_subject(&shared.config, msg) else {
+        return Ok(());
+    };
+    if body.is_empty() {
+        return Ok(());
+    }
+    let (nats_headers, payload) = event::reply_message(headers, body, id);
+    shared
+        .client
+        .publish_with_headers(subject, nats_headers, payload)
+        .await
+        .map_err(|e| e.to_string())?;
+    shared.client.flush().await.map_err(|e| e.to_string())
+}
+
+async fn dead_letter(
+    shared: &Shared,
+    msg: &jetstream::Message,
+    id: &str,
+    deliveries: i64,
+    reason: &str,
+    attempt: &Attempt,
+) {
+    let config = &shared.config;
+    let subject = config
+        .dlq_subject
+        .replace("{stream}", &config.stream)
+        .replace("{subject}", msg.subject.as_str());
+    let mut headers = msg.headers.clone().unwrap_or_default();
+    // One dead letter per message even if this runs twice (e.g. the term below is lost).
+    headers.insert("Nats-Msg-Id", format!("dlq:{id}").as_str());
+    headers.insert("Dlq-Reason", reason);
+    headers.insert("Dlq-Deliveries", deliveries.to_string().as_str());
+    headers.insert("Dlq-Original-Subject", msg.subject.as_str());
+    if let Attempt::Answered { body, .. } = attempt {
+        // The function's JSON error says why; keep a bounded copy.
+        let detail: String = String::from_utf8_lossy(body).chars().take(512).collect();
+        headers.insert("Dlq-Response", detail.replace(['\r', '\n'], " ").as_str());
+    }
+    let published = match shared
+        .jetstream
+        .publish_with_headers(subject.clone(), headers, msg.payload.clone())
+        .await
+    {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match published {
+        Ok(()) => {
+            let _ = msg.ack_with(AckKind::Term).await;
+            shared
+                .metrics
+                .settled
+                .add(1, &[KeyValue::new("outcome", "dead_lettered")]);
+            tracing::warn!(id, %subject, reason, "dead-lettered");
+        }
+        Err(e) => {
+            // No stream took it: keep the message rather than lose it.
+            tracing::error!(id, %subject, error = %e, "dead-letter publish failed; message will be redelivered");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(shared.config.backoff_max)))
+                .await;
+        }
+    }
+}
+
+fn record_latency(shared: &Shared, position: &Position) {
+    let age = chrono::Utc::now().signed_duration_since(position.published);
+    if let Ok(age) = age.to_std() {
+        shared.metrics.end_to_end.record(age.as_secs_f64(), &[]);
+    }
+}

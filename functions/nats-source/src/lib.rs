@@ -1,0 +1,334 @@
+//! nats-source: the NATS JetStream -> Knative event source.
+//!
+//! A durable pull consumer feeds messages, at most `MAX_IN_FLIGHT` at a time, to `K_SINK` as
+//! binary-mode CloudEvents. The sink's HTTP status decides each message's fate through the
+//! shared delivery contract ([`handler_kit::delivery`]): 2xx acks (publishing a 200's reply
+//! CloudEvent first), a permanent 4xx dead-letters and terminates, anything else naks with
+//! exponential backoff and jitter (honouring `Retry-After`) until `MAX_DELIVER`, then
+//! dead-letters. Delivery is at least once: a message is acked only after the sink answered
+//! and its reply is on the wire.
+//!
+//! # Layout
+//! - [`config`]: every environment variable.
+//! - [`event`]: NATS message <-> HTTP CloudEvent.
+//! - `deliver`: one message from POST to ack / term / nak.
+//! - [`run`]: bind (or create) the consumer, fetch, dispatch (with per-subject ordering when
+//!   asked), and drain on shutdown.
+
+pub mod config;
+mod deliver;
+pub mod event;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use futures::StreamExt as _;
+use handler_kit::serve::Health;
+use handler_kit::telemetry;
+use opentelemetry::metrics::{Counter, Histogram, UpDownCounter};
+use tokio::sync::{Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, Ordering};
+
+/// For `ORDERING=subject`: per subject, the completion signal of its latest message (tagged
+/// with a generation so the last one out can remove its own entry).
+type SubjectChains = HashMap<String, (u64, oneshot::Receiver<()>)>;
+
+/// What every delivery task shares.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) client: async_nats::Client,
+    pub(crate) jetstream: jetstream::Context,
+    pub(crate) http: reqwest::Client,
+    pub(crate) ack_wait: Duration,
+    pub(crate) metrics: Metrics,
+}
+
+/// The source's own instruments (alongside the shared ones at `/metrics`).
+pub(crate) struct Metrics {
+    /// Messages settled by `outcome`: delivered, retried, dead_lettered, shutdown.
+    pub(crate) settled: Counter<u64>,
+    /// Messages being delivered.
+    pub(crate) in_flight: UpDownCounter<i64>,
+    /// Seconds from the stream storing a message to its ack.
+    pub(crate) end_to_end: Histogram<f64>,
+    /// Seconds per POST to the sink.
+    pub(crate) sink_duration: Histogram<f64>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let meter = telemetry::meter("nats-source");
+        let buckets = vec![
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ];
+        Self {
+            settled: meter
+                .u64_counter("source_messages")
+                .with_description("Messages settled, by outcome")
+                .build(),
+            in_flight: meter
+                .i64_up_down_counter("source_in_flight")
+                .with_description("Messages being delivered")
+                .build(),
+            end_to_end: meter
+                .f64_histogram("source_end_to_end_seconds")
+                .with_description("From stored in the stream to acked")
+                .with_boundaries(buckets.clone())
+                .build(),
+            sink_duration: meter
+                .f64_histogram("source_sink_duration_seconds")
+                .with_description("One POST to the sink")
+                .with_boundaries(buckets)
+                .build(),
+        }
+    }
+}
+
+/// The error the source stops with (only at start-up: at run time it retries).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The HTTP client could not be built.
+    #[error(transparent)]
+    Setup(#[from] handler_kit::HandlerError),
+}
+
+/// Consumes until `shutdown` is cancelled, then drains in-flight deliveries within the grace
+/// period and naks whatever is left. Readiness turns true once the consumer is bound.
+pub async fn run(
+    config: Config,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> Result<(), SourceError> {
+    let http = handler_kit::http::client(Duration::from_secs(5))?;
+    let client = connect(&config.nats_url).await;
+    let jetstream = jetstream::new(client.clone());
+    let permits = Arc::new(Semaphore::new(config.max_in_flight));
+    let tracker = TaskTracker::new();
+    let abandon = CancellationToken::new();
+    let chains: Arc<Mutex<SubjectChains>> = Arc::default();
+    let mut generation = 0u64;
+    let mut shared: Option<Arc<Shared>> = None;
+
+    'bind: while !shutdown.is_cancelled() {
+        let (consumer, ack_wait) = match bind(&config, &jetstream).await {
+            Ok(bound) => bound,
+            Err(e) => {
+                health.set_ready(false);
+                tracing::warn!(error = %e, stream = %config.stream, consumer = %config.consumer, "consumer not bound yet, retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue 'bind,
+                    () = shutdown.cancelled() => break 'bind,
+                }
+            }
+        };
+        let s = shared
+            .get_or_insert_with(|| {
+                Arc::new(Shared {
+                    config: config.clone(),
+                    client: client.clone(),
+                    jetstream: jetstream.clone(),
+                    http: http.clone(),
+                    ack_wait,
+                    metrics: Metrics::new(),
+                })
+            })
+            .clone();
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(config.fetch_batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await;
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "pull failed, rebinding");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        health.set_ready(true);
+        tracing::info!(stream = %config.stream, consumer = %config.consumer, "consumer bound, delivering to {}", config.sink);
+        loop {
+            // Take a slot before pulling the next message, so at most MAX_IN_FLIGHT are held.
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                () = shutdown.cancelled() => break 'bind,
+            };
+            let next = tokio::select! {
+                n = messages.next() => n,
+                () = shutdown.cancelled() => break 'bind,
+            };
+            let msg = match next {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "pull stream error");
+                    use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
+                    if matches!(
+                        e.kind(),
+                        K::ConsumerDeleted | K::NoResponders | K::RequestLimitExceeded
+                    ) {
+                        continue 'bind;
+                    }
+                    continue;
+                }
+                None => continue 'bind,
+            };
+            let wait_for = match config.ordering {
+                Ordering::None => None,
+                Ordering::Subject => {
+                    generation += 1;
+                    let (done_tx, done_rx) = oneshot::channel();
+                    let previous = chains
+                        .lock()
+                        .expect("chains lock")
+                        .insert(msg.subject.to_string(), (generation, done_rx))
+                        .map(|(_, rx)| rx);
+                    Some((previous, done_tx, generation))
+                }
+            };
+            let (s, chains, cancel) = (s.clone(), chains.clone(), abandon.clone());
+            s.metrics.in_flight.add(1, &[]);
+            tracker.spawn(async move {
+                let subject = msg.subject.to_string();
+                let mut done = None;
+                if let Some((previous, done_tx, my_generation)) = wait_for {
+                    if let Some(previous) = previous {
+                        // Earlier message of this subject still running: wait, keeping ours alive.
+                        let _ = deliver_wait(&s, &msg, previous).await;
+                    }
+                    done = Some((done_tx, my_generation));
+                }
+                deliver::deliver(s.clone(), msg, cancel).await;
+                if let Some((done_tx, my_generation)) = done {
+                    let _ = done_tx.send(());
+                    let mut chains = chains.lock().expect("chains lock");
+                    if chains
+                        .get(&subject)
+                        .is_some_and(|(g, _)| *g == my_generation)
+                    {
+                        chains.remove(&subject);
+                    }
+                }
+                s.metrics.in_flight.add(-1, &[]);
+                drop(permit);
+            });
+        }
+    }
+
+    health.start_draining();
+    tracker.close();
+    tracing::info!(
+        in_flight = tracker.len(),
+        "stopped fetching, draining in-flight deliveries"
+    );
+    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = tracker.len(),
+            "grace period over, handing the rest back to JetStream"
+        );
+        abandon.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    }
+    let _ = client.flush().await;
+    Ok(())
+}
+
+/// Waits for the previous message of the same subject, with in-progress acks meanwhile.
+async fn deliver_wait(
+    shared: &Shared,
+    msg: &jetstream::Message,
+    previous: oneshot::Receiver<()>,
+) -> Result<(), oneshot::error::RecvError> {
+    let period = (shared.ack_wait / 3).max(Duration::from_millis(100));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tokio::pin!(previous);
+    loop {
+        tokio::select! {
+            r = &mut previous => return r,
+            _ = ticker.tick() => { let _ = msg.ack_with(jetstream::AckKind::Progress).await; }
+        }
+    }
+}
+
+async fn connect(url: &str) -> async_nats::Client {
+    // Connects in the background: health answers at once, readiness waits for the consumer.
+    loop {
+        match async_nats::ConnectOptions::new()
+            .name("nats-source")
+            .retry_on_initial_connect()
+            .connect(url)
+            .await
+        {
+            Ok(client) => return client,
+            Err(e) => {
+                tracing::error!(error = %e, url, "bad NATS_URL");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+type BindError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Binds the durable consumer, creating the stream, the DLQ stream and the consumer first when
+/// `CREATE=true`. Returns the consumer and its ack wait.
+async fn bind(
+    config: &Config,
+    js: &jetstream::Context,
+) -> Result<(jetstream::consumer::Consumer<pull::Config>, Duration), BindError> {
+    let stream = if config.create {
+        let dlq_subjects = config
+            .dlq_subject
+            .replace("{stream}", &config.stream)
+            .replace("{subject}", ">");
+        js.get_or_create_stream(stream::Config {
+            name: format!("{}_DLQ", config.stream),
+            subjects: vec![dlq_subjects],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+        js.get_or_create_stream(stream::Config {
+            name: config.stream.clone(),
+            subjects: config.subjects.clone(),
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?
+    } else {
+        js.get_stream(&config.stream).await?
+    };
+    let mut consumer: jetstream::consumer::Consumer<pull::Config> = if config.create {
+        stream
+            .get_or_create_consumer(
+                &config.consumer,
+                pull::Config {
+                    durable_name: Some(config.consumer.clone()),
+                    filter_subjects: config.subjects.clone(),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: config.ack_wait,
+                    // Redelivery is counted and capped here, so a message is dead-lettered
+                    // rather than silently dropped by the server.
+                    max_deliver: -1,
+                    max_ack_pending: i64::try_from(config.max_in_flight.max(1000))
+                        .unwrap_or(i64::MAX),
+                    ..Default::default()
+                },
+            )
+            .await?
+    } else {
+        stream.get_consumer(&config.consumer).await?
+    };
+    let ack_wait = consumer.info().await?.config.ack_wait;
+    Ok((consumer, ack_wait))
+}

@@ -1,0 +1,248 @@
+//! The delivery contract at volume, per-subject ordering, pass-through, and replies.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use testkit::nats_server::NatsServer;
+
+use crate::support::{Sink, Source, dead_letters, drained, hash, publish_numbered};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_messages_with_failures_lose_nothing() {
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    // 1% poison (always 400); every other answer is 503 one time in five, attempt by attempt.
+    let sink = Sink::start(
+        Arc::new(|id: &str, attempt| {
+            let i: usize = id.trim_start_matches("m-").parse().unwrap_or(1);
+            if i.is_multiple_of(100) {
+                400
+            } else if hash(id, attempt).is_multiple_of(5) {
+                503
+            } else {
+                200
+            }
+        }),
+        Duration::ZERO,
+    );
+    let source = Source::start(
+        &nats.url(),
+        &sink.url(),
+        &[("MAX_IN_FLIGHT", "256"), ("MAX_DELIVER", "30")],
+    );
+    source.ready().await;
+    publish_numbered(&client, 10_000, |i| format!("work.n{}", i % 7)).await;
+    assert!(
+        drained(&client, Duration::from_secs(120)).await,
+        "messages left pending"
+    );
+
+    let log = sink.log();
+    let ok: HashSet<&str> = log
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.id.as_str())
+        .collect();
+    let retried = log.iter().filter(|r| r.status == 503).count();
+    assert!(
+        retried > 1000,
+        "only {retried} 503s: the failure path was not exercised"
+    );
+    for i in (0..10_000).filter(|i| i % 100 != 0) {
+        assert!(
+            ok.contains(format!("m-{i}").as_str()),
+            "m-{i} never delivered successfully"
+        );
+    }
+    let poison_calls: HashMap<&str, usize> =
+        log.iter()
+            .filter(|r| r.status == 400)
+            .fold(HashMap::new(), |mut m, r| {
+                *m.entry(r.id.as_str()).or_default() += 1;
+                m
+            });
+    assert_eq!(poison_calls.len(), 100);
+    assert!(poison_calls.values().all(|&n| n == 1), "a 400 was retried");
+
+    let dlq = dead_letters(&client).await;
+    let ids: Vec<String> = dlq
+        .iter()
+        .map(|m| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(
+        ids.len(),
+        100,
+        "each poison message exactly once in the DLQ"
+    );
+    assert_eq!(unique.len(), 100);
+    let sample = &dlq[0];
+    let headers = sample.headers.as_ref().expect("headers");
+    assert!(
+        headers
+            .get("Dlq-Reason")
+            .is_some_and(|r| r.as_str().contains("400"))
+    );
+    assert_eq!(headers.get("Dlq-Deliveries").map(|v| v.as_str()), Some("1"));
+    assert!(sample.subject.starts_with("dlq.WORK.work.n"));
+    let original: usize = String::from_utf8_lossy(&sample.payload)
+        .parse()
+        .expect("original payload");
+    assert_eq!(original % 100, 0);
+    source.stop().await;
+}
+
+#[tokio::test]
+async fn retries_run_out_into_the_dlq_with_the_reason() {
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    let sink = Sink::start(Arc::new(|_: &str, _| 503), Duration::ZERO);
+    let source = Source::start(&nats.url(), &sink.url(), &[("MAX_DELIVER", "3")]);
+    source.ready().await;
+    publish_numbered(&client, 1, |_| "work.a".into()).await;
+    assert!(drained(&client, Duration::from_secs(20)).await);
+    assert_eq!(sink.log().len(), 3, "exactly MAX_DELIVER attempts");
+    let dlq = dead_letters(&client).await;
+    assert_eq!(dlq.len(), 1);
+    let reason = dlq[0]
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Dlq-Reason"))
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    assert!(
+        reason.contains("503") && reason.contains("3 deliveries"),
+        "{reason}"
+    );
+    source.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_by_subject_keeps_each_subject_in_stream_order() {
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    let sink = Sink::start(
+        Arc::new(|id: &str, attempt| {
+            if hash(id, attempt).is_multiple_of(4) {
+                503
+            } else {
+                200
+            }
+        }),
+        Duration::from_millis(2),
+    );
+    let source = Source::start(
+        &nats.url(),
+        &sink.url(),
+        &[
+            ("ORDERING", "subject"),
+            ("MAX_IN_FLIGHT", "64"),
+            ("MAX_DELIVER", "30"),
+        ],
+    );
+    source.ready().await;
+    publish_numbered(&client, 400, |i| format!("work.s{}", i % 8)).await;
+    assert!(drained(&client, Duration::from_secs(60)).await);
+
+    let mut last: HashMap<String, usize> = HashMap::new();
+    for r in sink.log().iter().filter(|r| r.status == 200) {
+        let i: usize = r.id.trim_start_matches("m-").parse().expect("numbered");
+        if let Some(prev) = last.insert(r.subject.clone(), i) {
+            assert!(i > prev, "{} delivered {i} after {prev}", r.subject);
+        }
+    }
+    assert_eq!(last.len(), 8);
+    assert_eq!(
+        sink.same_subject_overlaps(),
+        0,
+        "two messages of one subject were in flight at once"
+    );
+    assert!(
+        sink.max_concurrent() > 1,
+        "subjects did not run concurrently"
+    );
+    source.stop().await;
+}
+
+#[tokio::test]
+async fn cloudevents_pass_through_and_replies_are_published_once() {
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    let sink = Sink::start(Arc::new(|_: &str, _| 200), Duration::ZERO);
+    let source = Source::start(&nats.url(), &sink.url(), &[]);
+    source.ready().await;
+    let mut replies = client.subscribe("replies.>").await.expect("sub");
+    client.flush().await.expect("flush");
+    let js = async_nats::jetstream::new(client.clone());
+
+    let mut binary = async_nats::HeaderMap::new();
+    for (k, v) in [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "bin-1"),
+        ("ce-source", "/producer"),
+        ("ce-type", "producer.thing"),
+        ("content-type", "application/json"),
+        ("reply-subject", "replies.bin"),
+        ("ce-testreply", "yes"),
+    ] {
+        binary.insert(k, v);
+    }
+    js.publish_with_headers("work.binary", binary, r#"{"a":1}"#.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let structured = r#"{"specversion":"1.0","id":"st-1","source":"/producer","type":"producer.other","data":{"b":2}}"#;
+    js.publish("work.structured", structured.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    assert!(drained(&client, Duration::from_secs(20)).await);
+
+    let log = sink.log();
+    let bin = log
+        .iter()
+        .find(|r| r.id == "bin-1")
+        .expect("binary event delivered");
+    assert_eq!(
+        bin.headers.get("ce-type").and_then(|v| v.to_str().ok()),
+        Some("producer.thing")
+    );
+    assert_eq!(
+        bin.headers.get("ce-source").and_then(|v| v.to_str().ok()),
+        Some("/producer")
+    );
+    assert_eq!(&bin.body[..], br#"{"a":1}"#);
+    let st = log
+        .iter()
+        .find(|r| r.id == "st-1")
+        .expect("structured event delivered");
+    assert_eq!(
+        st.headers.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/cloudevents+json")
+    );
+    assert_eq!(&st.body[..], structured.as_bytes());
+
+    let reply = tokio::time::timeout(Duration::from_secs(5), replies.next())
+        .await
+        .expect("reply")
+        .expect("open");
+    assert_eq!(reply.subject.as_str(), "replies.bin");
+    let h = reply.headers.expect("headers");
+    assert_eq!(h.get("ce-type").map(|v| v.as_str()), Some("test.reply"));
+    assert_eq!(
+        h.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some("bin-1.reply")
+    );
+    assert_eq!(&reply.payload[..], br#"{"ok":true}"#);
+    source.stop().await;
+}

@@ -1,0 +1,6 @@
+//! nats-source against a real nats-server and a test sink: delivery, failures, ordering, replies.
+
+mod delivery;
+mod end_to_end;
+mod faults;
+mod support;
