@@ -11,6 +11,7 @@ dev_dir := justfile_directory() / ".dev"
 dev_nats_port := "14222"
 dev_sim_port := "8090"
 tts_port := "8080"
+tts_source_port := "8180"
 
 export NATS_SERVER_BIN := nats_server
 
@@ -61,7 +62,7 @@ dev: tools
     #!/usr/bin/env bash
     set -euo pipefail
     mkdir -p "{{dev_dir}}"
-    cargo build --quiet --bins -p testkit -p tts-module
+    cargo build --quiet --bins -p testkit -p tts-module -p nats-source
     pids=()
     cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
     trap cleanup EXIT INT TERM
@@ -69,7 +70,10 @@ dev: tools
     target/debug/inference-sim --port {{dev_sim_port}} > "{{dev_dir}}/inference-sim.log" 2>&1 & pids+=($!)
     PORT={{tts_port}} TTS_URL=http://127.0.0.1:{{dev_sim_port}} NATS_URL=nats://127.0.0.1:{{dev_nats_port}} \
       target/debug/tts-module > "{{dev_dir}}/tts-module.log" 2>&1 & pids+=($!)
-    for url in http://127.0.0.1:{{dev_sim_port}}/healthz http://127.0.0.1:{{tts_port}}/readyz; do
+    PORT={{tts_source_port}} NATS_URL=nats://127.0.0.1:{{dev_nats_port}} K_SINK=http://127.0.0.1:{{tts_port}} \
+      STREAM=AI_TTS CONSUMER=tts-module SUBJECTS=ai.tts.request CREATE=true \
+      target/debug/nats-source > "{{dev_dir}}/nats-source.log" 2>&1 & pids+=($!)
+    for url in http://127.0.0.1:{{dev_sim_port}}/healthz http://127.0.0.1:{{tts_port}}/readyz http://127.0.0.1:{{tts_source_port}}/readyz; do
       for _ in $(seq 1 200); do curl -fsS -o /dev/null "$url" 2>/dev/null && break; sleep 0.05; done
       curl -fsS -o /dev/null "$url" || { echo "not ready: $url (logs in .dev/)"; exit 1; }
     done
@@ -77,9 +81,13 @@ dev: tools
     echo "  nats-server       nats://127.0.0.1:{{dev_nats_port}}  (JetStream, store in .dev/nats)"
     echo "  inference-sim     http://127.0.0.1:{{dev_sim_port}}   (local stand-in for TTS/STT/LLM/embeddings)"
     echo "  tts-module        http://127.0.0.1:{{tts_port}}"
+    echo "  nats-source       ai.tts.request (stream AI_TTS) -> tts-module; health on :{{tts_source_port}}"
     echo "logs: .dev/*.log"
     echo
     "{{just_executable()}}" invoke tts-module
+    echo
+    echo "and through NATS (msgpack on ai.tts.request -> nats-source -> tts-module -> ai.tts.response.demo-2):"
+    "{{just_executable()}}" publish ai.tts.request '{"request_id": "demo-2", "text": "Hello through NATS."}' ai.tts.response.demo-2
     echo
     if [ -n "${DEV_SMOKE_ONLY:-}" ]; then exit 0; fi
     echo "running; Ctrl-C stops everything"
@@ -91,6 +99,8 @@ run FN:
     set -euo pipefail
     case "{{FN}}" in
       tts-module) export PORT={{tts_port}} TTS_URL=http://127.0.0.1:{{dev_sim_port}} NATS_URL=nats://127.0.0.1:{{dev_nats_port}} ;;
+      nats-source) export PORT={{tts_source_port}} NATS_URL=nats://127.0.0.1:{{dev_nats_port}} K_SINK=http://127.0.0.1:{{tts_port}} \
+          STREAM=AI_TTS CONSUMER=tts-module SUBJECTS=ai.tts.request CREATE=true ;;
       *) echo "unknown function {{FN}}"; exit 64 ;;
     esac
     exec cargo run --bin "{{FN}}"
@@ -113,6 +123,15 @@ invoke FN:
         ;;
       *) echo "unknown function {{FN}}"; exit 64 ;;
     esac
+
+# Publish JSON (sent as msgpack) to a subject of the dev stack's NATS; with WAIT, print the reply there.
+publish SUBJECT JSON WAIT="":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    [ -x target/debug/nats-pub ] || cargo build --quiet -p testkit --bin nats-pub
+    args=(--url nats://127.0.0.1:{{dev_nats_port}})
+    if [ -n "{{WAIT}}" ]; then args+=(--wait "{{WAIT}}"); fi
+    target/debug/nats-pub "${args[@]}" "{{SUBJECT}}" '{{JSON}}'
 
 # Binary size, cold start, memory and throughput of every function against a minimal axum floor.
 bench: tools build
