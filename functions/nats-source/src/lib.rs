@@ -176,6 +176,11 @@ pub async fn run(
                     ) {
                         continue 'bind;
                     }
+                    // Heartbeats go missing while NATS is away: pause instead of spinning.
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        () = shutdown.cancelled() => break 'bind,
+                    }
                     continue;
                 }
                 None => continue 'bind,

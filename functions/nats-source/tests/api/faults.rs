@@ -129,3 +129,62 @@ async fn shutdown_finishes_in_flight_deliveries_before_returning() {
         "in-flight messages were not acked"
     );
 }
+
+#[tokio::test]
+async fn the_binary_reports_readiness_and_exits_cleanly_on_sigterm() {
+    let nats = NatsServer::start().await.expect("nats");
+    let sink = Sink::start(Arc::new(|_: &str, _| 200), Duration::ZERO);
+    let port = testkit::nats_server::free_port().expect("port");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nats-source"))
+        .env_clear()
+        .env("PORT", port.to_string())
+        .env("NATS_URL", nats.url())
+        .env("K_SINK", sink.url())
+        .env("STREAM", "WORK")
+        .env("CONSUMER", "worker")
+        .env("SUBJECTS", "work.>")
+        .env("CREATE", "true")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start nats-source");
+    let http = handler_kit::http::client(Duration::from_secs(2)).expect("client");
+    let ready = eventually(Duration::from_secs(10), || async {
+        let r = http
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    assert!(ready.is_some(), "never ready");
+    let client = nats.client().await.expect("client");
+    publish_numbered(&client, 10, |i| format!("work.b{i}")).await;
+    assert!(drained(&client, Duration::from_secs(10)).await);
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let exited = eventually(Duration::from_secs(10), || {
+        let status = child.try_wait().expect("wait");
+        async move { status }
+    })
+    .await
+    .expect("exited after SIGTERM");
+    assert!(exited.success(), "{exited}");
+}
+
+#[test]
+fn missing_configuration_exits_64_listing_every_problem() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_nats-source"))
+        .env_clear()
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for v in ["NATS_URL", "K_SINK", "STREAM", "CONSUMER"] {
+        assert!(stderr.contains(v), "{v} not reported: {stderr}");
+    }
+}
