@@ -215,6 +215,17 @@ async fn publish_reply(
         return Ok(());
     }
     let (nats_headers, payload) = event::reply_message(headers, body, id);
+    let max = shared.client.server_info().max_payload;
+    if max > 0 && payload.len() + 4096 > max {
+        // The event was handled; retrying cannot make the reply smaller. Functions whose
+        // replies can be large (audio) publish them in pieces themselves.
+        tracing::warn!(id, %subject, bytes = payload.len(), max, "reply exceeds NATS max payload, not published");
+        shared
+            .metrics
+            .settled
+            .add(1, &[KeyValue::new("outcome", "reply_too_large")]);
+        return Ok(());
+    }
     shared
         .client
         .publish_with_headers(subject, nats_headers, payload)

@@ -246,3 +246,48 @@ async fn cloudevents_pass_through_and_replies_are_published_once() {
     assert_eq!(&reply.payload[..], br#"{"ok":true}"#);
     source.stop().await;
 }
+
+#[tokio::test]
+async fn a_reply_over_max_payload_is_skipped_not_retried() {
+    let nats = testkit::nats_server::NatsServer::start_with(testkit::nats_server::NatsOptions {
+        max_payload: Some(8 * 1024),
+    })
+    .await
+    .expect("nats");
+    let client = nats.client().await.expect("client");
+    let sink = Sink::start(Arc::new(|_: &str, _| 200), Duration::ZERO);
+    let source = Source::start(
+        &nats.url(),
+        &sink.url(),
+        &[("REPLY_SUBJECT", "replies.{subject}")],
+    );
+    source.ready().await;
+    let mut replies = client.subscribe("replies.>").await.expect("sub");
+    client.flush().await.expect("flush");
+    let js = async_nats::jetstream::new(client.clone());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("testreply", "big");
+    headers.insert("Nats-Msg-Id", "big-1");
+    js.publish_with_headers("work.big", headers, "x".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("testreply", "yes");
+    headers.insert("Nats-Msg-Id", "small-1");
+    js.publish_with_headers("work.small", headers, "x".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    assert!(drained(&client, Duration::from_secs(20)).await);
+    let reply = tokio::time::timeout(Duration::from_secs(5), replies.next())
+        .await
+        .expect("reply")
+        .expect("open");
+    assert_eq!(reply.subject.as_str(), "replies.work.small");
+    let attempts = sink.log().iter().filter(|r| r.id == "big-1").count();
+    assert_eq!(attempts, 1, "the oversized reply made the source retry");
+    source.stop().await;
+}

@@ -195,7 +195,13 @@ async fn handle(State(s): State<SinkState>, headers: HeaderMap, body: bytes::Byt
             ("ce-type", "test.reply".into()),
             ("content-type", "application/json".into()),
         ];
-        let mut response = (status, r#"{"ok":true}"#).into_response();
+        // `ce-testreply: big` asks for a reply larger than the test server's max payload.
+        let body = if header("ce-testreply") == "big" {
+            format!("\"{}\"", "a".repeat(64 * 1024))
+        } else {
+            r#"{"ok":true}"#.to_string()
+        };
+        let mut response = (status, body).into_response();
         for (k, v) in reply_headers {
             response.headers_mut().insert(k, v.parse().expect("header"));
         }
