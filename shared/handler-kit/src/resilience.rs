@@ -209,6 +209,122 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// For streaming calls: takes a slot and runs `open` (e.g. until response headers arrive)
+    /// under the breaker and the timeout, then hands back a [`Lease`] that keeps the slot for
+    /// as long as the stream is read. The outcome reaches the breaker when the lease is
+    /// finished; a lease dropped unfinished (the caller went away) reports nothing.
+    pub async fn open<T>(
+        &self,
+        open: impl Future<Output = Result<T, CallError>>,
+    ) -> Result<(T, Lease), HandlerError> {
+        let m = telemetry::metrics();
+        let outcome = |o: &'static str| {
+            [
+                KeyValue::new("backend", self.name),
+                KeyValue::new("outcome", o),
+            ]
+        };
+        if !self.breaker.is_call_permitted() {
+            m.backend_calls.add(1, &outcome("open"));
+            return Err(HandlerError::Unavailable {
+                backend: self.name,
+                reason: "circuit breaker open after repeated failures".into(),
+                retry_after: self.config.breaker_open,
+            });
+        }
+        let Ok(Ok(permit)) = tokio::time::timeout(
+            self.config.queue_timeout,
+            self.permits.clone().acquire_owned(),
+        )
+        .await
+        else {
+            m.backend_calls.add(1, &outcome("saturated"));
+            return Err(HandlerError::Unavailable {
+                backend: self.name,
+                reason: format!("all {} stream slots busy", self.config.concurrency),
+                retry_after: Duration::from_secs(1),
+            });
+        };
+        match tokio::time::timeout(self.config.timeout, open).await {
+            Ok(Ok(value)) => Ok((
+                value,
+                Lease {
+                    backend: self.clone(),
+                    _permit: permit,
+                    started: Instant::now(),
+                },
+            )),
+            Ok(Err(CallError::Rejected(detail))) => {
+                self.breaker.on_success();
+                m.backend_calls.add(1, &outcome("rejected"));
+                Err(HandlerError::BackendRejected {
+                    backend: self.name,
+                    detail,
+                })
+            }
+            Ok(Err(CallError::Transient(detail))) => {
+                self.breaker.on_error();
+                m.backend_calls.add(1, &outcome("failed"));
+                Err(HandlerError::Backend {
+                    backend: self.name,
+                    detail,
+                })
+            }
+            Err(_) => {
+                self.breaker.on_error();
+                m.backend_calls.add(1, &outcome("timeout"));
+                Err(HandlerError::Timeout {
+                    backend: self.name,
+                    after: self.config.timeout,
+                })
+            }
+        }
+    }
+}
+
+/// A slot held by an open stream; see [`Backend::open`].
+#[derive(Debug)]
+pub struct Lease {
+    backend: Backend,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    started: Instant,
+}
+
+impl Lease {
+    /// The stream ended well (or ended because the caller stopped reading).
+    pub fn succeeded(self) {
+        self.finish(true);
+    }
+
+    /// The stream broke (reset, garbage, idle timeout): counts against the breaker.
+    pub fn failed(self) {
+        self.finish(false);
+    }
+
+    fn finish(self, ok: bool) {
+        let b = &self.backend;
+        let m = telemetry::metrics();
+        m.backend_duration.record(
+            self.started.elapsed().as_secs_f64(),
+            &[KeyValue::new("backend", b.name)],
+        );
+        let o = if ok { "ok" } else { "failed" };
+        m.backend_calls.add(
+            1,
+            &[
+                KeyValue::new("backend", b.name),
+                KeyValue::new("outcome", o),
+            ],
+        );
+        if ok {
+            b.breaker.on_success();
+        } else {
+            b.breaker.on_error();
+        }
+    }
+}
+
 /// Logs breaker transitions and keeps the `handler_breaker_open` gauge current.
 #[derive(Debug, Clone)]
 struct BreakerEvents {
@@ -298,6 +414,25 @@ mod tests {
             assert!(matches!(r, Err(HandlerError::BackendRejected { .. })));
         }
         assert!(b.call(async { Ok::<_, CallError>(()) }).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_lease_holds_its_slot_until_finished_and_reports_to_the_breaker() {
+        let b = backend(1, 10_000);
+        let ((), lease) = b
+            .open(async { Ok::<_, CallError>(()) })
+            .await
+            .expect("open");
+        // The only slot is held by the open stream.
+        let queued = b.call(async { Ok::<_, CallError>(()) }).await;
+        assert!(
+            matches!(queued, Err(HandlerError::Unavailable { .. })),
+            "{queued:?}"
+        );
+        lease.failed();
+        // One failure opens this breaker.
+        let r = b.open(async { Ok::<_, CallError>(()) }).await;
+        assert!(matches!(r, Err(HandlerError::Unavailable { .. })), "{r:?}");
     }
 
     #[tokio::test(start_paused = true)]
