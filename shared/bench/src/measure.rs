@@ -16,23 +16,23 @@ use crate::proc::{Proc, command, free_port};
 use crate::stats::{Summary, mib};
 
 /// Pause between cold-start attempts (connection refused, or no answer yet).
-const POLL: Duration = Duration::from_micros(100);
+pub(crate) const POLL: Duration = Duration::from_micros(100);
 /// Longest a process may take to answer its first event or `/readyz`.
-const START_DEADLINE: Duration = Duration::from_secs(5);
+pub(crate) const START_DEADLINE: Duration = Duration::from_secs(5);
 /// Longest one request may wait for its answer in the load measurements.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest one events/s run (warm-up or measured) may take.
 const LOAD_DEADLINE: Duration = Duration::from_secs(60);
 /// Pause between the event and the idle RSS reading.
-const IDLE_SETTLE: Duration = Duration::from_millis(300);
+pub(crate) const IDLE_SETTLE: Duration = Duration::from_millis(300);
 /// Events sent before events/s is measured.
 pub const WARMUP_EVENTS: usize = 100;
 
-fn loopback(port: u16) -> SocketAddr {
+pub(crate) fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn log_path(logs: &Path, name: &str) -> PathBuf {
+pub(crate) fn log_path(logs: &Path, name: &str) -> PathBuf {
     logs.join(format!("{name}.log"))
 }
 
@@ -76,7 +76,7 @@ pub fn start_backend(
 }
 
 /// Polls `GET path` until it answers 200.
-fn wait_for(proc: &mut Proc, addr: SocketAddr, path: &str) -> anyhow::Result<()> {
+pub(crate) fn wait_for(proc: &mut Proc, addr: SocketAddr, path: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     let request = Request::get(addr, path);
     let mut last = String::from("no attempt");

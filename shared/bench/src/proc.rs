@@ -92,6 +92,24 @@ pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     parse_status_kib(&text, field).with_context(|| format!("no {field} in {path}"))
 }
 
+/// CPU time (user + system) of a process so far, in clock ticks (`USER_HZ`, 100 per second),
+/// from `/proc/<pid>/stat`.
+pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_stat_ticks(&text).with_context(|| format!("no utime/stime in {path}"))
+}
+
+/// `utime + stime` (fields 14 and 15) of a `/proc/<pid>/stat` line; the command name (field 2)
+/// may hold spaces and parentheses, so fields are counted after its last `)`.
+fn parse_stat_ticks(text: &str) -> Option<u64> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 fn parse_status_kib(text: &str, field: &str) -> Option<u64> {
     text.lines().find_map(|line| {
         let rest = line.strip_prefix(field)?.strip_prefix(':')?;
@@ -132,6 +150,14 @@ mod tests {
         assert_eq!(parse_status_kib(text, "VmRSS"), Some(4096));
         assert_eq!(parse_status_kib(text, "VmHWM"), Some(5120));
         assert_eq!(parse_status_kib(text, "VmSwap"), None);
+    }
+
+    #[test]
+    fn stat_ticks() {
+        let line = "42 (a b) c) S 1 2 3 4 5 6 7 8 9 10 11 17 5 0 0 20 0 1 0 100 200 3";
+        assert_eq!(parse_stat_ticks(line), Some(11 + 17));
+        assert_eq!(parse_stat_ticks("garbage"), None);
+        assert!(cpu_ticks(std::process::id()).is_ok());
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::measure::{Held, Idle, Throughput};
+use crate::source::{SourceResult, SourceSettings};
 use crate::stats::Summary;
 
 /// Largest binary, MiB.
@@ -17,6 +18,10 @@ pub const COLD_START_MAX_X_FLOOR: f64 = 2.0;
 pub const IDLE_RSS_MAX_MIB: f64 = 8.0;
 /// Largest RSS with 100 events in flight, MiB.
 pub const HELD_RSS_MAX_MIB: f64 = 30.0;
+/// Slowest nats-source drain of a backlog into a sink that answers at once, msgs/s.
+pub const SOURCE_MIN_MSGS_PER_SEC: f64 = 10_000.0;
+/// Largest idle RSS of nats-source, MiB.
+pub const SOURCE_IDLE_RSS_MAX_MIB: f64 = 10.0;
 
 /// Measurement names, as used in [`FunctionResult::errors`].
 pub mod measures {
@@ -103,6 +108,16 @@ impl FunctionResult {
     }
 }
 
+/// Which side of its limit a value must stay on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Bound {
+    /// `value <= limit`.
+    Max,
+    /// `value >= limit`.
+    Min,
+}
+
 /// One target checked for one function.
 #[derive(Debug, Clone, Serialize)]
 pub struct TargetCheck {
@@ -116,6 +131,8 @@ pub struct TargetCheck {
     pub limit: Option<f64>,
     /// Unit of both.
     pub unit: &'static str,
+    /// Whether the limit is a maximum or a minimum.
+    pub bound: Bound,
     /// Whether it passes; a missing value fails.
     pub pass: bool,
 }
@@ -127,15 +144,55 @@ fn check(
     limit: Option<f64>,
     unit: &'static str,
 ) -> TargetCheck {
-    let pass = matches!((value, limit), (Some(v), Some(l)) if v <= l);
+    check_bound(function, target, value, limit, unit, Bound::Max)
+}
+
+fn check_bound(
+    function: &str,
+    target: String,
+    value: Option<f64>,
+    limit: Option<f64>,
+    unit: &'static str,
+    bound: Bound,
+) -> TargetCheck {
+    let pass = match (value, limit, bound) {
+        (Some(v), Some(l), Bound::Max) => v <= l,
+        (Some(v), Some(l), Bound::Min) => v >= l,
+        _ => false,
+    };
     TargetCheck {
         function: function.to_string(),
         target,
         value,
         limit,
         unit,
+        bound,
         pass,
     }
+}
+
+/// Holds nats-source to its targets.
+pub fn check_source_targets(r: &SourceResult) -> Vec<TargetCheck> {
+    vec![
+        check_bound(
+            &r.name,
+            format!(
+                "msgs/s >= {SOURCE_MIN_MSGS_PER_SEC:.0} (MAX_IN_FLIGHT={})",
+                r.drain.as_ref().map_or(0, |d| d.max_in_flight)
+            ),
+            r.drain.as_ref().map(|d| d.per_sec),
+            Some(SOURCE_MIN_MSGS_PER_SEC),
+            "msgs/s",
+            Bound::Min,
+        ),
+        check(
+            &r.name,
+            format!("idle RSS <= {SOURCE_IDLE_RSS_MAX_MIB} MiB"),
+            r.idle.map(|i| i.rss_mib),
+            Some(SOURCE_IDLE_RSS_MAX_MIB),
+            "MiB",
+        ),
+    ]
 }
 
 /// Holds every function (not the floor) to the targets.
@@ -283,18 +340,144 @@ pub fn target_lines(checks: &[TargetCheck]) -> String {
             || "not measured".to_string(),
             |v| format!("{v:.2} {}", c.unit),
         );
-        let limit = c
-            .limit
-            .map_or_else(|| "no floor".to_string(), |l| format!("{l:.2} {}", c.unit));
+        let limit = c.limit.map_or_else(
+            || "limit: no floor".to_string(),
+            |l| match c.bound {
+                Bound::Max => format!("limit {l:.2} {}", c.unit),
+                Bound::Min => format!("at least {l:.2} {}", c.unit),
+            },
+        );
         let _ = writeln!(
             out,
-            "  {}  {:<12}{:<38}{:>14}  (limit {})",
+            "  {}  {:<12}{:<38}{:>14}  ({})",
             if c.pass { "PASS" } else { "FAIL" },
             c.function,
             c.target,
             value,
             limit
         );
+    }
+    out
+}
+
+/// The nats-source section of the report.
+pub fn source_section(r: &SourceResult, s: &SourceSettings) -> String {
+    use crate::source::measures::*;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "nats-source (JetStream pull consumer -> CloudEvents over HTTP; {}; MAX_IN_FLIGHT={}, FETCH_BATCH={}{}):",
+        r.nats_server_version
+            .as_deref()
+            .unwrap_or("nats-server version unknown"),
+        s.max_in_flight,
+        s.effective_fetch_batch(),
+        if s.fetch_batch.is_none() {
+            " (default)"
+        } else {
+            ""
+        },
+    );
+    let mut row = |label: &str, value: String| {
+        let _ = writeln!(out, "  {label:<28}{value}");
+    };
+    let or_err = |failed: bool| if failed { "ERR" } else { "-" }.to_string();
+    row(
+        "binary",
+        r.binary_mib
+            .map_or_else(|| or_err(r.failed(BINARY)), |m| format!("{m:.2} MiB")),
+    );
+    row(
+        "cold start p50/p90",
+        r.cold_start_ms.as_ref().map_or_else(
+            || or_err(r.failed(COLD_START)),
+            |c| {
+                format!(
+                    "{:.2} / {:.2} ms   (exec -> /readyz 200, consumer bound; {} starts after 1 warm-up)",
+                    c.p50, c.p90, c.count
+                )
+            },
+        ),
+    );
+    row(
+        "idle RSS",
+        r.idle.map_or_else(
+            || or_err(r.failed(IDLE_LATENCY)),
+            |i| {
+                format!(
+                    "{:.2} MiB   (peak {:.2} MiB; 300 ms after /readyz)",
+                    i.rss_mib, i.peak_mib
+                )
+            },
+        ),
+    );
+    row(
+        "added latency p50/p99",
+        r.latency.as_ref().map_or_else(
+            || or_err(r.failed(IDLE_LATENCY)),
+            |l| {
+                format!(
+                    "{:.2} / {:.2} ms   (max {:.2}; {} messages, 1 every {} ms; publish -> sink arrival)",
+                    l.ms.p50, l.ms.p99, l.ms.max, l.messages, l.interval_ms
+                )
+            },
+        ),
+    );
+    row(
+        "backlog published",
+        r.publish.as_ref().map_or_else(
+            || or_err(r.failed(DRAIN)),
+            |p| {
+                format!(
+                    "{} messages in {:.2} s = {:.0} msgs/s   (bench publisher, acks pipelined, source stopped)",
+                    p.messages, p.seconds, p.per_sec
+                )
+            },
+        ),
+    );
+    match &r.drain {
+        Some(d) => {
+            row(
+                "msgs/s (backlog drain)",
+                format!(
+                    "{:.0}   ({} messages timed in {:.2} s, first poll after /readyz -> drained; \
+                     {:.0} msgs/s counting all {} from exec)",
+                    d.per_sec, d.counted, d.seconds, d.per_sec_from_exec, d.backlog
+                ),
+            );
+            row(
+                "RSS while draining",
+                format!("{:.2} MiB   (max of {} samples)", d.rss_mib, d.rss_samples),
+            );
+            if let Some(c) = d.cpu {
+                row(
+                    "CPU while draining",
+                    format!(
+                        "nats-source {:.0}%, nats-server {:.0}%, sink {:.0}% of one core (of 200% on 2 cores)",
+                        c.source_pct, c.nats_server_pct, c.sink_pct
+                    ),
+                );
+            }
+            if let Some(c) = d.cpu.filter(|_| d.counted > 0) {
+                row(
+                    "source CPU per message",
+                    format!(
+                        "{:.1} us",
+                        c.source_pct / 100.0 * d.seconds / d.counted as f64 * 1e6
+                    ),
+                );
+            }
+            row(
+                "redelivered / dead letters",
+                format!(
+                    "{} / {}",
+                    d.redelivered,
+                    r.dead_letters
+                        .map_or_else(|| "?".to_string(), |n| n.to_string())
+                ),
+            );
+        }
+        None => row("msgs/s (backlog drain)", or_err(r.failed(DRAIN))),
     }
     out
 }

@@ -10,8 +10,9 @@ use serde::Serialize;
 
 use crate::delivery::{self, Class};
 
-/// What went wrong while handling one event.
-#[derive(Debug, thiserror::Error)]
+/// What went wrong while handling one event. `Clone` so one failure can answer every request
+/// that shared its work (singleflight).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum HandlerError {
     /// The request is not a valid CloudEvent (missing `ce-*` headers, wrong specversion, ...).
     #[error("invalid CloudEvent: {0}")]
@@ -68,6 +69,10 @@ pub enum HandlerError {
     /// The whole event took longer than its deadline.
     #[error("event deadline of {0:?} exceeded")]
     Deadline(Duration),
+    /// A backend failed after part of the answer was already streamed to the caller: retrying
+    /// would stream it twice, so this is final.
+    #[error("stream interrupted after it began: {0}")]
+    StreamInterrupted(String),
     /// A bug or an impossible state; logged with detail, reported briefly.
     #[error("internal error: {0}")]
     Internal(String),
@@ -78,7 +83,9 @@ impl HandlerError {
     pub fn class(&self) -> Class {
         match self {
             Self::InvalidEvent(_) | Self::InvalidPayload(_) => Class::BadRequest,
-            Self::Unprocessable(_) | Self::BackendRejected { .. } => Class::Unprocessable,
+            Self::Unprocessable(_) | Self::BackendRejected { .. } | Self::StreamInterrupted(_) => {
+                Class::Unprocessable
+            }
             Self::PayloadTooLarge { .. } => Class::TooLarge,
             Self::UnsupportedMediaType(_) => Class::UnsupportedMediaType,
             Self::Unavailable { retry_after, .. } => Class::Unavailable(*retry_after),
@@ -101,6 +108,7 @@ impl HandlerError {
             Self::BackendRejected { .. } => "backend_rejected",
             Self::Timeout { .. } => "backend_timeout",
             Self::Deadline(_) => "deadline_exceeded",
+            Self::StreamInterrupted(_) => "stream_interrupted",
             Self::Internal(_) => "internal",
         }
     }

@@ -19,17 +19,32 @@
 //! - `resilience`, `http` (feature `http-client`): timeouts, circuit breaker, concurrency limit.
 //! - `audio` (feature `audio`): WAV parsing, merging and splitting.
 //! - `tts` (feature `tts`): the text-to-speech client.
+//! - `chat` (feature `chat`): the RAG pipeline (embed, search, rerank, LLM) with singleflight.
+//! - `llm` (feature `llm`): OpenAI-compatible chat completions, whole or streamed.
+//! - `embed` (feature `embed`): OpenAI-compatible embeddings.
+//! - `rerank` (feature `rerank`): reranking with TEI or a Cohere-style API.
+//! - `milvus` (feature `milvus`): vector search in Milvus over its REST API.
 
 #[cfg(feature = "audio")]
 pub mod audio;
+#[cfg(feature = "chat")]
+pub mod chat;
 pub mod config;
 pub mod delivery;
+#[cfg(feature = "embed")]
+pub mod embed;
 pub mod error;
 pub mod event;
 #[cfg(feature = "http-client")]
 pub mod http;
+#[cfg(feature = "llm")]
+pub mod llm;
+#[cfg(feature = "milvus")]
+pub mod milvus;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "rerank")]
+pub mod rerank;
 #[cfg(feature = "http-client")]
 pub mod resilience;
 pub mod serve;

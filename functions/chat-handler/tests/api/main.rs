@@ -1,0 +1,8 @@
+//! chat-handler through its public surface: HTTP CloudEvents in; HTTP replies and NATS out.
+
+mod bad_input;
+mod milvus;
+mod paths;
+mod resilience;
+mod streaming;
+mod support;
