@@ -13,6 +13,8 @@ dev_nats_port := "14222"
 dev_sim_port := "8090"
 tts_port := "8080"
 tts_source_port := "8180"
+chat_port := "8081"
+chat_source_port := "8181"
 
 export NATS_SERVER_BIN := nats_server
 export MILVUS_SERVER_BIN := venv / "bin/milvus-server"
@@ -66,7 +68,7 @@ dev: tools
     #!/usr/bin/env bash
     set -euo pipefail
     mkdir -p "{{dev_dir}}"
-    cargo build --quiet --bins -p testkit -p tts-module -p nats-source
+    cargo build --quiet --bins -p testkit -p tts-module -p nats-source -p chat-handler
     pids=()
     cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
     trap cleanup EXIT INT TERM
@@ -77,7 +79,16 @@ dev: tools
     PORT={{tts_source_port}} NATS_URL=nats://127.0.0.1:{{dev_nats_port}} K_SINK=http://127.0.0.1:{{tts_port}} \
       STREAM=AI_TTS CONSUMER=tts-module SUBJECTS=ai.tts.request CREATE=true \
       target/debug/nats-source > "{{dev_dir}}/nats-source.log" 2>&1 & pids+=($!)
-    for url in http://127.0.0.1:{{dev_sim_port}}/healthz http://127.0.0.1:{{tts_port}}/readyz http://127.0.0.1:{{tts_source_port}}/readyz; do
+    # Milvus is not part of the dev stack: with one on 127.0.0.1:19530 (REST v1), answers use it;
+    # without, retrieval fails fast and answers come from the (simulated) LLM alone, degraded.
+    PORT={{chat_port}} LLM_URL=http://127.0.0.1:{{dev_sim_port}} EMBED_URL=http://127.0.0.1:{{dev_sim_port}} \
+      RERANK_URL=http://127.0.0.1:{{dev_sim_port}} MILVUS_URL=http://127.0.0.1:19530 MILVUS_API=v1 \
+      NATS_URL=nats://127.0.0.1:{{dev_nats_port}} target/debug/chat-handler > "{{dev_dir}}/chat-handler.log" 2>&1 & pids+=($!)
+    PORT={{chat_source_port}} NATS_URL=nats://127.0.0.1:{{dev_nats_port}} K_SINK=http://127.0.0.1:{{chat_port}} \
+      STREAM=AI_CHAT CONSUMER=chat-handler SUBJECTS=ai.chat.request CREATE=true \
+      target/debug/nats-source > "{{dev_dir}}/nats-source-chat.log" 2>&1 & pids+=($!)
+    for url in http://127.0.0.1:{{dev_sim_port}}/healthz http://127.0.0.1:{{tts_port}}/readyz http://127.0.0.1:{{tts_source_port}}/readyz \
+      http://127.0.0.1:{{chat_port}}/readyz http://127.0.0.1:{{chat_source_port}}/readyz; do
       for _ in $(seq 1 200); do curl -fsS -o /dev/null "$url" 2>/dev/null && break; sleep 0.05; done
       curl -fsS -o /dev/null "$url" || { echo "not ready: $url (logs in .dev/)"; exit 1; }
     done
@@ -86,12 +97,17 @@ dev: tools
     echo "  inference-sim     http://127.0.0.1:{{dev_sim_port}}   (local stand-in for TTS/STT/LLM/embeddings)"
     echo "  tts-module        http://127.0.0.1:{{tts_port}}"
     echo "  nats-source       ai.tts.request (stream AI_TTS) -> tts-module; health on :{{tts_source_port}}"
+    echo "  chat-handler      http://127.0.0.1:{{chat_port}}  (Milvus expected on 127.0.0.1:19530, optional)"
+    echo "  nats-source       ai.chat.request (stream AI_CHAT) -> chat-handler; health on :{{chat_source_port}}"
     echo "logs: .dev/*.log"
     echo
     "{{just_executable()}}" invoke tts-module
     echo
     echo "and through NATS (msgpack on ai.tts.request -> nats-source -> tts-module -> ai.tts.response.demo-2):"
     "{{just_executable()}}" publish ai.tts.request '{"request_id": "demo-2", "text": "Hello through NATS."}' ai.tts.response.demo-2
+    echo
+    echo "chat through NATS (ai.chat.request -> nats-source -> chat-handler -> ai.chat.response.demo-3):"
+    "{{just_executable()}}" publish ai.chat.request '{"request_id": "demo-3", "message": "What is JetStream?", "enable_rag": false}' ai.chat.response.demo-3
     echo
     if [ -n "${DEV_SMOKE_ONLY:-}" ]; then exit 0; fi
     echo "running; Ctrl-C stops everything"
@@ -103,6 +119,8 @@ run FN:
     set -euo pipefail
     case "{{FN}}" in
       tts-module) export PORT={{tts_port}} TTS_URL=http://127.0.0.1:{{dev_sim_port}} NATS_URL=nats://127.0.0.1:{{dev_nats_port}} ;;
+      chat-handler) export PORT={{chat_port}} LLM_URL=http://127.0.0.1:{{dev_sim_port}} EMBED_URL=http://127.0.0.1:{{dev_sim_port}} \
+          RERANK_URL=http://127.0.0.1:{{dev_sim_port}} MILVUS_URL=http://127.0.0.1:19530 MILVUS_API=v1 NATS_URL=nats://127.0.0.1:{{dev_nats_port}} ;;
       nats-source) export PORT={{tts_source_port}} NATS_URL=nats://127.0.0.1:{{dev_nats_port}} K_SINK=http://127.0.0.1:{{tts_port}} \
           STREAM=AI_TTS CONSUMER=tts-module SUBJECTS=ai.tts.request CREATE=true ;;
       *) echo "unknown function {{FN}}"; exit 64 ;;
@@ -124,6 +142,12 @@ invoke FN:
           > "{{dev_dir}}/tts-reply.status"
         python3 "{{justfile_directory()}}/scripts/summarize-reply.py" "{{dev_dir}}/tts-reply.status" \
           "{{dev_dir}}/tts-reply.headers" "{{dev_dir}}/tts-reply.json" "{{dev_dir}}/tts-reply.wav"
+        ;;
+      chat-handler)
+        curl -sS -w '\nHTTP %{http_code}\n' http://127.0.0.1:{{chat_port}}/ \
+          -H 'ce-specversion: 1.0' -H 'ce-id: chat-demo-1' -H 'ce-source: /curl' -H 'ce-type: ai.chat.request' \
+          -H 'content-type: application/json' \
+          -d '{"message": "What does nats-source do?", "enable_rag": false}'
         ;;
       *) echo "unknown function {{FN}}"; exit 64 ;;
     esac
