@@ -72,10 +72,22 @@ async fn rag_answers_with_reranked_numbered_context() {
     assert_eq!(llm[0]["stream"], true);
     assert_eq!(llm[0]["max_tokens"], 64);
     let metrics = handler_kit::telemetry::render_prometheus();
-    assert!(metrics.contains("chat_answers_total{degraded=\"false\",path=\"rag\"}"), "{metrics}");
-    assert!(metrics.contains("chat_time_to_first_token_seconds_count"), "{metrics}");
-    assert!(metrics.contains("chat_stage_duration_seconds_bucket{stage=\"rerank\""), "{metrics}");
-    assert!(metrics.contains("handler_breaker_open{backend=\"llm\"} 0"), "{metrics}");
+    assert!(
+        metrics.contains("chat_answers_total{degraded=\"false\",path=\"rag\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("chat_time_to_first_token_seconds_count"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("chat_stage_duration_seconds_bucket{stage=\"rerank\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("handler_breaker_open{backend=\"llm\"} 0"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
