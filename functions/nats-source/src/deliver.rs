@@ -119,7 +119,7 @@ pub(crate) async fn deliver(
 async fn post(shared: &Shared, outbound: &event::Outbound) -> Attempt {
     let request = shared
         .http
-        .post(&shared.config.sink)
+        .post(shared.sink.clone())
         .headers(outbound.headers.clone())
         .body(outbound.body.clone())
         .timeout(shared.config.sink_timeout);
