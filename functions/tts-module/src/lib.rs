@@ -27,6 +27,7 @@ use handler_kit::config::{BaseConfig, ConfigReader};
 use handler_kit::event::bytes_field;
 use handler_kit::nats::{Nats, subject};
 use handler_kit::serve::{Health, function_router};
+use handler_kit::stream::{AudioStream, ENVELOPE_ROOM};
 use handler_kit::text::split_sentences;
 use handler_kit::tts::{Speech, TtsClient, TtsConfig};
 use handler_kit::{CloudEvent, HandlerError, Reply};
@@ -36,9 +37,6 @@ use serde::{Deserialize, Serialize};
 pub const REQUEST_TYPE: &str = "ai.tts.request";
 /// The CloudEvent type of its replies.
 pub const RESPONSE_TYPE: &str = "ai.tts.response";
-
-/// Room for the msgpack envelope (ids, keys, numbers) around audio bytes in one NATS message.
-const ENVELOPE_ROOM: usize = 1024;
 
 /// tts-module's configuration.
 #[derive(Debug, Clone)]
@@ -144,16 +142,6 @@ struct TtsResponse {
     chunks: usize,
 }
 
-/// One message on the stream subject.
-#[derive(Debug, Serialize)]
-struct AudioChunk<'a> {
-    request_id: &'a str,
-    seq: usize,
-    #[serde(with = "bytes_field")]
-    audio: &'a [u8],
-    done: bool,
-}
-
 async fn handle(Extract(state): Extract<State>, event: CloudEvent) -> Result<Reply, HandlerError> {
     event.expect_type(&[REQUEST_TYPE])?;
     let request: TtsRequest = event.data()?;
@@ -190,7 +178,7 @@ async fn synthesize(
     let pieces = split_sentences(&request.text, config.max_chunk_chars);
     let total = pieces.len();
     let stream_subject = subject(&config.stream_subject, &[("request_id", request_id)]);
-    let mut stream = StreamPublisher::new(&state.nats, max_payload, &stream_subject, request_id);
+    let mut stream = AudioStream::new(&state.nats, max_payload, stream_subject, request_id);
     // `buffered` runs up to `parallelism` syntheses at once but yields them in text order,
     // so each piece can be streamed the moment it and every piece before it are ready.
     let request = Arc::new(request.clone());
@@ -202,7 +190,7 @@ async fn synthesize(
     while let Some(wav) = audio.try_next().await? {
         index += 1;
         if request.stream {
-            stream.send(&wav, index == total).await?;
+            stream.send(&wav, None, index == total).await?;
         }
         wavs.push(wav);
     }
@@ -229,10 +217,10 @@ async fn synthesize(
         if response.audio.len() + ENVELOPE_ROOM > max_payload {
             // Too big for one message: point to the stream, publishing it now if it was not asked for.
             if !request.stream {
-                stream.send(&merged, true).await?;
+                stream.send(&merged, None, true).await?;
             }
             let audio = std::mem::take(&mut response.audio);
-            response.audio_subject = Some(stream_subject);
+            response.audio_subject = Some(stream.subject().to_string());
             state
                 .nats
                 .publish(reply_subject, &response, Some(&msg_id))
@@ -263,49 +251,4 @@ async fn speak(
         language: request.language.as_deref(),
     };
     tts.synthesize(&speech).await
-}
-
-/// Publishes audio to the stream subject in order, cutting it to fit NATS' max payload.
-struct StreamPublisher<'a> {
-    nats: &'a Nats,
-    max_payload: usize,
-    subject: &'a str,
-    request_id: &'a str,
-    seq: usize,
-}
-
-impl<'a> StreamPublisher<'a> {
-    fn new(nats: &'a Nats, max_payload: usize, subject: &'a str, request_id: &'a str) -> Self {
-        Self {
-            nats,
-            max_payload,
-            subject,
-            request_id,
-            seq: 0,
-        }
-    }
-
-    async fn send(&mut self, wav: &Wav, last: bool) -> Result<(), HandlerError> {
-        if !self.nats.is_enabled() {
-            return Ok(());
-        }
-        let pieces = wav
-            .split(self.max_payload.saturating_sub(ENVELOPE_ROOM))
-            .map_err(|e| HandlerError::Internal(format!("splitting WAV: {e}")))?;
-        let count = pieces.len();
-        for (i, audio) in pieces.iter().enumerate() {
-            let chunk = AudioChunk {
-                request_id: self.request_id,
-                seq: self.seq,
-                audio,
-                done: last && i + 1 == count,
-            };
-            let msg_id = format!("{}.{}", self.request_id, self.seq);
-            self.nats
-                .publish(self.subject.to_string(), &chunk, Some(&msg_id))
-                .await?;
-            self.seq += 1;
-        }
-        Ok(())
-    }
 }

@@ -18,6 +18,7 @@
 //! - `nats` (feature `nats`): a lazily connected NATS client publishing MessagePack.
 //! - `resilience`, `http` (feature `http-client`): timeouts, circuit breaker, concurrency limit.
 //! - `audio` (feature `audio`): WAV parsing, merging and splitting.
+//! - `stream` (features `nats` + `audio`): ordered, size-capped audio chunks on a subject.
 //! - `tts` (feature `tts`): the text-to-speech client.
 //! - `chat` (feature `chat`): the RAG pipeline (embed, search, rerank, LLM) with singleflight.
 //! - `llm` (feature `llm`): OpenAI-compatible chat completions, whole or streamed.
@@ -48,6 +49,8 @@ pub mod rerank;
 #[cfg(feature = "http-client")]
 pub mod resilience;
 pub mod serve;
+#[cfg(all(feature = "nats", feature = "audio"))]
+pub mod stream;
 pub mod telemetry;
 pub mod text;
 #[cfg(feature = "tts")]

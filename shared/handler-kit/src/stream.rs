@@ -1,0 +1,93 @@
+//! Ordered audio on a NATS subject: `{request_id, seq, audio, text?, done}` messages.
+//!
+//! Consumers play audio as it arrives, so every message is a playable WAV on its own, and
+//! none is larger than the server's `max_payload`: long audio is cut into several messages
+//! on frame boundaries. `seq` counts messages from 0; `done` marks the last. Each message's
+//! `Nats-Msg-Id` is `{request_id}.{seq}`, so a redelivered event publishing the same stream
+//! again is deduplicated by a JetStream stream.
+
+use serde::Serialize;
+
+use crate::HandlerError;
+use crate::audio::Wav;
+use crate::event::bytes_field;
+use crate::nats::Nats;
+
+/// Room for the msgpack envelope (ids, keys, numbers, a sentence) around the audio bytes.
+pub const ENVELOPE_ROOM: usize = 4 * 1024;
+
+#[derive(Debug, Serialize)]
+struct AudioChunk<'a> {
+    request_id: &'a str,
+    seq: usize,
+    #[serde(with = "bytes_field")]
+    audio: &'a [u8],
+    /// The text this audio speaks (on the first piece of a sentence), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    done: bool,
+}
+
+/// Publishes audio in order to one subject.
+#[derive(Debug)]
+pub struct AudioStream<'a> {
+    nats: &'a Nats,
+    max_payload: usize,
+    subject: String,
+    request_id: String,
+    seq: usize,
+}
+
+impl<'a> AudioStream<'a> {
+    /// A stream to `subject`; `max_payload` from [`Nats::max_payload`].
+    pub fn new(nats: &'a Nats, max_payload: usize, subject: String, request_id: &str) -> Self {
+        Self {
+            nats,
+            max_payload,
+            subject,
+            request_id: request_id.to_string(),
+            seq: 0,
+        }
+    }
+
+    /// The subject messages go to.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// Messages published so far.
+    pub fn published(&self) -> usize {
+        self.seq
+    }
+
+    /// Publishes `wav` (cut to fit), with `text` on its first piece; `last` marks the end.
+    pub async fn send(
+        &mut self,
+        wav: &Wav,
+        text: Option<&str>,
+        last: bool,
+    ) -> Result<(), HandlerError> {
+        if !self.nats.is_enabled() {
+            return Ok(());
+        }
+        let pieces = wav
+            .split(self.max_payload.saturating_sub(ENVELOPE_ROOM))
+            .map_err(|e| HandlerError::Internal(format!("splitting WAV: {e}")))?;
+        let count = pieces.len();
+        for (i, audio) in pieces.iter().enumerate() {
+            let chunk = AudioChunk {
+                request_id: &self.request_id,
+                seq: self.seq,
+                audio,
+                text: if i == 0 { text } else { None },
+                done: last && i + 1 == count,
+            };
+            let msg_id = format!("{}.{}", self.request_id, self.seq);
+            self.nats
+                .publish(self.subject.clone(), &chunk, Some(&msg_id))
+                .await?;
+            self.seq += 1;
+        }
+        Ok(())
+    }
+}
