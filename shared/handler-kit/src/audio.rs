@@ -1,8 +1,11 @@
-//! WAV in memory: parse, merge, split.
+//! WAV in memory: parse, merge, split, and bring to one format.
 //!
 //! Speech is synthesized per sentence and delivered as one WAV, so the pieces must be joined
 //! under a header that is correct for the whole; and NATS messages have a size limit, so long
-//! audio is cut into pieces that are each a playable WAV on their own. Errors are plain strings:
+//! audio is cut into pieces that are each a playable WAV on their own. Speech recognition goes
+//! the other way: whatever a client recorded ([`Wav::to_mono_i16`], [`resample`]) becomes the
+//! 16 kHz mono 16-bit audio that voice activity detection and Whisper-style models expect, and
+//! pieces of it are sent on as small WAV files ([`encode_pcm16`]). Errors are plain strings:
 //! only the caller knows whether bad audio is its input's fault or a backend's.
 
 use std::io::Cursor;
@@ -67,6 +70,11 @@ impl Wav {
         self.spec.sample_rate
     }
 
+    /// Number of interleaved channels.
+    pub fn channels(&self) -> u16 {
+        self.spec.channels
+    }
+
     /// Number of frames (samples per channel).
     pub fn frames(&self) -> usize {
         self.samples.len() / usize::from(self.spec.channels.max(1))
@@ -127,6 +135,40 @@ impl Wav {
         Ok(out.into_inner())
     }
 
+    /// Mono 16-bit: channels averaged; 8/24/32-bit int and float scaled to i16.
+    ///
+    /// Integers are shifted to 16 bits (8-bit up by 8, 24-bit down by 8, 32-bit down by 16);
+    /// floats in [-1.0, 1.0] are multiplied by 32767 and clipped. Channels are averaged in the
+    /// source's resolution before scaling, so no precision is lost twice.
+    pub fn to_mono_i16(&self) -> Vec<i16> {
+        let channels = usize::from(self.spec.channels.max(1));
+        match &self.samples {
+            Samples::Int(s) => {
+                let bits = u32::from(self.spec.bits_per_sample.clamp(1, 32));
+                s.chunks_exact(channels)
+                    .map(|frame| {
+                        let sum: i64 = frame.iter().map(|&v| i64::from(v)).sum();
+                        let mean = sum.div_euclid(channels as i64);
+                        let scaled = if bits <= 16 {
+                            mean << (16 - bits)
+                        } else {
+                            mean >> (bits - 16)
+                        };
+                        saturate(scaled)
+                    })
+                    .collect()
+            }
+            Samples::Float(s) => s
+                .chunks_exact(channels)
+                .map(|frame| {
+                    let mean = frame.iter().map(|&v| f64::from(v)).sum::<f64>() / channels as f64;
+                    // NaN becomes 0 through the `as` conversion, which also saturates.
+                    (mean * f64::from(i16::MAX)).round() as i16
+                })
+                .collect(),
+        }
+    }
+
     fn data_bytes(&self) -> usize {
         self.samples.len() * usize::from(self.spec.bits_per_sample.div_ceil(8))
     }
@@ -160,6 +202,64 @@ impl Wav {
                 .collect(),
         }
     }
+}
+
+fn saturate(v: i64) -> i16 {
+    v.clamp(i64::from(i16::MIN), i64::from(i16::MAX)) as i16
+}
+
+/// Resamples mono 16-bit audio from `from_hz` to `to_hz` by linear interpolation.
+///
+/// Linear interpolation is enough for speech going to VAD and recognition: it is exact at the
+/// source samples and cheap (no allocation beyond the output). It applies no anti-aliasing
+/// filter, so when downsampling, content above the new Nyquist frequency (8 kHz for 16 kHz
+/// output) folds back; speech has little energy there and the recognisers tolerate it, but
+/// this is not a resampler for music. The output has `len * to_hz / from_hz` samples, rounded.
+/// A rate of zero on either side yields no samples.
+pub fn resample(samples: &[i16], from_hz: u32, to_hz: u32) -> Vec<i16> {
+    if from_hz == 0 || to_hz == 0 || samples.is_empty() {
+        return Vec::new();
+    }
+    if from_hz == to_hz {
+        return samples.to_vec();
+    }
+    let (from, to) = (u64::from(from_hz), u64::from(to_hz));
+    let out_len = (samples.len() as u64 * to + from / 2) / from;
+    let last = samples.len() - 1;
+    (0..out_len)
+        .map(|i| {
+            // Position i * from / to in the source, kept exact as integer and remainder.
+            let pos = i * from;
+            let index = usize::try_from(pos / to).unwrap_or(usize::MAX).min(last);
+            let frac = (pos % to) as f64 / to as f64;
+            let a = f64::from(samples[index]);
+            let b = f64::from(samples[(index + 1).min(last)]);
+            (a + (b - a) * frac).round() as i16
+        })
+        .collect()
+}
+
+/// A 16-bit mono WAV file of `samples` at `sample_rate`.
+pub fn encode_pcm16(samples: &[i16], sample_rate: u32) -> Result<Vec<u8>, String> {
+    let spec = WavSpec {
+        channels: 1,
+        sample_rate,
+        bits_per_sample: 16,
+        sample_format: SampleFormat::Int,
+    };
+    let mut out = Cursor::new(Vec::with_capacity(HEADER_BYTES + samples.len() * 2));
+    {
+        let mut writer = WavWriter::new(&mut out, spec).map_err(|e| e.to_string())?;
+        let mut pcm = writer.get_i16_writer(
+            u32::try_from(samples.len()).map_err(|_| "audio too long for a WAV file")?,
+        );
+        for &s in samples {
+            pcm.write_sample(s);
+        }
+        pcm.flush().map_err(|e| e.to_string())?;
+        writer.finalize().map_err(|e| e.to_string())?;
+    }
+    Ok(out.into_inner())
 }
 
 #[cfg(test)]
@@ -217,6 +317,133 @@ mod tests {
             frames += Wav::parse(p).expect("each piece is a WAV").frames();
         }
         assert_eq!(frames, 10_000);
+    }
+
+    fn wav(channels: u16, bits: u16, format: SampleFormat, samples: Samples) -> Wav {
+        Wav {
+            spec: WavSpec {
+                channels,
+                sample_rate: 8000,
+                bits_per_sample: bits,
+                sample_format: format,
+            },
+            samples,
+        }
+    }
+
+    #[test]
+    fn stereo_is_averaged_and_every_depth_scaled_to_16_bits() {
+        let stereo = wav(
+            2,
+            16,
+            SampleFormat::Int,
+            Samples::Int(vec![1000, 3000, -500, -1500, 32767, 32767, 7, 8]),
+        );
+        assert_eq!(stereo.channels(), 2);
+        assert_eq!(stereo.to_mono_i16(), vec![2000, -1000, 32767, 7]);
+
+        // 8-bit WAV stores unsigned bytes; hound hands them over as signed -128..=127.
+        let mut file = Cursor::new(Vec::new());
+        let mut writer = WavWriter::new(
+            &mut file,
+            WavSpec {
+                channels: 1,
+                sample_rate: 8000,
+                bits_per_sample: 8,
+                sample_format: SampleFormat::Int,
+            },
+        )
+        .expect("header");
+        for s in [-128i8, 0, 64, 127] {
+            writer.write_sample(s).expect("sample");
+        }
+        writer.finalize().expect("finalize");
+        let eight = Wav::parse(&file.into_inner()).expect("valid");
+        assert_eq!(eight.to_mono_i16(), vec![-32768, 0, 16384, 32512]);
+        let twenty_four = wav(
+            1,
+            24,
+            SampleFormat::Int,
+            Samples::Int(vec![-8_388_608, 4096]),
+        );
+        assert_eq!(twenty_four.to_mono_i16(), vec![-32768, 16]);
+        let thirty_two = wav(
+            1,
+            32,
+            SampleFormat::Int,
+            Samples::Int(vec![i32::MAX, 1 << 20]),
+        );
+        assert_eq!(thirty_two.to_mono_i16(), vec![32767, 16]);
+
+        let float = wav(
+            2,
+            32,
+            SampleFormat::Float,
+            Samples::Float(vec![
+                1.0,
+                0.0,
+                -1.0,
+                -1.0,
+                0.25,
+                0.25,
+                4.0,
+                4.0,
+                f32::NAN,
+                0.0,
+            ]),
+        );
+        assert_eq!(float.to_mono_i16(), vec![16384, -32767, 8192, 32767, 0]);
+    }
+
+    fn zero_crossings(samples: &[i16]) -> usize {
+        samples
+            .windows(2)
+            .filter(|w| (w[0] < 0) != (w[1] < 0))
+            .count()
+    }
+
+    #[test]
+    fn resampling_keeps_length_ratio_and_pitch() {
+        // One second of a 1 kHz sine at 44.1 kHz.
+        let sine: Vec<i16> = (0..44_100)
+            .map(|n| {
+                let t = n as f64 / 44_100.0;
+                ((t * 1000.0 * std::f64::consts::TAU).sin() * 10_000.0).round() as i16
+            })
+            .collect();
+        let down = resample(&sine, 44_100, 16_000);
+        assert_eq!(down.len(), 16_000);
+        // 1000 cycles cross zero twice each: still 1 kHz.
+        assert!(
+            zero_crossings(&down).abs_diff(2000) <= 2,
+            "{}",
+            zero_crossings(&down)
+        );
+        let peak = down.iter().map(|s| s.unsigned_abs()).max().unwrap_or(0);
+        assert!((9_500..=10_000).contains(&peak), "{peak}");
+
+        let up = resample(&down, 16_000, 48_000);
+        assert_eq!(up.len(), 48_000);
+        assert!(zero_crossings(&up).abs_diff(2000) <= 2);
+        // Exact at the source samples.
+        assert!(up.iter().step_by(3).zip(&down).all(|(a, b)| a == b));
+
+        assert_eq!(resample(&[1, 2, 3], 22_050, 16_000).len(), 2);
+        assert_eq!(resample(&[1, 2, 3], 16_000, 16_000), vec![1, 2, 3]);
+        assert!(resample(&[], 8_000, 16_000).is_empty());
+        assert!(resample(&[1, 2], 0, 16_000).is_empty());
+    }
+
+    #[test]
+    fn pcm16_files_round_trip() {
+        let samples = [0i16, 1, -1, i16::MAX, i16::MIN];
+        let bytes = encode_pcm16(&samples, 16_000).expect("encode");
+        assert_eq!(bytes.len(), HEADER_BYTES + samples.len() * 2);
+        let back = Wav::parse(&bytes).expect("valid");
+        assert_eq!((back.sample_rate(), back.channels()), (16_000, 1));
+        assert_eq!(back.to_mono_i16(), samples);
+        let empty = encode_pcm16(&[], 16_000).expect("encode");
+        assert_eq!(Wav::parse(&empty).expect("valid").frames(), 0);
     }
 
     #[test]

@@ -107,7 +107,8 @@ fn yes() -> bool {
 pub struct ChatRequest {
     /// Correlates the reply and the stream; defaults to the event id.
     pub request_id: Option<String>,
-    /// The user's message.
+    /// The user's message (for voice requests, filled in from the transcript).
+    #[serde(default)]
     pub message: String,
     /// Earlier turns, oldest first.
     #[serde(default)]

@@ -29,6 +29,8 @@ pub enum Class {
     UnsupportedMediaType,
     /// Well-formed but impossible to process: 422.
     Unprocessable,
+    /// Out of order or a lost race on shared state: 409, retried later.
+    Conflict,
     /// A dependency is down or saturated: 503 with `Retry-After`.
     Unavailable(Duration),
     /// A dependency failed: 502.
@@ -47,6 +49,7 @@ impl Class {
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Conflict => StatusCode::CONFLICT,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadGateway => StatusCode::BAD_GATEWAY,
             Self::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -145,6 +148,7 @@ mod tests {
         assert!(!Class::TooLarge.is_retryable());
         assert!(!Class::UnsupportedMediaType.is_retryable());
         assert!(!Class::Unprocessable.is_retryable());
+        assert!(Class::Conflict.is_retryable());
         assert!(Class::Unavailable(Duration::from_secs(1)).is_retryable());
         assert!(Class::BadGateway.is_retryable());
         assert!(Class::GatewayTimeout.is_retryable());

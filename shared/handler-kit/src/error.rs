@@ -69,6 +69,10 @@ pub enum HandlerError {
     /// The whole event took longer than its deadline.
     #[error("event deadline of {0:?} exceeded")]
     Deadline(Duration),
+    /// The event arrived before one it depends on, or lost a race on shared state: it will
+    /// succeed when retried later (409).
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// A backend failed after part of the answer was already streamed to the caller: retrying
     /// would stream it twice, so this is final.
     #[error("stream interrupted after it began: {0}")]
@@ -90,6 +94,7 @@ impl HandlerError {
             Self::UnsupportedMediaType(_) => Class::UnsupportedMediaType,
             Self::Unavailable { retry_after, .. } => Class::Unavailable(*retry_after),
             Self::Backend { .. } => Class::BadGateway,
+            Self::Conflict(_) => Class::Conflict,
             Self::Timeout { .. } | Self::Deadline(_) => Class::GatewayTimeout,
             Self::Internal(_) => Class::Internal,
         }
@@ -109,6 +114,7 @@ impl HandlerError {
             Self::Timeout { .. } => "backend_timeout",
             Self::Deadline(_) => "deadline_exceeded",
             Self::StreamInterrupted(_) => "stream_interrupted",
+            Self::Conflict(_) => "conflict",
             Self::Internal(_) => "internal",
         }
     }

@@ -17,9 +17,12 @@
 //! - [`text`]: sentence splitting for speech synthesis.
 //! - `nats` (feature `nats`): a lazily connected NATS client publishing MessagePack.
 //! - `resilience`, `http` (feature `http-client`): timeouts, circuit breaker, concurrency limit.
-//! - `audio` (feature `audio`): WAV parsing, merging and splitting.
+//! - `audio` (feature `audio`): WAV parsing, merging and splitting; conversion to 16 kHz mono.
 //! - `stream` (features `nats` + `audio`): ordered, size-capped audio chunks on a subject.
 //! - `tts` (feature `tts`): the text-to-speech client.
+//! - `vad` (feature `stt`): voice activity detection; a streaming segmenter whose state can be
+//!   stored between chunks.
+//! - `stt` (feature `stt`): the speech-to-text client that transcribes only the speech.
 //! - `chat` (feature `chat`): the RAG pipeline (embed, search, rerank, LLM) with singleflight.
 //! - `llm` (feature `llm`): OpenAI-compatible chat completions, whole or streamed.
 //! - `embed` (feature `embed`): OpenAI-compatible embeddings.
@@ -51,10 +54,14 @@ pub mod resilience;
 pub mod serve;
 #[cfg(all(feature = "nats", feature = "audio"))]
 pub mod stream;
+#[cfg(feature = "stt")]
+pub mod stt;
 pub mod telemetry;
 pub mod text;
 #[cfg(feature = "tts")]
 pub mod tts;
+#[cfg(feature = "stt")]
+pub mod vad;
 
 pub use error::HandlerError;
 pub use event::{CloudEvent, Reply};

@@ -60,6 +60,28 @@ impl<'a> AudioStream<'a> {
         self.seq
     }
 
+    /// Ends a stream whose last piece was sent without `last`: a message with empty `audio`
+    /// and `done: true` (used when the end is only known after the audio, as when speech is
+    /// synthesized while an LLM is still writing).
+    pub async fn end(&mut self) -> Result<(), HandlerError> {
+        if !self.nats.is_enabled() {
+            return Ok(());
+        }
+        let chunk = AudioChunk {
+            request_id: &self.request_id,
+            seq: self.seq,
+            audio: &[],
+            text: None,
+            done: true,
+        };
+        let msg_id = format!("{}.{}", self.request_id, self.seq);
+        self.nats
+            .publish(self.subject.clone(), &chunk, Some(&msg_id))
+            .await?;
+        self.seq += 1;
+        Ok(())
+    }
+
     /// Publishes `wav` (cut to fit), with `text` on its first piece; `last` marks the end.
     pub async fn send(
         &mut self,

@@ -1,0 +1,283 @@
+//! Session streaming: chunks of one session, any replica, state in a NATS KV bucket.
+//!
+//! The state of a session (next expected `seq`, pending 16 kHz audio, the VAD segmenter) is one
+//! MessagePack value under the session's key. Each chunk reads it, appends its audio, lets the
+//! segmenter close utterances, transcribes and publishes them, drops audio no future utterance
+//! can need, and writes the state back *only if the revision is still the one it read*. A
+//! concurrent writer makes that write fail: the chunk is answered 409 and redelivered, and
+//! then sees the other writer's state. Transcripts are published before the write, with
+//! `Nats-Msg-Id` `{session_id}.{utterance_seq}`, so a retried chunk's republish is dropped by
+//! a JetStream stream (at least once, never lost).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use handler_kit::HandlerError;
+use handler_kit::event::bytes_field;
+use handler_kit::nats::subject;
+use handler_kit::vad::{Segmenter, Span, VAD_RATE};
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+
+use crate::{Config, State};
+
+/// `ai.stt.chunk` data.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Chunk {
+    session_id: String,
+    seq: u64,
+    #[serde(with = "bytes_field", default)]
+    audio: Vec<u8>,
+    #[serde(default, rename = "final")]
+    is_final: bool,
+    language: Option<String>,
+    prompt: Option<String>,
+}
+
+/// What a session keeps between chunks.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Session {
+    next_seq: u64,
+    utterance_seq: u64,
+    /// Session time (ms) of the first pending sample.
+    offset_ms: u64,
+    /// Pending 16 kHz mono audio, little-endian i16.
+    #[serde(with = "bytes_field")]
+    pending: Vec<u8>,
+    segmenter: Segmenter,
+    finished: bool,
+}
+
+/// `ai.stt.transcript.{session_id}` messages.
+#[derive(Debug, Serialize)]
+struct Transcript<'a> {
+    session_id: &'a str,
+    utterance_seq: u64,
+    text: &'a str,
+    start_ms: u64,
+    end_ms: u64,
+}
+
+/// The answer to a chunk (202: nothing to reply; transcripts go to NATS).
+#[derive(Debug, Serialize)]
+pub(crate) struct Accepted {
+    session_id: String,
+    seq: u64,
+    duplicate: bool,
+    utterances: u64,
+}
+
+impl IntoResponse for Accepted {
+    fn into_response(self) -> Response {
+        (StatusCode::ACCEPTED, Json(self)).into_response()
+    }
+}
+
+/// The KV bucket, opened (or created) on first use.
+#[derive(Debug, Clone)]
+pub(crate) struct Sessions {
+    bucket: String,
+    ttl: Duration,
+    store: Arc<OnceCell<kv::Store>>,
+}
+
+impl Sessions {
+    pub(crate) fn new(config: &Config) -> Self {
+        Self {
+            bucket: config.session_bucket.clone(),
+            ttl: config.session_ttl,
+            store: Arc::default(),
+        }
+    }
+
+    async fn store(&self, client: &async_nats::Client) -> Result<&kv::Store, HandlerError> {
+        self.store
+            .get_or_try_init(|| async {
+                let js = async_nats::jetstream::new(client.clone());
+                if let Ok(store) = js.get_key_value(&self.bucket).await {
+                    return Ok(store);
+                }
+                let created = js
+                    .create_key_value(kv::Config {
+                        bucket: self.bucket.clone(),
+                        history: 1,
+                        max_age: self.ttl,
+                        storage: async_nats::jetstream::stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await;
+                match created {
+                    Ok(store) => Ok(store),
+                    // Another replica created it first.
+                    Err(_) => js
+                        .get_key_value(&self.bucket)
+                        .await
+                        .map_err(|e| unavailable(&e.to_string())),
+                }
+            })
+            .await
+    }
+}
+
+fn unavailable(reason: &str) -> HandlerError {
+    HandlerError::Unavailable {
+        backend: "nats-kv",
+        reason: reason.to_string(),
+        retry_after: Duration::from_secs(2),
+    }
+}
+
+fn valid_session_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn samples_from(bytes: &[u8]) -> Vec<i16> {
+    bytes
+        .chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
+fn bytes_from(samples: &[i16]) -> Vec<u8> {
+    samples.iter().flat_map(|s| s.to_le_bytes()).collect()
+}
+
+const SAMPLES_PER_MS: u64 = VAD_RATE as u64 / 1000;
+
+pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted, HandlerError> {
+    if !valid_session_id(&chunk.session_id) {
+        return Err(HandlerError::Unprocessable(
+            "session_id must be 1-128 letters, digits, '-' or '_'".into(),
+        ));
+    }
+    let Some(client) = state.nats.client() else {
+        return Err(HandlerError::Unprocessable(
+            "session streaming keeps state in NATS, and NATS_URL is not set".into(),
+        ));
+    };
+    state.nats.max_payload().await?;
+    // Decode before touching shared state: bad audio is the chunk's fault alone.
+    let samples = if chunk.audio.is_empty() && chunk.is_final {
+        Vec::new()
+    } else {
+        state.stt.prepare(&chunk.audio)?
+    };
+    let store = state.sessions.store(client).await?;
+    let key = chunk.session_id.as_str();
+    let entry = store
+        .entry(key)
+        .await
+        .map_err(|e| unavailable(&e.to_string()))?;
+    let (mut session, revision) = match entry {
+        Some(e) if e.operation == kv::Operation::Put => {
+            let session: Session = rmp_serde::from_slice(&e.value).map_err(|err| {
+                HandlerError::Internal(format!("session state unreadable: {err}"))
+            })?;
+            (session, Some(e.revision))
+        }
+        _ => (Session::default(), None),
+    };
+    let accepted = |duplicate, s: &Session| Accepted {
+        session_id: chunk.session_id.clone(),
+        seq: chunk.seq,
+        duplicate,
+        utterances: s.utterance_seq,
+    };
+    if chunk.seq < session.next_seq || session.finished {
+        return Ok(accepted(true, &session));
+    }
+    if chunk.seq > session.next_seq {
+        return Err(HandlerError::Conflict(format!(
+            "session {} expects seq {} before {}",
+            chunk.session_id, session.next_seq, chunk.seq
+        )));
+    }
+
+    let vad = &state.stt.config().vad;
+    let mut pending = samples_from(&session.pending);
+    pending.extend_from_slice(&samples);
+    let mut spans = session.segmenter.push(vad, &samples);
+    if chunk.is_final {
+        spans.extend(session.segmenter.finish(vad));
+    }
+    let transcript_subject = subject(&state.config.transcript_subject, &[("session_id", key)]);
+    for span in spans {
+        let relative = Span {
+            start_ms: span.start_ms.saturating_sub(session.offset_ms),
+            end_ms: span.end_ms.saturating_sub(session.offset_ms),
+        };
+        let text = state
+            .stt
+            .transcribe_span(
+                &pending,
+                relative,
+                chunk.language.as_deref(),
+                chunk.prompt.as_deref(),
+            )
+            .await?;
+        if text.is_empty() {
+            continue;
+        }
+        let message = Transcript {
+            session_id: key,
+            utterance_seq: session.utterance_seq,
+            text: &text,
+            start_ms: span.start_ms,
+            end_ms: span.end_ms,
+        };
+        let msg_id = format!("{key}.{}", session.utterance_seq);
+        state
+            .nats
+            .publish(transcript_subject.clone(), &message, Some(&msg_id))
+            .await?;
+        session.utterance_seq += 1;
+    }
+    state.nats.flush().await?;
+
+    // Keep only audio a future utterance can still need.
+    let keep_from = session.segmenter.keep_from_ms(vad).max(session.offset_ms);
+    let drop = usize::try_from((keep_from - session.offset_ms) * SAMPLES_PER_MS)
+        .unwrap_or(usize::MAX)
+        .min(pending.len());
+    pending.drain(..drop);
+    session.offset_ms += drop as u64 / SAMPLES_PER_MS;
+    session.pending = bytes_from(&pending);
+    session.next_seq = chunk.seq + 1;
+    if chunk.is_final {
+        // A tombstone, not a delete: a redelivered chunk of a finished session is still a duplicate.
+        session.finished = true;
+        session.pending.clear();
+    }
+    let value: bytes::Bytes = rmp_serde::to_vec_named(&session)
+        .map_err(|e| HandlerError::Internal(e.to_string()))?
+        .into();
+    let written = match revision {
+        Some(rev) => store
+            .update(key, value, rev)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                    HandlerError::Conflict("session changed by another replica".into())
+                } else {
+                    unavailable(&e.to_string())
+                }
+            }),
+        None => store.create(key, value).await.map(|_| ()).map_err(|e| {
+            if e.kind() == kv::CreateErrorKind::AlreadyExists {
+                HandlerError::Conflict("session created by another replica".into())
+            } else {
+                unavailable(&e.to_string())
+            }
+        }),
+    };
+    written?;
+    Ok(accepted(false, &session))
+}

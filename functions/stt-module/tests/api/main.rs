@@ -1,0 +1,6 @@
+//! stt-module through HTTP CloudEvents, with real speech fixtures, a real nats-server (KV), and
+//! the simulator or wiremock as the Whisper-style backend.
+
+mod recording;
+mod sessions;
+mod support;

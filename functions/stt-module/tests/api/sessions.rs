@@ -1,0 +1,126 @@
+//! Session streaming over a real nats-server: utterances close on silence, any replica can take
+//! the next chunk, redeliveries are ignored, gaps are retried.
+
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use handler_kit::audio::{Wav, encode_pcm16, resample};
+use serde_json::json;
+use testkit::nats_server::NatsServer;
+
+use crate::recording::b64;
+use crate::support::{app, assert_error, event, send, simulator};
+
+/// The 16 kHz fixture cut into 400 ms WAV chunks.
+fn chunks() -> Vec<Vec<u8>> {
+    let wav = Wav::parse(&testkit::fixtures::speech("two-utterances-16k.wav")).expect("fixture");
+    let samples = resample(&wav.to_mono_i16(), wav.sample_rate(), 16_000);
+    samples
+        .chunks(16_000 * 400 / 1000)
+        .map(|c| encode_pcm16(c, 16_000).expect("encode"))
+        .collect()
+}
+
+fn chunk_event(
+    session: &str,
+    seq: usize,
+    audio: &[u8],
+    last: bool,
+) -> http::Request<axum::body::Body> {
+    event("ai.stt.chunk")
+        .id(&format!("{session}-{seq}"))
+        .json(&json!({"session_id": session, "seq": seq, "audio": b64(audio), "final": last}))
+        .binary()
+}
+
+async fn transcripts(sub: &mut async_nats::Subscriber, expected: usize) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    while out.len() < expected {
+        let msg = tokio::time::timeout(Duration::from_secs(20), sub.next())
+            .await
+            .expect("transcript in time")
+            .expect("open");
+        out.push(rmp_serde::from_slice(&msg.payload).expect("msgpack transcript"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sharing_the_bucket_transcribe_like_one() {
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    let sim = simulator().await;
+    let env = [("NATS_URL", nats.url())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let one = app(&sim, &env).await;
+    let other = app(&sim, &env).await;
+    let pieces = chunks();
+    let last = pieces.len() - 1;
+
+    let mut solo = client
+        .subscribe("ai.stt.transcript.solo")
+        .await
+        .expect("sub");
+    let mut duo = client
+        .subscribe("ai.stt.transcript.duo")
+        .await
+        .expect("sub");
+    client.flush().await.expect("flush");
+    for (seq, audio) in pieces.iter().enumerate() {
+        let a = send(&one, chunk_event("solo", seq, audio, seq == last)).await;
+        assert_eq!(a.status, 202, "{}", String::from_utf8_lossy(&a.body));
+        // Alternate replicas: each must pick up the state the other left in the KV bucket.
+        let replica = if seq % 2 == 0 { &one } else { &other };
+        let b = send(replica, chunk_event("duo", seq, audio, seq == last)).await;
+        assert_eq!(b.status, 202, "{}", String::from_utf8_lossy(&b.body));
+    }
+    let solo = transcripts(&mut solo, 2).await;
+    let duo = transcripts(&mut duo, 2).await;
+    for (s, d) in solo.iter().zip(&duo) {
+        assert_eq!(s["text"], d["text"]);
+        assert_eq!(s["start_ms"], d["start_ms"]);
+        assert_eq!(s["end_ms"], d["end_ms"]);
+    }
+    assert_eq!(solo[0]["utterance_seq"], 0);
+    assert_eq!(solo[1]["utterance_seq"], 1);
+    assert!(solo[0]["end_ms"].as_u64() < solo[1]["start_ms"].as_u64());
+    assert!(
+        solo[0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("simulated transcript of")
+    );
+}
+
+#[tokio::test]
+async fn redelivered_chunks_are_ignored_and_gaps_are_retried() {
+    let nats = NatsServer::start().await.expect("nats");
+    let url = nats.url();
+    let app = app(&simulator().await, &[("NATS_URL", url.as_str())]).await;
+    let pieces = chunks();
+    let first = send(&app, chunk_event("s1", 0, &pieces[0], false)).await;
+    assert_eq!(first.status, 202);
+    assert_eq!(first.json()["duplicate"], false);
+    let again = send(&app, chunk_event("s1", 0, &pieces[0], false)).await;
+    assert_eq!(again.status, 202);
+    assert_eq!(again.json()["duplicate"], true);
+    let gap = send(&app, chunk_event("s1", 2, &pieces[2], false)).await;
+    assert_error(&gap, 409, "conflict");
+    let next = send(&app, chunk_event("s1", 1, &pieces[1], false)).await;
+    assert_eq!(next.status, 202);
+    let bad = send(&app, chunk_event("not a valid id!", 0, &pieces[0], false)).await;
+    assert_error(&bad, 422, "unprocessable");
+}
+
+#[tokio::test]
+async fn sessions_without_nats_are_refused_clearly() {
+    let app = app(&simulator().await, &[]).await;
+    let answer = send(&app, chunk_event("s", 0, &chunks()[0], false)).await;
+    assert_error(&answer, 422, "unprocessable");
+    assert!(
+        answer.json()["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("NATS_URL")
+    );
+}
