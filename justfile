@@ -15,6 +15,9 @@ tts_port := "8080"
 tts_source_port := "8180"
 chat_port := "8081"
 chat_source_port := "8181"
+stt_port := "8082"
+voice_port := "8083"
+speech_fixture := justfile_directory() / "shared/testkit/fixtures/speech/two-utterances-16k.wav"
 
 export NATS_SERVER_BIN := nats_server
 export MILVUS_SERVER_BIN := venv / "bin/milvus-server"
@@ -68,7 +71,7 @@ dev: tools
     #!/usr/bin/env bash
     set -euo pipefail
     mkdir -p "{{dev_dir}}"
-    cargo build --quiet --bins -p testkit -p tts-module -p nats-source -p chat-handler
+    cargo build --quiet --bins -p testkit -p tts-module -p nats-source -p chat-handler -p stt-module -p voice-assistant
     pids=()
     cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
     trap cleanup EXIT INT TERM
@@ -84,11 +87,18 @@ dev: tools
     PORT={{chat_port}} LLM_URL=http://127.0.0.1:{{dev_sim_port}} EMBED_URL=http://127.0.0.1:{{dev_sim_port}} \
       RERANK_URL=http://127.0.0.1:{{dev_sim_port}} MILVUS_URL=http://127.0.0.1:19530 MILVUS_API=v1 \
       NATS_URL=nats://127.0.0.1:{{dev_nats_port}} target/debug/chat-handler > "{{dev_dir}}/chat-handler.log" 2>&1 & pids+=($!)
+    PORT={{stt_port}} STT_URL=http://127.0.0.1:{{dev_sim_port}} NATS_URL=nats://127.0.0.1:{{dev_nats_port}} \
+      target/debug/stt-module > "{{dev_dir}}/stt-module.log" 2>&1 & pids+=($!)
+    PORT={{voice_port}} STT_URL=http://127.0.0.1:{{dev_sim_port}} TTS_URL=http://127.0.0.1:{{dev_sim_port}} \
+      LLM_URL=http://127.0.0.1:{{dev_sim_port}} EMBED_URL=http://127.0.0.1:{{dev_sim_port}} \
+      MILVUS_URL=http://127.0.0.1:19530 MILVUS_API=v1 NATS_URL=nats://127.0.0.1:{{dev_nats_port}} \
+      target/debug/voice-assistant > "{{dev_dir}}/voice-assistant.log" 2>&1 & pids+=($!)
     PORT={{chat_source_port}} NATS_URL=nats://127.0.0.1:{{dev_nats_port}} K_SINK=http://127.0.0.1:{{chat_port}} \
       STREAM=AI_CHAT CONSUMER=chat-handler SUBJECTS=ai.chat.request CREATE=true \
       target/debug/nats-source > "{{dev_dir}}/nats-source-chat.log" 2>&1 & pids+=($!)
     for url in http://127.0.0.1:{{dev_sim_port}}/healthz http://127.0.0.1:{{tts_port}}/readyz http://127.0.0.1:{{tts_source_port}}/readyz \
-      http://127.0.0.1:{{chat_port}}/readyz http://127.0.0.1:{{chat_source_port}}/readyz; do
+      http://127.0.0.1:{{chat_port}}/readyz http://127.0.0.1:{{chat_source_port}}/readyz \
+      http://127.0.0.1:{{stt_port}}/readyz http://127.0.0.1:{{voice_port}}/readyz; do
       for _ in $(seq 1 200); do curl -fsS -o /dev/null "$url" 2>/dev/null && break; sleep 0.05; done
       curl -fsS -o /dev/null "$url" || { echo "not ready: $url (logs in .dev/)"; exit 1; }
     done
@@ -99,12 +109,20 @@ dev: tools
     echo "  nats-source       ai.tts.request (stream AI_TTS) -> tts-module; health on :{{tts_source_port}}"
     echo "  chat-handler      http://127.0.0.1:{{chat_port}}  (Milvus expected on 127.0.0.1:19530, optional)"
     echo "  nats-source       ai.chat.request (stream AI_CHAT) -> chat-handler; health on :{{chat_source_port}}"
+    echo "  stt-module        http://127.0.0.1:{{stt_port}}"
+    echo "  voice-assistant   http://127.0.0.1:{{voice_port}}"
     echo "logs: .dev/*.log"
     echo
     "{{just_executable()}}" invoke tts-module
     echo
     echo "and through NATS (msgpack on ai.tts.request -> nats-source -> tts-module -> ai.tts.response.demo-2):"
     "{{just_executable()}}" publish ai.tts.request '{"request_id": "demo-2", "text": "Hello through NATS."}' ai.tts.response.demo-2
+    echo
+    echo "speech to text (a real recording with two utterances):"
+    "{{just_executable()}}" invoke stt-module
+    echo
+    echo "voice: speech in, speech out:"
+    "{{just_executable()}}" invoke voice-assistant
     echo
     echo "chat through NATS (ai.chat.request -> nats-source -> chat-handler -> ai.chat.response.demo-3):"
     "{{just_executable()}}" publish ai.chat.request '{"request_id": "demo-3", "message": "What is JetStream?", "enable_rag": false}' ai.chat.response.demo-3
@@ -121,6 +139,10 @@ run FN:
       tts-module) export PORT={{tts_port}} TTS_URL=http://127.0.0.1:{{dev_sim_port}} NATS_URL=nats://127.0.0.1:{{dev_nats_port}} ;;
       chat-handler) export PORT={{chat_port}} LLM_URL=http://127.0.0.1:{{dev_sim_port}} EMBED_URL=http://127.0.0.1:{{dev_sim_port}} \
           RERANK_URL=http://127.0.0.1:{{dev_sim_port}} MILVUS_URL=http://127.0.0.1:19530 MILVUS_API=v1 NATS_URL=nats://127.0.0.1:{{dev_nats_port}} ;;
+      stt-module) export PORT={{stt_port}} STT_URL=http://127.0.0.1:{{dev_sim_port}} NATS_URL=nats://127.0.0.1:{{dev_nats_port}} ;;
+      voice-assistant) export PORT={{voice_port}} STT_URL=http://127.0.0.1:{{dev_sim_port}} TTS_URL=http://127.0.0.1:{{dev_sim_port}} \
+          LLM_URL=http://127.0.0.1:{{dev_sim_port}} EMBED_URL=http://127.0.0.1:{{dev_sim_port}} MILVUS_URL=http://127.0.0.1:19530 \
+          MILVUS_API=v1 NATS_URL=nats://127.0.0.1:{{dev_nats_port}} ;;
       nats-source) export PORT={{tts_source_port}} NATS_URL=nats://127.0.0.1:{{dev_nats_port}} K_SINK=http://127.0.0.1:{{tts_port}} \
           STREAM=AI_TTS CONSUMER=tts-module SUBJECTS=ai.tts.request CREATE=true ;;
       *) echo "unknown function {{FN}}"; exit 64 ;;
@@ -148,6 +170,18 @@ invoke FN:
           -H 'ce-specversion: 1.0' -H 'ce-id: chat-demo-1' -H 'ce-source: /curl' -H 'ce-type: ai.chat.request' \
           -H 'content-type: application/json' \
           -d '{"message": "What does nats-source do?", "enable_rag": false}'
+        ;;
+      stt-module|voice-assistant)
+        port={{stt_port}}; type=ai.stt.request
+        if [ "{{FN}}" = voice-assistant ]; then port={{voice_port}}; type=ai.voice.request; fi
+        python3 -c 'import base64,json,sys; print(json.dumps({"audio": base64.b64encode(open(sys.argv[1],"rb").read()).decode(), "enable_rag": False}))' \
+          "{{speech_fixture}}" > "{{dev_dir}}/speech-request.json"
+        curl -sS -o "{{dev_dir}}/{{FN}}-reply.json" -D "{{dev_dir}}/{{FN}}-reply.headers" -w '%{http_code}' \
+          http://127.0.0.1:$port/ \
+          -H 'ce-specversion: 1.0' -H 'ce-id: speech-demo-1' -H 'ce-source: /curl' -H "ce-type: $type" \
+          -H 'content-type: application/json' -d @"{{dev_dir}}/speech-request.json" > "{{dev_dir}}/{{FN}}-reply.status"
+        python3 "{{justfile_directory()}}/scripts/summarize-reply.py" "{{dev_dir}}/{{FN}}-reply.status" \
+          "{{dev_dir}}/{{FN}}-reply.headers" "{{dev_dir}}/{{FN}}-reply.json" "{{dev_dir}}/{{FN}}-reply.wav"
         ;;
       *) echo "unknown function {{FN}}"; exit 64 ;;
     esac
