@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 
 use crate::HandlerError;
 
-/// Body cap for events, in bytes. Put in the request extensions by [`crate::serve::FunctionApp`].
+/// Body cap for events, in bytes. Put in the request extensions by [`crate::serve::function_router`].
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
 
