@@ -64,6 +64,10 @@ pub struct Config {
     pub default_content_type: String,
     /// `ORDERING` (default `none`): `none` or `subject`.
     pub ordering: Ordering,
+    /// `ORDERED_SUBJECTS` (default: every subject): with `ORDERING=subject`, only subjects
+    /// matching this pattern are ordered, e.g. `ai.stt.stream.>` so session chunks are
+    /// ordered while one-shot requests on the same stream still run side by side.
+    pub ordered_subjects: Option<String>,
     /// `K_CE_OVERRIDES` (Knative's; default none): `{"extensions": {...}}` set on every event.
     pub overrides: Vec<(String, String)>,
     /// `SHUTDOWN_GRACE_MS` (default 20000): how long in-flight deliveries may finish after
@@ -119,10 +123,20 @@ impl Config {
             source: r.string("CE_SOURCE", &format!("/nats/{stream}")),
             default_content_type: r.string("DEFAULT_CONTENT_TYPE", "application/msgpack"),
             ordering,
+            ordered_subjects: r.optional("ORDERED_SUBJECTS"),
             overrides,
             shutdown_grace: r.millis("SHUTDOWN_GRACE_MS", 20_000),
             stream,
         }
+    }
+
+    /// Whether messages of `subject` are delivered one at a time in stream order.
+    pub fn is_ordered(&self, subject: &str) -> bool {
+        self.ordering == Ordering::Subject
+            && self
+                .ordered_subjects
+                .as_deref()
+                .is_none_or(|pattern| subject_matches(pattern, subject))
     }
 
     /// The CloudEvent type for a subject.
@@ -204,6 +218,26 @@ mod tests {
         assert!(!subject_matches("ai.>", "ai"));
         assert!(!subject_matches("ai.*", "ai.tts.request"));
         assert!(!subject_matches("ai.tts", "ai.tts.request"));
+    }
+
+    #[test]
+    fn ordering_can_be_limited_to_a_subject_pattern() {
+        let base = [
+            ("NATS_URL", "n"),
+            ("K_SINK", "http://s"),
+            ("STREAM", "S"),
+            ("CONSUMER", "c"),
+        ];
+        let mut env: Vec<(&str, &str)> = base.to_vec();
+        env.extend([
+            ("ORDERING", "subject"),
+            ("ORDERED_SUBJECTS", "ai.stt.stream.>"),
+        ]);
+        let c = handler_kit::config::load(&env, Config::read).expect("valid");
+        assert!(c.is_ordered("ai.stt.stream.s1"));
+        assert!(!c.is_ordered("ai.stt.request"));
+        let unordered = handler_kit::config::load(&base.to_vec(), Config::read).expect("valid");
+        assert!(!unordered.is_ordered("ai.stt.stream.s1"));
     }
 
     #[test]

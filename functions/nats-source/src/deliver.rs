@@ -14,7 +14,6 @@ use opentelemetry::KeyValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
-use crate::config::Ordering;
 use crate::event::{self, Position};
 
 /// How a delivery attempt ended, as seen by the source.
@@ -96,7 +95,7 @@ pub(crate) async fn deliver(
                     return;
                 }
                 tracing::debug!(id = %outbound.id, deliveries, %detail, "retryable failure");
-                if config.ordering == Ordering::None {
+                if !config.is_ordered(msg.subject.as_str()) {
                     retry_later(&shared, &msg, deliveries, after).await;
                     return;
                 }

@@ -190,18 +190,17 @@ pub async fn run(
                 }
                 None => continue 'bind,
             };
-            let wait_for = match config.ordering {
-                Ordering::None => None,
-                Ordering::Subject => {
-                    generation += 1;
-                    let (done_tx, done_rx) = oneshot::channel();
-                    let previous = chains
-                        .lock()
-                        .expect("chains lock")
-                        .insert(msg.subject.to_string(), (generation, done_rx))
-                        .map(|(_, rx)| rx);
-                    Some((previous, done_tx, generation))
-                }
+            let wait_for = if config.is_ordered(msg.subject.as_str()) {
+                generation += 1;
+                let (done_tx, done_rx) = oneshot::channel();
+                let previous = chains
+                    .lock()
+                    .expect("chains lock")
+                    .insert(msg.subject.to_string(), (generation, done_rx))
+                    .map(|(_, rx)| rx);
+                Some((previous, done_tx, generation))
+            } else {
+                None
             };
             let (s, chains, cancel) = (s.clone(), chains.clone(), abandon.clone());
             s.metrics.in_flight.add(1, &[]);
