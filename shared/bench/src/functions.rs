@@ -2,8 +2,19 @@
 //!
 //! Adding a function is one more entry in [`functions`]: its binary name, its environment, a
 //! sample CloudEvent it answers with 200, and whether events/s is measured. Environment values
-//! may contain [`BACKEND`] (replaced by the base URL of an `inference-sim` process) and
-//! [`HOLD_MS`] (replaced by how long held events stay in flight).
+//! may contain placeholders, filled in per start from [`Endpoints`]:
+//!
+//! - [`BACKEND`]: an `inference-sim` answering at once, or after [`HOLD_MS`] in the
+//!   100-in-flight measurement;
+//! - [`INSTANT`]: an `inference-sim` answering at once in every measurement;
+//! - [`STREAMING`]: an `inference-sim` streaming chat tokens slowly
+//!   ([`crate::STREAM_TOKEN_DELAY`] before each), so a streamed answer stays open for about
+//!   [`crate::HOLD`];
+//! - [`MILVUS`]: the Milvus mock in the bench process (see [`crate::chat::MilvusMock`]);
+//! - [`HOLD_MS`]: how long held events stay in flight, in milliseconds.
+//!
+//! A sample event's body may contain [`EVENT_ID`], replaced by the `ce-id` of every copy, so
+//! copies differ (chat-handler shares one run among identical concurrent requests).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,17 +22,55 @@ use std::time::Duration;
 
 use crate::http::Request;
 
-/// Placeholder for the simulator's base URL (`http://127.0.0.1:PORT`).
+/// Placeholder for the step's simulator: instant, or answering after [`HOLD_MS`] when events
+/// are held in flight.
 pub const BACKEND: &str = "{backend}";
+/// Placeholder for a simulator that answers at once in every step.
+pub const INSTANT: &str = "{instant}";
+/// Placeholder for a simulator streaming chat tokens [`crate::STREAM_TOKEN_DELAY`] apart.
+pub const STREAMING: &str = "{streaming}";
+/// Placeholder for the Milvus mock (REST API v2) in the bench process.
+pub const MILVUS: &str = "{milvus}";
 /// Placeholder for the hold time of the 100-in-flight measurement, in milliseconds.
 pub const HOLD_MS: &str = "{hold_ms}";
+/// Placeholder in a sample event's body for the copy's `ce-id`.
+pub const EVENT_ID: &str = "{id}";
+/// Every placeholder that names a simulator.
+const SIMULATORS: [&str; 3] = [BACKEND, INSTANT, STREAMING];
+/// Where an unset placeholder points: a closed port.
+const NOWHERE: &str = "http://127.0.0.1:9";
+
+/// Base URLs the placeholders stand for in one start; unset ones point at a closed port.
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints {
+    /// [`BACKEND`].
+    pub backend: Option<String>,
+    /// [`INSTANT`].
+    pub instant: Option<String>,
+    /// [`STREAMING`].
+    pub streaming: Option<String>,
+    /// [`MILVUS`].
+    pub milvus: Option<String>,
+}
+
+impl Endpoints {
+    /// `value` with every URL placeholder filled in.
+    fn fill(&self, value: &str) -> String {
+        let url = |u: &Option<String>| u.clone().unwrap_or_else(|| NOWHERE.to_string());
+        value
+            .replace(BACKEND, &url(&self.backend))
+            .replace(INSTANT, &url(&self.instant))
+            .replace(STREAMING, &url(&self.streaming))
+            .replace(MILVUS, &url(&self.milvus))
+    }
+}
 
 /// A CloudEvent in binary mode; the runner adds a unique `ce-id` to every copy it sends.
 #[derive(Debug, Clone)]
 pub struct SampleEvent {
     /// Headers besides `ce-id`: `ce-specversion`, `ce-type`, `ce-source`, `content-type`, ...
     pub headers: Vec<(&'static str, &'static str)>,
-    /// The body.
+    /// The body; [`EVENT_ID`] in it becomes the copy's `ce-id`.
     pub body: &'static str,
 }
 
@@ -43,14 +92,8 @@ impl SampleEvent {
     pub fn request(&self, addr: SocketAddr, id: &str, keep_alive: bool) -> Request {
         let mut headers = self.headers.clone();
         headers.push(("ce-id", id));
-        Request::new(
-            "POST",
-            addr,
-            "/",
-            &headers,
-            self.body.as_bytes(),
-            keep_alive,
-        )
+        let body = self.body.replace(EVENT_ID, id);
+        Request::new("POST", addr, "/", &headers, body.as_bytes(), keep_alive)
     }
 }
 
@@ -72,9 +115,12 @@ pub struct Function {
     pub binary: PathBuf,
     /// Environment for every start (besides `PORT`, which the runner sets).
     pub env: Vec<(&'static str, &'static str)>,
-    /// Extra environment for the 100-in-flight measurement: whatever makes the process hold
-    /// events for [`HOLD_MS`] and lets 100 of them reach the backend at once.
+    /// Extra environment for the 100-in-flight measurement (a variable also in `env` is
+    /// replaced): whatever makes the process hold events for [`HOLD_MS`] and lets 100 of them
+    /// reach the backend at once.
     pub hold_env: Vec<(&'static str, &'static str)>,
+    /// The backend work in each answer, for the notes (e.g. `one round trip to inference-sim`).
+    pub backend_work: &'static str,
     /// The event used for every measurement; answered with 200.
     pub event: SampleEvent,
     /// Whether events/s is measured.
@@ -86,35 +132,45 @@ pub struct Function {
 }
 
 impl Function {
-    /// Whether the function needs an `inference-sim` backend.
-    pub fn needs_backend(&self) -> bool {
+    /// Whether any of the function's environment values contains `placeholder`.
+    pub fn uses(&self, placeholder: &str) -> bool {
         self.env
             .iter()
             .chain(&self.hold_env)
-            .any(|(_, v)| v.contains(BACKEND))
+            .any(|(_, v)| v.contains(placeholder))
     }
 
-    /// The environment of one start on `port`, placeholders filled in.
+    /// Whether the function needs an `inference-sim` backend.
+    pub fn needs_backend(&self) -> bool {
+        SIMULATORS.iter().any(|p| self.uses(p))
+    }
+
+    /// The environment of one start on `port`, placeholders filled in from `endpoints`; with
+    /// `hold`, the hold environment is applied over it.
     pub fn environment(
         &self,
         port: u16,
-        backend: Option<&str>,
+        endpoints: &Endpoints,
         hold: Option<Duration>,
     ) -> Vec<(String, String)> {
-        let backend = backend.unwrap_or("http://127.0.0.1:9");
         let hold_ms = hold.map(|d| d.as_millis().to_string()).unwrap_or_default();
         let extra: &[(&str, &str)] = if hold.is_some() { &self.hold_env } else { &[] };
-        let mut env: Vec<(String, String)> = self
-            .env
-            .iter()
-            .chain(extra)
-            .map(|(k, v)| {
-                let v = v.replace(BACKEND, backend).replace(HOLD_MS, &hold_ms);
-                ((*k).to_string(), v)
-            })
-            .collect();
-        env.push(("PORT".into(), port.to_string()));
+        let mut env: Vec<(String, String)> = Vec::new();
+        for (k, v) in self.env.iter().chain(extra) {
+            let v = endpoints.fill(v).replace(HOLD_MS, &hold_ms);
+            set_var(&mut env, k, v);
+        }
+        set_var(&mut env, "PORT", port.to_string());
         env
+    }
+}
+
+/// Sets `name` to `value` in `env`, replacing an earlier value.
+pub fn set_var(env: &mut Vec<(String, String)>, name: &str, value: impl Into<String>) {
+    let value = value.into();
+    match env.iter_mut().find(|(k, _)| k == name) {
+        Some(slot) => slot.1 = value,
+        None => env.push((name.to_string(), value)),
     }
 }
 
@@ -125,6 +181,7 @@ pub fn floor(bin_dir: &Path) -> Function {
         binary: bin_dir.join("echo-floor"),
         env: vec![],
         hold_env: vec![("ECHO_DELAY_MS", HOLD_MS)],
+        backend_work: "none",
         event: SampleEvent::json("echo.request", r#"{"text":"Hi."}"#),
         events_per_sec: true,
         in_flight: InFlightProbe::Settle(Duration::from_secs(1)),
@@ -132,42 +189,111 @@ pub fn floor(bin_dir: &Path) -> Function {
     }
 }
 
+/// chat-handler's name in [`functions`]; the chat section measures it further.
+pub const CHAT_HANDLER: &str = "chat-handler";
+
+/// chat-handler's sample message; [`EVENT_ID`] makes every copy a different question, as
+/// identical concurrent requests would share one pipeline run (one LLM stream for all).
+pub const CHAT_SAMPLE: &str = r#"{"message":"What is NATS? ({id})"}"#;
+
 /// Every function, in report order.
 pub fn functions(bin_dir: &Path) -> Vec<Function> {
-    vec![Function {
-        name: "tts-module",
-        binary: bin_dir.join("tts-module"),
-        env: vec![("TTS_URL", BACKEND)],
-        // The default TTS_CONCURRENCY (8) would queue 92 of the 100 held events and time them
-        // out after TTS_QUEUE_TIMEOUT_MS (5 s); 100 lets every one of them reach the backend.
-        hold_env: vec![("TTS_CONCURRENCY", "100")],
-        event: SampleEvent::json("ai.tts.request", r#"{"text":"Hi."}"#),
-        events_per_sec: true,
-        in_flight: InFlightProbe::Metrics,
-        floor: false,
-    }]
+    vec![
+        Function {
+            name: "tts-module",
+            binary: bin_dir.join("tts-module"),
+            env: vec![("TTS_URL", BACKEND)],
+            // The default TTS_CONCURRENCY (8) would queue 92 of the 100 held events and time them
+            // out after TTS_QUEUE_TIMEOUT_MS (5 s); 100 lets every one of them reach the backend.
+            hold_env: vec![("TTS_CONCURRENCY", "100")],
+            backend_work: "one round trip to inference-sim",
+            event: SampleEvent::json("ai.tts.request", r#"{"text":"Hi."}"#),
+            events_per_sec: true,
+            in_flight: InFlightProbe::Metrics,
+            floor: false,
+        },
+        Function {
+            name: CHAT_HANDLER,
+            binary: bin_dir.join(CHAT_HANDLER),
+            // RAG on (the request's default): embed, search, rerank, then the LLM (streamed from
+            // the backend even when the request does not stream). No NATS_URL: nothing is
+            // published, the answer is the HTTP reply.
+            env: vec![
+                ("LLM_URL", INSTANT),
+                ("EMBED_URL", INSTANT),
+                ("RERANK_URL", INSTANT),
+                ("MILVUS_URL", MILVUS),
+                ("MILVUS_API", "v2"),
+            ],
+            // 100 LLM streams open at once, tokens trickling in (about HOLD per answer), while
+            // embeddings, search and rerank stay instant. The default LLM_CONCURRENCY (32)
+            // would queue 68 of them.
+            hold_env: vec![("LLM_URL", STREAMING), ("LLM_CONCURRENCY", "100")],
+            backend_work: "four round trips: embeddings and rerank on inference-sim, search on \
+                           the Milvus mock, then a completion streamed from inference-sim",
+            event: SampleEvent::json("ai.chat.request", CHAT_SAMPLE),
+            events_per_sec: false,
+            in_flight: InFlightProbe::Metrics,
+            floor: false,
+        },
+    ]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn endpoints() -> Endpoints {
+        Endpoints {
+            backend: Some("http://127.0.0.1:5".into()),
+            instant: Some("http://127.0.0.1:6".into()),
+            streaming: Some("http://127.0.0.1:7".into()),
+            milvus: Some("http://127.0.0.1:8".into()),
+        }
+    }
+
+    fn var<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
     #[test]
     fn placeholders_are_filled() {
         let f = functions(Path::new("/x")).remove(0);
         assert!(f.needs_backend());
-        let env = f.environment(
-            1234,
-            Some("http://127.0.0.1:5"),
-            Some(Duration::from_secs(2)),
-        );
+        let env = f.environment(1234, &endpoints(), Some(Duration::from_secs(2)));
         assert!(env.contains(&("TTS_URL".into(), "http://127.0.0.1:5".into())));
         assert!(env.contains(&("TTS_CONCURRENCY".into(), "100".into())));
         assert!(env.contains(&("PORT".into(), "1234".into())));
         let floor = floor(Path::new("/x"));
         assert!(!floor.needs_backend());
-        let env = floor.environment(1, None, Some(Duration::from_millis(2000)));
+        let none = Endpoints::default();
+        let env = floor.environment(1, &none, Some(Duration::from_millis(2000)));
         assert!(env.contains(&("ECHO_DELAY_MS".into(), "2000".into())));
-        assert_eq!(floor.environment(1, None, None).len(), 1);
+        assert_eq!(floor.environment(1, &none, None).len(), 1);
+    }
+
+    #[test]
+    fn chat_handler_holds_on_the_streaming_simulator() {
+        let f = functions(Path::new("/x"))
+            .into_iter()
+            .find(|f| f.name == CHAT_HANDLER)
+            .unwrap();
+        assert!(f.needs_backend() && f.uses(MILVUS) && !f.uses(BACKEND));
+        let normal = f.environment(1, &endpoints(), None);
+        assert_eq!(var(&normal, "LLM_URL"), Some("http://127.0.0.1:6"));
+        assert_eq!(var(&normal, "MILVUS_URL"), Some("http://127.0.0.1:8"));
+        assert_eq!(var(&normal, "LLM_CONCURRENCY"), None);
+        let held = f.environment(1, &endpoints(), Some(Duration::from_secs(2)));
+        assert_eq!(var(&held, "LLM_URL"), Some("http://127.0.0.1:7"));
+        assert_eq!(var(&held, "EMBED_URL"), Some("http://127.0.0.1:6"));
+        assert_eq!(var(&held, "LLM_CONCURRENCY"), Some("100"));
+        assert_eq!(held.iter().filter(|(k, _)| k == "LLM_URL").count(), 1);
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let body = f.event.request(addr, "e-1", false);
+        let text = String::from_utf8_lossy(body.as_bytes()).into_owned();
+        assert!(
+            text.ends_with(r#"{"message":"What is NATS? (e-1)"}"#),
+            "{text}"
+        );
     }
 }

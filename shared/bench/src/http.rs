@@ -3,7 +3,9 @@
 //! Hand-written on purpose: a cold-start attempt is one `connect`, one `write` and a few
 //! `read`s, with nothing (pool, resolver, runtime) between the clock and the socket. The same
 //! code drives keep-alive connections for the events/s measurement. It understands what the
-//! functions send back: `Content-Length`, `Transfer-Encoding: chunked`, or a body up to EOF.
+//! functions send back: `Content-Length`, `Transfer-Encoding: chunked`, or a body up to EOF;
+//! [`Conn::read_with`] also hands each piece of the body over as it arrives (server-sent
+//! events, timed to the first token).
 
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read as _, Write as _};
@@ -118,6 +120,13 @@ impl Conn {
         read_response(&mut self.reader)
     }
 
+    /// Reads the next response, calling `on_body` with every piece of the body as soon as it
+    /// has been read (each chunk of a chunked body; a sized body at once). The whole body is
+    /// in the returned response too.
+    pub fn read_with(&mut self, on_body: &mut dyn FnMut(&[u8])) -> io::Result<Response> {
+        read_response_with(&mut self.reader, on_body)
+    }
+
     /// Writes `request` and reads its response.
     pub fn send(&mut self, request: &Request) -> io::Result<Response> {
         self.write(request)?;
@@ -150,6 +159,14 @@ fn read_line(reader: &mut impl BufRead) -> io::Result<String> {
 
 /// Reads one response: status line, headers, body.
 pub fn read_response(reader: &mut impl BufRead) -> io::Result<Response> {
+    read_response_with(reader, &mut |_| {})
+}
+
+/// [`read_response`], calling `on_body` with every piece of the body as soon as it is read.
+pub fn read_response_with(
+    reader: &mut impl BufRead,
+    on_body: &mut dyn FnMut(&[u8]),
+) -> io::Result<Response> {
     let status_line = read_line(reader)?;
     let mut parts = status_line.splitn(3, ' ');
     if !parts.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
@@ -184,7 +201,8 @@ pub fn read_response(reader: &mut impl BufRead) -> io::Result<Response> {
         .header("transfer-encoding")
         .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
     if chunked {
-        response.body = read_chunked(reader)?;
+        response.body = read_chunked(reader, on_body)?;
+        return Ok(response);
     } else if let Some(length) = response.header("content-length") {
         let length: usize = length
             .parse()
@@ -202,10 +220,13 @@ pub fn read_response(reader: &mut impl BufRead) -> io::Result<Response> {
             return Err(invalid("body too large"));
         }
     }
+    if !response.body.is_empty() {
+        on_body(&response.body);
+    }
     Ok(response)
 }
 
-fn read_chunked(reader: &mut impl BufRead) -> io::Result<Vec<u8>> {
+fn read_chunked(reader: &mut impl BufRead, on_body: &mut dyn FnMut(&[u8])) -> io::Result<Vec<u8>> {
     let mut body = Vec::new();
     loop {
         let line = read_line(reader)?;
@@ -223,6 +244,7 @@ fn read_chunked(reader: &mut impl BufRead) -> io::Result<Vec<u8>> {
         let start = body.len();
         body.resize(start + size, 0);
         reader.read_exact(&mut body[start..])?;
+        on_body(&body[start..]);
         if !read_line(reader)?.is_empty() {
             return Err(invalid("chunk not followed by CRLF"));
         }
@@ -250,6 +272,19 @@ mod tests {
     fn chunked_body() {
         let r = parse("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n")
             .unwrap();
+        assert_eq!(r.body, b"abcde");
+    }
+
+    #[test]
+    fn body_pieces_are_handed_over_as_read() {
+        let raw =
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        let mut pieces = Vec::new();
+        let r = read_response_with(&mut io::Cursor::new(raw.as_bytes().to_vec()), &mut |b| {
+            pieces.push(b.to_vec())
+        })
+        .unwrap();
+        assert_eq!(pieces, [b"abc".to_vec(), b"de".to_vec()]);
         assert_eq!(r.body, b"abcde");
     }
 

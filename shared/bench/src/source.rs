@@ -243,9 +243,10 @@ impl SourceResult {
 }
 
 /// A nats-server with JetStream on a free port; killed, then its store removed, when dropped.
-struct Nats {
+pub(crate) struct Nats {
     proc: Proc,
-    url: String,
+    /// `nats://127.0.0.1:PORT`.
+    pub(crate) url: String,
     // Dropped after `proc` (fields drop in order): the server is gone before its store.
     _store: tempfile::TempDir,
 }
@@ -301,7 +302,7 @@ pub fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResu
     // async-nats spawns its tasks on the current runtime.
     let _entered = rt.enter();
     let setup = || -> anyhow::Result<_> {
-        let nats = start_nats(&settings.nats_server, logs, &rt)?;
+        let nats = start_nats(&settings.nats_server, logs, "nats-server", &rt)?;
         let client = rt.block_on(timeout(async_nats::connect(&nats.url)))??;
         let js = jetstream::new(client);
         let stream = rt.block_on(timeout(js.get_or_create_stream(stream::Config {
@@ -379,15 +380,20 @@ pub fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResu
 }
 
 /// `fut` with [`NATS_TIMEOUT`].
-async fn timeout<F: IntoFuture>(fut: F) -> anyhow::Result<F::Output> {
+pub(crate) async fn timeout<F: IntoFuture>(fut: F) -> anyhow::Result<F::Output> {
     tokio::time::timeout(NATS_TIMEOUT, fut.into_future())
         .await
         .map_err(|_| anyhow!("no answer from NATS within {NATS_TIMEOUT:?}"))
 }
 
 /// Starts nats-server on a free port with JetStream and a temporary store, and waits until
-/// JetStream answers.
-fn start_nats(binary: &Path, logs: &Path, rt: &Runtime) -> anyhow::Result<Nats> {
+/// JetStream answers. Its output goes to `logs/<label>.log`.
+pub(crate) fn start_nats(
+    binary: &Path,
+    logs: &Path,
+    label: &str,
+    rt: &Runtime,
+) -> anyhow::Result<Nats> {
     ensure!(
         binary.is_file(),
         "{} not found (set NATS_SERVER_BIN or run `just tools`)",
@@ -398,7 +404,7 @@ fn start_nats(binary: &Path, logs: &Path, rt: &Runtime) -> anyhow::Result<Nats> 
         .tempdir()
         .context("creating the JetStream store directory")?;
     let port = free_port()?;
-    let log = log_path(logs, "nats-server");
+    let log = log_path(logs, label);
     let args: Vec<String> = vec![
         "-a".into(),
         "127.0.0.1".into(),

@@ -43,7 +43,14 @@ pub struct Summary {
 impl Summary {
     /// Summarises `samples`; `None` when there are none.
     pub fn of(samples: &[Duration]) -> Option<Self> {
-        let mut v: Vec<f64> = samples.iter().copied().map(ms).collect();
+        let v: Vec<f64> = samples.iter().copied().map(ms).collect();
+        Self::of_ms(&v)
+    }
+
+    /// Summarises values already in milliseconds (which may be negative, e.g. differences);
+    /// `None` when there are none.
+    pub fn of_ms(samples: &[f64]) -> Option<Self> {
+        let mut v = samples.to_vec();
         v.sort_by(f64::total_cmp);
         Some(Self {
             p50: percentile(&v, 50.0)?,
@@ -70,5 +77,7 @@ mod tests {
         assert_eq!(percentile(&[], 50.0), None);
         let s = Summary::of(&[Duration::from_millis(2), Duration::from_millis(1)]).unwrap();
         assert_eq!((s.p50, s.max, s.count), (1.0, 2.0, 2));
+        let d = Summary::of_ms(&[0.5, -0.25, 0.125]).unwrap();
+        assert_eq!((d.min, d.p50, d.max), (-0.25, 0.125, 0.5));
     }
 }

@@ -23,6 +23,8 @@ use serde::Serialize;
 pub enum Class {
     /// Malformed event or payload: 400.
     BadRequest,
+    /// Missing or bad signature: 401.
+    Unauthorized,
     /// Body over the cap: 413.
     TooLarge,
     /// Data encoding not supported: 415.
@@ -46,6 +48,7 @@ impl Class {
     pub fn status(self) -> StatusCode {
         match self {
             Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
@@ -145,6 +148,8 @@ mod tests {
     #[test]
     fn every_class_maps_to_the_intended_side_of_the_contract() {
         assert!(!Class::BadRequest.is_retryable());
+        assert!(!Class::Unauthorized.is_retryable());
+        assert_eq!(Class::Unauthorized.status(), StatusCode::UNAUTHORIZED);
         assert!(!Class::TooLarge.is_retryable());
         assert!(!Class::UnsupportedMediaType.is_retryable());
         assert!(!Class::Unprocessable.is_retryable());

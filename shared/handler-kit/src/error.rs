@@ -23,6 +23,9 @@ pub enum HandlerError {
     /// The payload decoded but cannot be processed (empty text, over a limit, ...).
     #[error("{0}")]
     Unprocessable(String),
+    /// The request is not signed, or its signature does not verify (webhooks): 401, final.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
     /// The body is larger than this function accepts.
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge {
@@ -90,6 +93,7 @@ impl HandlerError {
             Self::Unprocessable(_) | Self::BackendRejected { .. } | Self::StreamInterrupted(_) => {
                 Class::Unprocessable
             }
+            Self::Unauthorized(_) => Class::Unauthorized,
             Self::PayloadTooLarge { .. } => Class::TooLarge,
             Self::UnsupportedMediaType(_) => Class::UnsupportedMediaType,
             Self::Unavailable { retry_after, .. } => Class::Unavailable(*retry_after),
@@ -106,6 +110,7 @@ impl HandlerError {
             Self::InvalidEvent(_) => "invalid_event",
             Self::InvalidPayload(_) => "invalid_payload",
             Self::Unprocessable(_) => "unprocessable",
+            Self::Unauthorized(_) => "unauthorized",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::Unavailable { .. } => "backend_unavailable",
@@ -144,5 +149,20 @@ impl IntoResponse for HandlerError {
                 detail: self.to_string(),
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_signature_is_a_final_401_with_a_json_body() {
+        let error = HandlerError::Unauthorized("signature does not match".into());
+        assert!(!error.class().is_retryable());
+        assert_eq!(error.code(), "unauthorized");
+        let response = error.into_response();
+        assert_eq!(response.status(), axum::http::StatusCode::UNAUTHORIZED);
+        assert!(response.headers().get("retry-after").is_none());
     }
 }

@@ -282,31 +282,39 @@ impl<S: Send + Sync> FromRequest<S> for CloudEvent {
             .get::<BodyLimit>()
             .map_or(DEFAULT_BODY_LIMIT, |l| l.0);
         let (parts, body) = req.into_parts();
-        // A declared length over the cap is refused before a byte is read.
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|len| len > limit) {
-            return Err(HandlerError::PayloadTooLarge { limit });
-        }
-        // Chunked bodies have no declared length: the cap is enforced while reading.
-        let body = Limited::new(body, limit)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.downcast_ref::<LengthLimitError>().is_some() {
-                    HandlerError::PayloadTooLarge { limit }
-                } else {
-                    HandlerError::InvalidEvent(format!("could not read the body: {e}"))
-                }
-            })?
-            .to_bytes();
+        let body = read_capped(&parts.headers, body, limit).await?;
         let event = Self::parse(&parts.headers, body.to_vec())?;
         crate::telemetry::continue_trace_from_event(&event.event);
         Ok(event)
     }
+}
+
+/// Reads a request body under a hard cap: a declared length over it is refused before a byte is
+/// read, and a chunked body is cut off (413) as soon as it passes the cap. Shared by the event
+/// extractor and by functions that take other bodies (webhooks).
+pub async fn read_capped(
+    headers: &HeaderMap,
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<bytes::Bytes, HandlerError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(HandlerError::PayloadTooLarge { limit });
+    }
+    Ok(Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<LengthLimitError>().is_some() {
+                HandlerError::PayloadTooLarge { limit }
+            } else {
+                HandlerError::InvalidEvent(format!("could not read the body: {e}"))
+            }
+        })?
+        .to_bytes())
 }
 
 fn event_is_structured(headers: &HeaderMap) -> bool {
