@@ -1,0 +1,339 @@
+//! pipeline-bridge: events and git pushes -> Kubernetes pipelines, idempotent, locked, observable.
+//!
+//! `ai.pipeline.trigger {request_id?, pipeline, parameters}` starts a catalog entry: an Argo
+//! Workflow from a WorkflowTemplate, a Kubeflow Pipelines run, or a `batch/v1` Job from a
+//! template. The request is validated against the catalog (422 when it does not fit, never
+//! retried), the entry's lock is taken (a `coordination.k8s.io/v1` Lease held by the
+//! `request_id`; held by another run: 503 with `Retry-After`), the run is created under a name
+//! derived from the `request_id` (`AlreadyExists` is success, so a redelivery never starts a
+//! second run), `ai.pipeline.status.{request_id}` gets `{state: "submitted", ...}`, and the
+//! reply is `ai.pipeline.status`.
+//!
+//! Git pushes (`POST /webhooks/gitea`, `POST /webhooks/github`, HMAC-SHA256 signed) trigger
+//! the entries whose path globs and branch match the pushed commits. Knative ApiServerSource
+//! events for the Workflows and Jobs it created publish their progress (`running`,
+//! `succeeded`, `failed`) and free their locks when they finish; `ai.pipeline.status.request`
+//! reads a run's state from the API.
+//!
+//! # Layout
+//! - [`Config`]: every environment variable, with defaults; the catalog is read here.
+//! - [`State`] and [`app`]: the router tests drive and `main` serves.
+//! - [`catalog`]: the pipelines that may be started and their parameters.
+//! - [`names`]: run and lock names derived from request ids; labels and annotations.
+//! - [`cluster`]: the Kubernetes API (kube-rs): create, read, Lease locks, error sorting.
+//! - [`kfp`]: Kubeflow Pipelines' REST API.
+//! - [`run`]: trigger, status request, resource events.
+//! - [`status`]: a run's state from its object.
+//! - [`webhook`]: signed git push webhooks and delivery deduplication.
+
+pub mod catalog;
+pub mod cluster;
+pub mod kfp;
+pub mod names;
+pub mod run;
+pub mod status;
+pub mod webhook;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State as Extract};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use handler_kit::config::{BaseConfig, ConfigReader};
+use handler_kit::nats::Nats;
+use handler_kit::resilience::BackendConfig;
+use handler_kit::serve::{Health, function_router};
+use handler_kit::{CloudEvent, HandlerError, Reply};
+
+use crate::catalog::Catalog;
+use crate::cluster::Cluster;
+use crate::kfp::Kfp;
+use crate::webhook::{Deliveries, Provider, Secret};
+
+/// Starts a run.
+pub const TRIGGER_TYPE: &str = "ai.pipeline.trigger";
+/// Asks for a run's state.
+pub const STATUS_REQUEST_TYPE: &str = "ai.pipeline.status.request";
+/// The reply to both.
+pub const STATUS_TYPE: &str = "ai.pipeline.status";
+/// ApiServerSource (mode `Resource`) event types.
+pub const RESOURCE_TYPES: [&str; 3] = [
+    "dev.knative.apiserver.resource.add",
+    "dev.knative.apiserver.resource.update",
+    "dev.knative.apiserver.resource.delete",
+];
+
+/// pipeline-bridge's configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Shared settings (`PORT`, `NATS_URL`, `MAX_BODY_BYTES` default 64 KiB, ...).
+    pub base: BaseConfig,
+    /// Read from `PIPELINE_CATALOG` (default `/etc/pipeline-bridge/catalog.yaml`, a mounted
+    /// ConfigMap): the only pipelines that can be started.
+    pub catalog: Arc<Catalog>,
+    /// `KUBECONFIG` (unset: in-cluster service account, else `~/.kube/config`).
+    pub kubeconfig: Option<PathBuf>,
+    /// `KUBE_TIMEOUT_MS` (default 10000): one Kubernetes API call's deadline.
+    pub kube_timeout: Duration,
+    /// `PIPELINE_LOCK_TTL_S` (default 21600, 6 h): how long a lock holds without its run
+    /// reporting an end; a backstop for a lost completion event, so longer than any run.
+    pub lock_ttl: Duration,
+    /// `PIPELINE_LOCK_RETRY_AFTER_S` (default 30): the longest `Retry-After` for a held lock.
+    pub lock_retry_after: Duration,
+    /// `PIPELINE_STATUS_SUBJECT` (default `ai.pipeline.status.{request_id}`).
+    pub status_subject: String,
+    /// `KFP_URL` (required when the catalog has `kubeflow` entries): the KFP API server.
+    pub kfp_url: Option<String>,
+    /// `KFP_TOKEN_FILE` (unset: no token): a bearer token file, read on every call.
+    pub kfp_token_file: Option<PathBuf>,
+    /// `KFP_TIMEOUT_MS`, `KFP_CONCURRENCY`, ...: the KFP backend guard.
+    pub kfp: BackendConfig,
+    /// `GITEA_WEBHOOK_SECRET` or the file `GITEA_WEBHOOK_SECRET_FILE` (unset: Gitea webhooks refused).
+    pub gitea_secret: Option<Secret>,
+    /// `GITHUB_WEBHOOK_SECRET` or the file `GITHUB_WEBHOOK_SECRET_FILE` (unset: refused).
+    pub github_secret: Option<Secret>,
+    /// `PIPELINE_WEBHOOK_MAX_BYTES` (default 5 MiB): larger webhook bodies get 413.
+    pub webhook_max_bytes: usize,
+    /// `PIPELINE_DELIVERY_BUCKET` (default `pipeline-webhook-deliveries`): KV bucket of
+    /// handled webhook deliveries (created when missing).
+    pub delivery_bucket: String,
+    /// `PIPELINE_DELIVERY_TTL_MS` (default 86400000): how long a delivery is remembered.
+    pub delivery_ttl: Duration,
+    /// `PIPELINE_DELIVERY_CACHE` (default 4096): deliveries remembered in process.
+    pub delivery_cache: usize,
+}
+
+impl Config {
+    /// Reads every variable and the catalog; problems are collected by `r`.
+    pub fn read(r: &mut ConfigReader) -> Self {
+        let base = BaseConfig::read(r, "pipeline-bridge", 64 * 1024);
+        let namespace = r.string("PIPELINE_DEFAULT_NAMESPACE", "default");
+        let catalog_path = r.string("PIPELINE_CATALOG", "/etc/pipeline-bridge/catalog.yaml");
+        let catalog = match std::fs::read_to_string(&catalog_path) {
+            Err(e) => {
+                r.problem(format!("PIPELINE_CATALOG {catalog_path}: {e}"));
+                Catalog::default()
+            }
+            Ok(text) => Catalog::parse(&text, &namespace).unwrap_or_else(|problems| {
+                for p in problems {
+                    r.problem(format!("{catalog_path}: {p}"));
+                }
+                Catalog::default()
+            }),
+        };
+        let kfp_url = r
+            .optional("KFP_URL")
+            .map(|u| u.trim_end_matches('/').to_string());
+        if catalog.uses_kubeflow() && kfp_url.is_none() {
+            r.problem("KFP_URL is required: the catalog has kubeflow pipelines");
+        }
+        Self {
+            catalog: Arc::new(catalog),
+            kubeconfig: r.optional("KUBECONFIG").map(PathBuf::from),
+            kube_timeout: r.millis("KUBE_TIMEOUT_MS", 10_000),
+            lock_ttl: Duration::from_secs(r.parse("PIPELINE_LOCK_TTL_S", 21_600u64).max(1)),
+            lock_retry_after: Duration::from_secs(
+                r.parse("PIPELINE_LOCK_RETRY_AFTER_S", 30u64).max(1),
+            ),
+            status_subject: r.string("PIPELINE_STATUS_SUBJECT", "ai.pipeline.status.{request_id}"),
+            kfp_url,
+            kfp_token_file: r.optional("KFP_TOKEN_FILE").map(PathBuf::from),
+            kfp: BackendConfig::read(
+                r,
+                "KFP",
+                BackendConfig {
+                    timeout: Duration::from_secs(10),
+                    ..BackendConfig::default()
+                },
+            ),
+            gitea_secret: secret(r, "GITEA_WEBHOOK_SECRET"),
+            github_secret: secret(r, "GITHUB_WEBHOOK_SECRET"),
+            webhook_max_bytes: r.positive("PIPELINE_WEBHOOK_MAX_BYTES", 5 * 1024 * 1024),
+            delivery_bucket: r.string("PIPELINE_DELIVERY_BUCKET", "pipeline-webhook-deliveries"),
+            delivery_ttl: r.millis("PIPELINE_DELIVERY_TTL_MS", 86_400_000),
+            delivery_cache: r.positive("PIPELINE_DELIVERY_CACHE", 4096),
+            base,
+        }
+    }
+}
+
+/// A secret from `{key}` or, for a mounted Secret, the file named by `{key}_FILE`.
+fn secret(r: &mut ConfigReader, key: &str) -> Option<Secret> {
+    let file_key = format!("{key}_FILE");
+    let text = match (r.optional(key), r.optional(&file_key)) {
+        (Some(_), Some(_)) => {
+            r.problem(format!("set {key} or {file_key}, not both"));
+            return None;
+        }
+        (Some(value), None) => value,
+        (None, Some(path)) => match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim_end_matches(['\n', '\r']).to_string(),
+            Err(e) => {
+                r.problem(format!("{file_key} {path}: {e}"));
+                return None;
+            }
+        },
+        (None, None) => return None,
+    };
+    if text.is_empty() {
+        r.problem(format!("{key} is empty"));
+        return None;
+    }
+    Some(Secret::new(text.as_bytes()))
+}
+
+/// Shared by every request.
+#[derive(Debug, Clone)]
+pub struct State {
+    config: Arc<Config>,
+    cluster: Cluster,
+    kfp: Option<Kfp>,
+    nats: Nats,
+    deliveries: Arc<Deliveries>,
+    health: Arc<Health>,
+}
+
+impl State {
+    /// Builds clients from local configuration only; nothing here waits on the network.
+    pub async fn new(config: Config) -> Result<Self, HandlerError> {
+        let cluster = Cluster::connect(config.kubeconfig.as_deref(), config.kube_timeout)
+            .await
+            .map_err(HandlerError::Internal)?;
+        let kfp = match &config.kfp_url {
+            Some(url) => Some(Kfp::new(
+                handler_kit::http::client(config.kfp.timeout.min(Duration::from_secs(5)))?,
+                url.clone(),
+                config.kfp_token_file.clone(),
+                config.kfp.clone(),
+            )),
+            None => None,
+        };
+        let nats = Nats::connect(config.base.nats_url.as_deref(), "pipeline-bridge").await?;
+        let deliveries = Deliveries::new(
+            config.delivery_bucket.clone(),
+            config.delivery_ttl,
+            config.delivery_cache,
+        );
+        Ok(Self {
+            config: Arc::new(config),
+            cluster,
+            kfp,
+            nats,
+            deliveries: Arc::new(deliveries),
+            health: Health::new(),
+        })
+    }
+
+    /// Readiness, shared with the server so draining shows on `/readyz`.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+}
+
+/// The function's router: `POST /` (CloudEvents), the two webhooks, and the standard endpoints.
+pub fn app(state: State) -> Router {
+    let limit = state.config.base.max_body_bytes;
+    let health = state.health.clone();
+    let events = Router::new()
+        .route("/", post(handle))
+        .route("/webhooks/gitea", post(gitea))
+        .route("/webhooks/github", post(github))
+        .with_state(state);
+    function_router(events, health, limit)
+}
+
+async fn gitea(Extract(state): Extract<State>, request: Request) -> Result<Response, HandlerError> {
+    webhook(state, Provider::Gitea, request).await
+}
+
+async fn github(
+    Extract(state): Extract<State>,
+    request: Request,
+) -> Result<Response, HandlerError> {
+    webhook(state, Provider::Github, request).await
+}
+
+async fn webhook(
+    state: State,
+    provider: Provider,
+    request: Request,
+) -> Result<Response, HandlerError> {
+    let (parts, body) = request.into_parts();
+    let deadline = state.config.base.event_timeout;
+    tokio::time::timeout(
+        deadline,
+        webhook::handle(&state, provider, &parts.headers, body),
+    )
+    .await
+    .map_err(|_| HandlerError::Deadline(deadline))?
+}
+
+/// What an event is answered with: a reply event, or 202 for a resource event.
+enum Answer {
+    Reply(Reply),
+    Accepted(run::Observed),
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Reply(reply) => reply.into_response(),
+            Self::Accepted(observed) => {
+                (StatusCode::ACCEPTED, axum::Json(observed)).into_response()
+            }
+        }
+    }
+}
+
+async fn handle(
+    Extract(state): Extract<State>,
+    event: CloudEvent,
+) -> Result<Response, HandlerError> {
+    let deadline = state.config.base.event_timeout;
+    tokio::time::timeout(deadline, dispatch(&state, &event))
+        .await
+        .map_err(|_| HandlerError::Deadline(deadline))?
+        .map(IntoResponse::into_response)
+}
+
+async fn dispatch(state: &State, event: &CloudEvent) -> Result<Answer, HandlerError> {
+    let source = &state.config.base.source;
+    match event.ty() {
+        TRIGGER_TYPE => {
+            let request: run::TriggerRequest = event.data()?;
+            let request_id = request
+                .request_id
+                .clone()
+                .unwrap_or_else(|| event.id().to_string());
+            let status = run::trigger(state, &request_id, &request).await?;
+            Ok(Answer::Reply(event.reply(STATUS_TYPE, source, &status)?))
+        }
+        STATUS_REQUEST_TYPE => {
+            let request: run::StatusRequest = event.data()?;
+            let status = run::status(state, &request).await?;
+            Ok(Answer::Reply(event.reply(STATUS_TYPE, source, &status)?))
+        }
+        ty if RESOURCE_TYPES.contains(&ty) => {
+            let object: serde_json::Value = event.data()?;
+            Ok(Answer::Accepted(run::observed(state, ty, &object).await?))
+        }
+        _ => {
+            let mut accepted = vec![TRIGGER_TYPE, STATUS_REQUEST_TYPE];
+            accepted.extend(RESOURCE_TYPES);
+            event.expect_type(&accepted).map(|()| unreachable_answer())
+        }
+    }
+}
+
+/// `expect_type` fails for every type not matched above; this keeps the types in one list.
+fn unreachable_answer() -> Answer {
+    Answer::Accepted(run::Observed {
+        request_id: None,
+        state: None,
+        ignored: Some("unhandled type".into()),
+    })
+}

@@ -1,0 +1,401 @@
+//! A run's life: triggered (validated, locked, created, announced), watched, asked about.
+
+use std::collections::BTreeMap;
+
+use handler_kit::HandlerError;
+use handler_kit::nats::subject;
+use kube::api::{DynamicObject, ObjectMeta};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::State;
+use crate::catalog::{Entry, Kind, Target, fill, fill_value};
+use crate::cluster::{jobs, workflows};
+use crate::names::{
+    LOCK_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, PIPELINE_LABEL, REQUEST_ID_ANNOTATION,
+    lease_name, run_name,
+};
+use crate::status::{RunState, of_object};
+
+/// `ai.pipeline.trigger` data.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerRequest {
+    /// Names the run; the CloudEvent `id` when absent.
+    pub request_id: Option<String>,
+    /// A catalog entry.
+    pub pipeline: String,
+    /// Parameter values (strings, numbers or booleans).
+    #[serde(default)]
+    pub parameters: BTreeMap<String, Value>,
+}
+
+/// `ai.pipeline.status.request` data.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusRequest {
+    /// The run's request id.
+    pub request_id: String,
+    /// Its catalog entry.
+    pub pipeline: String,
+}
+
+/// `ai.pipeline.status` data, also published to `ai.pipeline.status.{request_id}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunStatus {
+    /// The run's request id.
+    pub request_id: String,
+    /// Its catalog entry.
+    pub pipeline: String,
+    /// Where it is.
+    pub state: RunState,
+    /// `argo`, `kubeflow` or `job`.
+    pub kind: Kind,
+    /// The Workflow's or Job's name, or the KFP run's display name.
+    pub name: String,
+    /// Where it runs.
+    pub namespace: String,
+    /// The KFP run id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// False when a redelivered trigger found the run already there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created: Option<bool>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Validates, locks, creates (idempotently) and announces one run.
+pub async fn trigger(
+    state: &State,
+    request_id: &str,
+    request: &TriggerRequest,
+) -> Result<RunStatus, HandlerError> {
+    if request_id.is_empty() || request_id.len() > 256 {
+        return Err(HandlerError::Unprocessable(
+            "request_id must be 1 to 256 characters".into(),
+        ));
+    }
+    let entry = entry(state, &request.pipeline)?;
+    let parameters = entry.resolve(&request.parameters)?;
+    let name = run_name(&entry.name, request_id);
+    let lock = entry
+        .lock
+        .as_ref()
+        .map(|key| lease_name(&fill(key, &parameters)));
+    if let Some(lease) = &lock {
+        state
+            .cluster
+            .acquire(
+                &entry.namespace,
+                lease,
+                request_id,
+                state.config.lock_ttl,
+                state.config.lock_retry_after,
+            )
+            .await?;
+    }
+    let created = create(
+        state,
+        entry,
+        request_id,
+        &name,
+        lock.as_deref(),
+        &parameters,
+    )
+    .await;
+    let status = match created {
+        Ok(status) => status,
+        Err(error) => {
+            if let Some(lease) = &lock {
+                release(state, &entry.namespace, lease, request_id).await;
+            }
+            return Err(error);
+        }
+    };
+    // A redelivery that finds its run already finished must not leave the lock taken again.
+    if status.state.is_final()
+        && let Some(lease) = &lock
+    {
+        release(state, &entry.namespace, lease, request_id).await;
+    }
+    publish(state, &status).await?;
+    Ok(status)
+}
+
+fn entry<'a>(state: &'a State, pipeline: &str) -> Result<&'a Entry, HandlerError> {
+    state.config.catalog.get(pipeline).ok_or_else(|| {
+        HandlerError::Unprocessable(format!("pipeline {pipeline:?} is not in the catalog"))
+    })
+}
+
+async fn create(
+    state: &State,
+    entry: &Entry,
+    request_id: &str,
+    name: &str,
+    lock: Option<&str>,
+    parameters: &BTreeMap<String, String>,
+) -> Result<RunStatus, HandlerError> {
+    let kind = entry.kind();
+    let mut status = RunStatus {
+        request_id: request_id.to_string(),
+        pipeline: entry.name.clone(),
+        state: RunState::Submitted,
+        kind,
+        name: name.to_string(),
+        namespace: entry.namespace.clone(),
+        run_id: None,
+        created: None,
+        reason: None,
+    };
+    let (object, created) = match &entry.target {
+        Target::Kubeflow(pipeline) => {
+            let kfp = state.kfp.as_ref().ok_or_else(|| {
+                HandlerError::Internal(
+                    "KFP_URL is not set but the catalog has kubeflow runs".into(),
+                )
+            })?;
+            let description = format!("pipeline-bridge request {request_id}");
+            let (run, created) = kfp.create(name, &description, pipeline, parameters).await?;
+            status.run_id = run["run_id"].as_str().map(str::to_string);
+            (run, created)
+        }
+        Target::Argo {
+            template,
+            cluster_scope,
+        } => {
+            let mut reference = json!({ "name": template });
+            if *cluster_scope {
+                reference["clusterScope"] = json!(true);
+            }
+            let arguments: Vec<Value> = parameters
+                .iter()
+                .map(|(name, value)| json!({ "name": name, "value": value }))
+                .collect();
+            let spec = json!({
+                "workflowTemplateRef": reference,
+                "arguments": { "parameters": arguments },
+            });
+            let object = run_object(&workflows(), entry, request_id, name, lock, spec);
+            let made = state
+                .cluster
+                .create(&entry.namespace, &workflows(), &object)
+                .await?;
+            (made.object, made.created)
+        }
+        Target::Job(template) => {
+            let spec = fill_value(template, parameters);
+            let object = run_object(&jobs(), entry, request_id, name, lock, spec);
+            let made = state
+                .cluster
+                .create(&entry.namespace, &jobs(), &object)
+                .await?;
+            (made.object, made.created)
+        }
+    };
+    status.created = Some(created);
+    if !created {
+        let (state, reason) = of_object(kind, &object);
+        status.state = if state == RunState::NotFound {
+            RunState::Submitted
+        } else {
+            state
+        };
+        status.reason = reason;
+    }
+    Ok(status)
+}
+
+/// A Workflow or Job carrying the labels and annotations the status path reads back.
+fn run_object(
+    resource: &kube::api::ApiResource,
+    entry: &Entry,
+    request_id: &str,
+    name: &str,
+    lock: Option<&str>,
+    spec: Value,
+) -> DynamicObject {
+    let mut annotations =
+        BTreeMap::from([(REQUEST_ID_ANNOTATION.to_string(), request_id.to_string())]);
+    if let Some(lease) = lock {
+        annotations.insert(LOCK_ANNOTATION.to_string(), lease.to_string());
+    }
+    let mut object = DynamicObject::new(name, resource);
+    object.metadata = ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(entry.namespace.clone()),
+        labels: Some(BTreeMap::from([
+            (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+            (PIPELINE_LABEL.to_string(), entry.name.clone()),
+        ])),
+        annotations: Some(annotations),
+        ..ObjectMeta::default()
+    };
+    object.data = json!({ "spec": spec });
+    object
+}
+
+/// Releases a lock, logging instead of failing: used where the event already has an outcome
+/// to report, and the Lease's TTL is the backstop.
+async fn release(state: &State, namespace: &str, lease: &str, holder: &str) {
+    if let Err(e) = release_or_fail(state, namespace, lease, holder).await {
+        tracing::warn!(lease, holder, error = %e, "could not release lock; it expires with its TTL");
+    }
+}
+
+/// Releases a lock held by `holder` (nothing when another holds it).
+async fn release_or_fail(
+    state: &State,
+    namespace: &str,
+    lease: &str,
+    holder: &str,
+) -> Result<(), HandlerError> {
+    if state.cluster.release(namespace, lease, holder).await? {
+        tracing::info!(lease, holder, "lock released");
+    }
+    Ok(())
+}
+
+/// Publishes a status to `ai.pipeline.status.{request_id}`; `Nats-Msg-Id` is
+/// `{request_id}.{state}`, so a stream keeps each state of a run once.
+async fn publish(state: &State, status: &RunStatus) -> Result<(), HandlerError> {
+    if !state.nats.is_enabled() {
+        return Ok(());
+    }
+    let subject = subject(
+        &state.config.status_subject,
+        &[("request_id", &status.request_id)],
+    );
+    let msg_id = format!("{}.{}", status.request_id, status.state.as_str());
+    state.nats.publish(subject, status, Some(&msg_id)).await?;
+    state.nats.flush().await
+}
+
+/// Answers `ai.pipeline.status.request` from the API (publishing what it found), and frees
+/// the lock of a run found finished.
+pub async fn status(state: &State, request: &StatusRequest) -> Result<RunStatus, HandlerError> {
+    let entry = entry(state, &request.pipeline)?;
+    let name = run_name(&entry.name, &request.request_id);
+    let kind = entry.kind();
+    let found = match &entry.target {
+        Target::Kubeflow(pipeline) => {
+            let kfp = state
+                .kfp
+                .as_ref()
+                .ok_or_else(|| HandlerError::Internal("KFP_URL is not set".into()))?;
+            kfp.find(&name, pipeline.experiment_id.as_deref()).await?
+        }
+        Target::Argo { .. } => {
+            state
+                .cluster
+                .get(&entry.namespace, &workflows(), &name)
+                .await?
+        }
+        Target::Job(_) => state.cluster.get(&entry.namespace, &jobs(), &name).await?,
+    };
+    let mut status = RunStatus {
+        request_id: request.request_id.clone(),
+        pipeline: entry.name.clone(),
+        state: RunState::NotFound,
+        kind,
+        name,
+        namespace: entry.namespace.clone(),
+        run_id: None,
+        created: None,
+        reason: None,
+    };
+    let Some(object) = found else {
+        return Ok(status);
+    };
+    let (run_state, reason) = of_object(kind, &object);
+    status.state = run_state;
+    status.reason = reason;
+    status.run_id = object["run_id"].as_str().map(str::to_string);
+    if run_state.is_final()
+        && let Some(lease) = object["metadata"]["annotations"][LOCK_ANNOTATION].as_str()
+    {
+        release(state, &entry.namespace, lease, &request.request_id).await;
+    }
+    publish(state, &status).await?;
+    Ok(status)
+}
+
+/// What a resource event did.
+#[derive(Debug, Serialize)]
+pub struct Observed {
+    /// The run's request id, when the object is one of ours.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The state published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<RunState>,
+    /// Why nothing was published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ignored: Option<String>,
+}
+
+/// An ApiServerSource event (mode `Resource`: the data is the whole object) for a Workflow or a
+/// Job: publishes its state, and frees its lock when it has finished (or was deleted).
+pub async fn observed(
+    state: &State,
+    event_type: &str,
+    object: &Value,
+) -> Result<Observed, HandlerError> {
+    let ignore = |why: &str| {
+        Ok(Observed {
+            request_id: None,
+            state: None,
+            ignored: Some(why.to_string()),
+        })
+    };
+    let metadata = &object["metadata"];
+    if metadata["labels"][MANAGED_BY_LABEL] != MANAGED_BY {
+        return ignore("not created by pipeline-bridge");
+    }
+    let Some(request_id) = metadata["annotations"][REQUEST_ID_ANNOTATION].as_str() else {
+        return ignore("no request id annotation");
+    };
+    let kind = match (object["apiVersion"].as_str(), object["kind"].as_str()) {
+        (Some("argoproj.io/v1alpha1"), Some("Workflow")) => Kind::Argo,
+        (Some("batch/v1"), Some("Job")) => Kind::Job,
+        _ => return ignore("neither an Argo Workflow nor a batch/v1 Job"),
+    };
+    let namespace = metadata["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (mut run_state, mut reason) = of_object(kind, object);
+    if event_type.ends_with(".delete") && !run_state.is_final() {
+        run_state = RunState::Failed;
+        reason = Some("deleted before it finished".into());
+    }
+    let status = RunStatus {
+        request_id: request_id.to_string(),
+        pipeline: metadata["labels"][PIPELINE_LABEL]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        state: run_state,
+        kind,
+        name: metadata["name"].as_str().unwrap_or_default().to_string(),
+        namespace: namespace.clone(),
+        run_id: None,
+        created: None,
+        reason,
+    };
+    publish(state, &status).await?;
+    // A failed release is retried with the event (the publish repeats under the same
+    // Nats-Msg-Id), so a finished run does not keep its lock until the TTL.
+    if run_state.is_final()
+        && let Some(lease) = metadata["annotations"][LOCK_ANNOTATION].as_str()
+    {
+        release_or_fail(state, &namespace, lease, request_id).await?;
+    }
+    Ok(Observed {
+        request_id: Some(request_id.to_string()),
+        state: Some(run_state),
+        ignored: None,
+    })
+}
