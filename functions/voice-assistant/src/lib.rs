@@ -18,6 +18,7 @@
 //! - `handle`: one event; `SentenceFeed`: LLM deltas -> sentences; `speak_in_order`: sentences
 //!   -> TTS (bounded parallelism, order kept) -> the audio stream.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -166,17 +167,54 @@ fn ms(d: Duration) -> u64 {
 async fn handle(Extract(state): Extract<State>, event: CloudEvent) -> Result<Reply, HandlerError> {
     event.expect_type(&[REQUEST_TYPE])?;
     let request: VoiceRequest = event.data()?;
-    let deadline = state.config.base.event_timeout;
-    let response = tokio::time::timeout(deadline, answer(&state, &event, request))
-        .await
-        .map_err(|_| HandlerError::Deadline(deadline))??;
+    let deadline = EventDeadline::starting_now(state.config.base.event_timeout);
+    let response = answer(&state, &event, request, deadline).await?;
     event.reply(RESPONSE_TYPE, &state.config.base.source, &response)
+}
+
+/// The event's one deadline (`EVENT_TIMEOUT_MS`), applied stage by stage inside [`answer`]
+/// rather than around it, so that when it fires after audio was published the stream is still
+/// ended and the failure made final (a retry would speak the answer twice).
+#[derive(Debug, Clone, Copy)]
+struct EventDeadline {
+    at: tokio::time::Instant,
+    budget: Duration,
+}
+
+impl EventDeadline {
+    fn starting_now(budget: Duration) -> Self {
+        Self {
+            at: tokio::time::Instant::now() + budget,
+            budget,
+        }
+    }
+
+    /// Runs `work` until the deadline; past it, [`HandlerError::Deadline`] (retryable).
+    async fn bound<T>(
+        self,
+        work: impl Future<Output = Result<T, HandlerError>>,
+    ) -> Result<T, HandlerError> {
+        tokio::time::timeout_at(self.at, work)
+            .await
+            .map_err(|_| HandlerError::Deadline(self.budget))?
+    }
+}
+
+/// Makes a failure final once the listener heard part of the answer: a redelivery would
+/// speak it again (the delivery contract's "a redelivery must never stream twice").
+fn after_audio(published: usize, error: HandlerError) -> HandlerError {
+    match error {
+        e if published == 0 => e,
+        e @ HandlerError::StreamInterrupted(_) => e,
+        other => HandlerError::StreamInterrupted(other.to_string()),
+    }
 }
 
 async fn answer(
     state: &State,
     event: &CloudEvent,
     request: VoiceRequest,
+    deadline: EventDeadline,
 ) -> Result<VoiceResponse, HandlerError> {
     let config = &state.config;
     let started = Instant::now();
@@ -186,11 +224,14 @@ async fn answer(
         .clone()
         .unwrap_or_else(|| event.id().to_string());
     // Learn NATS' limit (and that NATS is up) before spending backend time.
-    let max_payload = state.nats.max_payload().await?;
+    let max_payload = deadline.bound(state.nats.max_payload()).await?;
 
-    let transcript = state
-        .stt
-        .transcribe_recording(&request.audio, request.language.as_deref(), None)
+    let transcript = deadline
+        .bound(
+            state
+                .stt
+                .transcribe_recording(&request.audio, request.language.as_deref(), None),
+        )
         .await?;
     let stt_ms = ms(started.elapsed());
     if transcript.text.trim().is_empty() {
@@ -208,7 +249,6 @@ async fn answer(
     let mut feed = SentenceFeed {
         buffer: SentenceBuffer::new(config.max_sentence_chars),
         sentences: Some(sentences_tx),
-        visible: state.nats.is_enabled(),
     };
     let voice = VoiceOptions {
         voice: request.voice.clone(),
@@ -225,8 +265,10 @@ async fn answer(
     };
     let speaking = speak_in_order(state, sentences_rx, &mut audio_stream, &voice, started);
     // Either side failing stops the other: no speaking for a failed answer, no LLM tokens
-    // nobody will hear.
-    let joined = tokio::try_join!(chatting, speaking);
+    // nobody will hear. The deadline ends both the same way, through the branch below.
+    let joined = deadline
+        .bound(async { tokio::try_join!(chatting, speaking) })
+        .await;
     let (chat, spoken) = match joined {
         Ok(both) => both,
         Err(e) => {
@@ -234,69 +276,76 @@ async fn answer(
                 // The listener already heard part of the answer: end the stream, and make the
                 // failure final so a redelivery does not speak it twice.
                 let _ = audio_stream.end().await;
-                return Err(match e {
-                    e @ HandlerError::StreamInterrupted(_) => e,
-                    other => HandlerError::StreamInterrupted(other.to_string()),
-                });
             }
-            return Err(e);
+            return Err(after_audio(audio_stream.published(), e));
         }
     };
-    audio_stream.end().await?;
-
-    let merged = Wav::concat(spoken.wavs).map_err(|e| HandlerError::Backend {
-        backend: "tts",
-        detail: e,
-    })?;
-    let audio = match merged {
-        Some(wav) => wav
-            .to_bytes()
-            .map_err(|e| HandlerError::Internal(format!("encoding WAV: {e}")))?,
-        None => Vec::new(),
-    };
-    let mut response = VoiceResponse {
-        request_id: request_id.clone(),
-        transcript: transcript.text,
-        response: chat.response,
-        audio,
-        audio_subject: None,
-        sources: chat.sources,
-        timings_ms: Timings {
-            stt: stt_ms,
-            ttft: stt_ms + chat.timings_ms.ttft,
-            first_audio: spoken.first_audio.map_or(0, ms),
-            total: ms(started.elapsed()),
-        },
-    };
-    if state.nats.is_enabled() {
-        let reply_subject = subject(&config.reply_subject, &[("request_id", &request_id)]);
-        let msg_id = format!("{request_id}.reply");
-        if response.audio.len() + ENVELOPE_ROOM > max_payload {
-            // The audio is already on the stream, sentence by sentence: point there.
-            let audio = std::mem::take(&mut response.audio);
-            response.audio_subject = Some(audio_stream.subject().to_string());
-            state
-                .nats
-                .publish(reply_subject, &response, Some(&msg_id))
-                .await?;
-            response.audio = audio;
-            response.audio_subject = None;
-        } else {
-            state
-                .nats
-                .publish(reply_subject, &response, Some(&msg_id))
-                .await?;
+    // From here on the whole answer was heard: any failure is final (a retry would speak it
+    // again), and the deadline still applies.
+    let published = audio_stream.published();
+    let reply = async {
+        audio_stream.end().await?;
+        let merged = Wav::concat(spoken.wavs).map_err(|e| HandlerError::Backend {
+            backend: "tts",
+            detail: e,
+        })?;
+        let audio = match merged {
+            Some(wav) => wav
+                .to_bytes()
+                .map_err(|e| HandlerError::Internal(format!("encoding WAV: {e}")))?,
+            None => Vec::new(),
+        };
+        let mut response = VoiceResponse {
+            request_id: request_id.clone(),
+            transcript: transcript.text,
+            response: chat.response,
+            audio,
+            audio_subject: None,
+            sources: chat.sources,
+            timings_ms: Timings {
+                stt: stt_ms,
+                ttft: stt_ms + chat.timings_ms.ttft,
+                first_audio: spoken.first_audio.map_or(0, ms),
+                total: ms(started.elapsed()),
+            },
+        };
+        if state.nats.is_enabled() {
+            let reply_subject = subject(&config.reply_subject, &[("request_id", &request_id)]);
+            let msg_id = format!("{request_id}.reply");
+            if response.audio.len() + ENVELOPE_ROOM > max_payload {
+                // The audio is already on the stream, sentence by sentence: point there.
+                let audio = std::mem::take(&mut response.audio);
+                response.audio_subject = Some(audio_stream.subject().to_string());
+                state
+                    .nats
+                    .publish(reply_subject, &response, Some(&msg_id))
+                    .await?;
+                response.audio = audio;
+                response.audio_subject = None;
+            } else {
+                state
+                    .nats
+                    .publish(reply_subject, &response, Some(&msg_id))
+                    .await?;
+            }
+            state.nats.flush().await?;
         }
-        state.nats.flush().await?;
-    }
-    Ok(response)
+        Ok(response)
+    };
+    deadline
+        .bound(reply)
+        .await
+        .map_err(|e| after_audio(published, e))
 }
 
 /// Cuts the LLM's deltas into sentences and hands them to the speaking side.
+///
+/// Text is never what the listener gets: only audio is, and only once published. So the feed is
+/// not "visible" to [`Chat::answer`], whose LLM errors stay retryable; [`answer`] makes them
+/// final when [`AudioStream::published`] says something was heard.
 struct SentenceFeed {
     buffer: SentenceBuffer,
     sentences: Option<mpsc::UnboundedSender<String>>,
-    visible: bool,
 }
 
 impl SentenceFeed {
@@ -322,7 +371,7 @@ impl DeltaSink for SentenceFeed {
     }
 
     fn visible(&self) -> bool {
-        self.visible
+        false
     }
 }
 

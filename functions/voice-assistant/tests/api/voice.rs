@@ -17,6 +17,10 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 async fn app(sim: &str, llm: &str, nats: Option<&str>) -> Router {
+    app_with(sim, llm, nats, &[]).await
+}
+
+async fn app_with(sim: &str, llm: &str, nats: Option<&str>, extra: &[(&str, &str)]) -> Router {
     let mut env = vec![
         ("STT_URL", sim.to_string()),
         ("TTS_URL", sim.to_string()),
@@ -28,6 +32,7 @@ async fn app(sim: &str, llm: &str, nats: Option<&str>) -> Router {
     if let Some(url) = nats {
         env.push(("NATS_URL", url.to_string()));
     }
+    env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
     let config = handler_kit::config::load(&env, voice_assistant::Config::read).expect("config");
     voice_assistant::app(voice_assistant::State::new(config).await.expect("state"))
 }
@@ -146,14 +151,34 @@ async fn voice_end_to_end_on_the_simulator() {
     assert!(published.audio_subject.is_none(), "small audio is inlined");
 }
 
-/// An LLM that says one sentence at once and then writes slowly.
-async fn slow_llm() -> String {
+/// What a scripted LLM does, step by step, after sending its response headers.
+#[derive(Debug, Clone, Copy)]
+enum Llm {
+    /// Streams this text as one delta.
+    Say(&'static str),
+    /// Waits this long.
+    Pause(Duration),
+    /// Never says anything more (and never closes).
+    Hang,
+    /// Ends the response cleanly but without `[DONE]` or a finish reason: a broken stream.
+    Break,
+}
+
+/// An OpenAI-style streaming LLM that follows `script` (then `[DONE]`) for every request;
+/// also returns how many requests it received.
+async fn scripted_llm(
+    script: Vec<Llm>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
+            let (script, counter) = (script.clone(), counter.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 64 * 1024];
                 let mut seen = Vec::new();
@@ -163,34 +188,70 @@ async fn slow_llm() -> String {
                         Ok(n) => seen.extend_from_slice(&buf[..n]),
                     }
                 }
+                counter.fetch_add(1, Ordering::SeqCst);
                 let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
                 let _ = socket.write_all(head.as_bytes()).await;
-                let event = |t: &str| {
-                    let e = format!(
-                        "data: {}\n\n",
-                        json!({"choices": [{"index": 0, "delta": {"content": t}}]})
-                    );
-                    format!("{:x}\r\n{e}\r\n", e.len())
-                };
-                let _ = socket
-                    .write_all(event("Here is the first sentence. ").as_bytes())
-                    .await;
-                let _ = socket.flush().await;
-                for word in [
-                    "Then ", "a ", "slow ", "second ", "one ", "follows ", "word ", "by ", "word.",
-                ] {
-                    tokio::time::sleep(Duration::from_millis(150)).await;
-                    let _ = socket.write_all(event(word).as_bytes()).await;
-                    let _ = socket.flush().await;
+                let chunk = |e: &str| format!("{:x}\r\n{e}\r\n", e.len());
+                for step in script {
+                    match step {
+                        Llm::Say(t) => {
+                            let e = format!(
+                                "data: {}\n\n",
+                                json!({"choices": [{"index": 0, "delta": {"content": t}}]})
+                            );
+                            let _ = socket.write_all(chunk(&e).as_bytes()).await;
+                            let _ = socket.flush().await;
+                        }
+                        Llm::Pause(d) => tokio::time::sleep(d).await,
+                        Llm::Hang => std::future::pending::<()>().await,
+                        Llm::Break => {
+                            let _ = socket.write_all(b"0\r\n\r\n").await;
+                            return;
+                        }
+                    }
                 }
-                let done = "data: [DONE]\n\n";
+                let done = chunk("data: [DONE]\n\n");
                 let _ = socket
-                    .write_all(format!("{:x}\r\n{done}\r\n0\r\n\r\n", done.len()).as_bytes())
+                    .write_all(format!("{done}0\r\n\r\n").as_bytes())
                     .await;
             });
         }
     });
-    url
+    (url, calls)
+}
+
+/// An LLM that says one sentence at once and then writes slowly.
+async fn slow_llm() -> String {
+    let mut script = vec![Llm::Say("Here is the first sentence. ")];
+    for word in [
+        "Then ", "a ", "slow ", "second ", "one ", "follows ", "word ", "by ", "word.",
+    ] {
+        script.push(Llm::Pause(Duration::from_millis(150)));
+        script.push(Llm::Say(word));
+    }
+    scripted_llm(script).await.0
+}
+
+/// The next message on `stream` is one the test publishes now: nothing else was there.
+async fn assert_stream_is_silent(
+    client: &async_nats::Client,
+    subject: &'static str,
+    stream: &mut async_nats::Subscriber,
+) {
+    client
+        .publish(subject, "sentinel".into())
+        .await
+        .expect("publish");
+    client.flush().await.expect("flush");
+    let next = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("sentinel in time")
+        .expect("open");
+    assert_eq!(
+        &next.payload[..],
+        b"sentinel",
+        "the function published on the stream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,4 +310,106 @@ async fn bad_or_silent_audio_is_rejected() {
             .contains("no speech"),
         "{data}"
     );
+}
+
+/// Receives the next stream message, or fails after a generous deadline.
+async fn next_chunk(stream: &mut async_nats::Subscriber) -> Chunk {
+    let msg = tokio::time::timeout(Duration::from_secs(20), stream.next())
+        .await
+        .expect("a stream message in time")
+        .expect("open");
+    rmp_serde::from_slice(&msg.payload).expect("msgpack chunk")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_after_audio_was_heard_ends_the_stream_and_is_final() {
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    let mut stream = client
+        .subscribe("ai.voice.response.stream.late")
+        .await
+        .expect("sub");
+    client.flush().await.expect("flush");
+    let sim = simulator().await;
+    // One sentence at once, then an LLM that never finishes: the deadline fires mid-answer.
+    let (llm, _) = scripted_llm(vec![
+        Llm::Say("Here is the first sentence. "),
+        Llm::Say("Then "),
+        Llm::Hang,
+    ])
+    .await;
+    let url = nats.url();
+    let app = app_with(&sim, &llm, Some(&url), &[("EVENT_TIMEOUT_MS", "5000")]).await;
+    let audio = testkit::fixtures::speech("two-utterances-16k.wav");
+    let (status, data) = post(
+        &app,
+        json!({"request_id": "late", "audio": b64(&audio), "enable_rag": false}),
+    )
+    .await;
+    // Final (422), not a retryable 504: the listener heard the first sentence already.
+    assert_eq!(status, 422, "{data}");
+    assert_eq!(data["error"], "stream_interrupted", "{data}");
+    let first = next_chunk(&mut stream).await;
+    assert_eq!(first.seq, 0);
+    assert_eq!(first.text.as_deref(), Some("Here is the first sentence."));
+    assert!(!first.done);
+    let end = next_chunk(&mut stream).await;
+    assert_eq!(end.seq, 1);
+    assert!(end.done, "the stream is ended for the listener");
+    assert!(end.audio.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_before_any_audio_is_retryable_and_silent() {
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    let mut stream = client
+        .subscribe("ai.voice.response.stream.early")
+        .await
+        .expect("sub");
+    client.flush().await.expect("flush");
+    let sim = simulator().await;
+    let (llm, calls) = scripted_llm(vec![Llm::Hang]).await;
+    let url = nats.url();
+    let app = app_with(&sim, &llm, Some(&url), &[("EVENT_TIMEOUT_MS", "3000")]).await;
+    let audio = testkit::fixtures::speech("two-utterances-16k.wav");
+    let (status, data) = post(
+        &app,
+        json!({"request_id": "early", "audio": b64(&audio), "enable_rag": false}),
+    )
+    .await;
+    assert_eq!(status, 504, "{data}");
+    assert_eq!(data["error"], "deadline_exceeded", "{data}");
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the deadline fired while the LLM was answering"
+    );
+    assert_stream_is_silent(&client, "ai.voice.response.stream.early", &mut stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_llm_failure_before_any_sentence_is_spoken_is_retryable_and_silent() {
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    let mut stream = client
+        .subscribe("ai.voice.response.stream.broken")
+        .await
+        .expect("sub");
+    client.flush().await.expect("flush");
+    let sim = simulator().await;
+    // Text arrives, but no sentence is complete when the stream breaks: nothing was spoken.
+    let (llm, calls) = scripted_llm(vec![Llm::Say("Here is an unfinished "), Llm::Break]).await;
+    let url = nats.url();
+    let app = app(&sim, &llm, Some(&url)).await;
+    let audio = testkit::fixtures::speech("two-utterances-16k.wav");
+    let (status, data) = post(
+        &app,
+        json!({"request_id": "broken", "audio": b64(&audio), "enable_rag": false}),
+    )
+    .await;
+    assert_eq!(status, 502, "{data}");
+    assert_eq!(data["error"], "backend_error", "{data}");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_stream_is_silent(&client, "ai.voice.response.stream.broken", &mut stream).await;
 }
