@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use regex::Regex;
 use serde::Deserialize;
 use serde_json::Value;
@@ -262,10 +262,13 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Parses and checks a catalog; every problem found is returned.
-    pub fn parse(yaml: &str, default_namespace: &str) -> Result<Self, Vec<String>> {
-        let file: CatalogFile =
-            serde_saphyr::from_str(yaml).map_err(|e| vec![format!("catalog: {e}")])?;
+    /// Parses and checks a catalog: the entries that are valid, and every problem found (a
+    /// catalog with problems is refused, but its valid entries still inform other checks).
+    pub fn parse_all(yaml: &str, default_namespace: &str) -> (Self, Vec<String>) {
+        let file: CatalogFile = match serde_saphyr::from_str(yaml) {
+            Ok(file) => file,
+            Err(e) => return (Self::default(), vec![format!("catalog: {e}")]),
+        };
         let mut problems = Vec::new();
         let mut entries = HashMap::new();
         for (name, raw) in file.pipelines {
@@ -276,8 +279,14 @@ impl Catalog {
                 Err(mut p) => problems.append(&mut p),
             }
         }
+        (Self { entries }, problems)
+    }
+
+    /// Parses and checks a catalog; every problem found is returned.
+    pub fn parse(yaml: &str, default_namespace: &str) -> Result<Self, Vec<String>> {
+        let (catalog, problems) = Self::parse_all(yaml, default_namespace);
         if problems.is_empty() {
-            Ok(Self { entries })
+            Ok(catalog)
         } else {
             Err(problems)
         }
@@ -424,7 +433,8 @@ fn build_entry(name: &str, raw: EntryFile, default_namespace: &str) -> Result<En
                 problems.push(at("git.paths is empty"));
             }
             for path in &g.paths {
-                match Glob::new(path) {
+                // `*` stays within one directory and `**` crosses them, as in .gitignore.
+                match GlobBuilder::new(path).literal_separator(true).build() {
                     Ok(glob) => {
                         builder.add(glob);
                     }

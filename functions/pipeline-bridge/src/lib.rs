@@ -118,12 +118,13 @@ impl Config {
                 r.problem(format!("PIPELINE_CATALOG {catalog_path}: {e}"));
                 Catalog::default()
             }
-            Ok(text) => Catalog::parse(&text, &namespace).unwrap_or_else(|problems| {
+            Ok(text) => {
+                let (catalog, problems) = Catalog::parse_all(&text, &namespace);
                 for p in problems {
                     r.problem(format!("{catalog_path}: {p}"));
                 }
-                Catalog::default()
-            }),
+                catalog
+            }
         };
         let kfp_url = r
             .optional("KFP_URL")

@@ -1,0 +1,9 @@
+//! pipeline-bridge through its public surface: CloudEvents and webhooks over HTTP, against a
+//! fake Kubernetes API server and a fake KFP server that answer like the real ones, with a real
+//! nats-server for the status messages. One test binary (modules below).
+
+mod binary;
+mod status;
+mod support;
+mod trigger;
+mod webhooks;

@@ -1,0 +1,315 @@
+//! Signed git push webhooks: signatures, delivery replays, path and branch mapping.
+
+use serde_json::json;
+
+use crate::support::{Harness, assert_error, push, run_name, sign, webhook, writes};
+
+const AFTER: &str = "0123456789abcdef0123456789abcdef01234567";
+
+fn github(
+    delivery: &str,
+    event: &str,
+    body: &[u8],
+    secret: &str,
+) -> http::Request<axum::body::Body> {
+    webhook(
+        "/webhooks/github",
+        &[
+            ("x-github-event", event.to_string()),
+            ("x-github-delivery", delivery.to_string()),
+            (
+                "x-hub-signature-256",
+                format!("sha256={}", sign(secret, body)),
+            ),
+        ],
+        body,
+    )
+}
+
+#[tokio::test]
+async fn a_signed_push_triggers_every_entry_whose_paths_changed_once_per_delivery() {
+    let h = Harness::start().await;
+    let mut statuses = h.statuses().await;
+    let body = push(
+        "main",
+        AFTER,
+        &[
+            (&["models/bert/config.json"], &["README.md"], &[]),
+            (&[], &[], &["charts/app.yaml"]),
+        ],
+    );
+    let answer = h.send(github("d-1", "push", &body, "github-secret")).await;
+    assert_eq!(
+        answer.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let reply = answer.json();
+    assert_eq!(reply["delivery"], "d-1");
+    assert_eq!(reply["duplicate"], false);
+    let triggered = reply["triggered"].as_array().expect("list");
+    let names: Vec<&str> = triggered
+        .iter()
+        .map(|t| t["pipeline"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["deploy", "train"], "{reply}");
+    assert_eq!(triggered[0]["request_id"], "git-d-1-deploy");
+    assert_eq!(triggered[0]["state"], "submitted");
+    assert_eq!(triggered[0]["name"], run_name("deploy", "git-d-1-deploy"));
+    // Parameters came from the push: the Job got the pushed revision, the Workflow the branch.
+    let job = &h.kube.requests_to("POST", "/jobs")[0].body;
+    assert_eq!(
+        job["spec"]["template"]["spec"]["containers"][0]["args"],
+        json!(["--env", "staging", "--revision", AFTER])
+    );
+    let workflow = &h.kube.requests_to("POST", "/workflows")[0].body;
+    assert_eq!(
+        workflow["spec"]["arguments"]["parameters"],
+        json!([{"name": "epochs", "value": "3"}, {"name": "model", "value": "git-main"}])
+    );
+    let mut subjects = vec![statuses.next().await.0, statuses.next().await.0];
+    subjects.sort();
+    assert_eq!(
+        subjects,
+        [
+            "ai.pipeline.status.git-d-1-deploy",
+            "ai.pipeline.status.git-d-1-train"
+        ]
+    );
+
+    // The sender replays the delivery: answered from the record, nothing sent to Kubernetes.
+    let before = h.kube.requests().len();
+    let replay = h.send(github("d-1", "push", &body, "github-secret")).await;
+    assert_eq!(replay.status, 202);
+    assert_eq!(replay.json()["duplicate"], true);
+    assert_eq!(replay.json()["triggered"], json!([]));
+    assert_eq!(h.kube.requests().len(), before);
+    statuses.assert_quiet().await;
+}
+
+#[tokio::test]
+async fn a_replay_seen_by_another_replica_is_a_duplicate_through_the_shared_bucket() {
+    let h = Harness::start().await;
+    let body = push("main", AFTER, &[(&["deploy/values.yaml"], &[], &[])]);
+    assert_eq!(
+        h.send(github("d-2", "push", &body, "github-secret"))
+            .await
+            .status,
+        202
+    );
+    // A second instance (another replica) on the same NATS and cluster.
+    let env = crate::support::base_env(&h.kube, &h.kfp, &h.nats, &h.dir);
+    let config = handler_kit::config::load(&env, pipeline_bridge::Config::read).expect("config");
+    let other = pipeline_bridge::app(pipeline_bridge::State::new(config).await.expect("state"));
+    let writes_before = writes(&h.kube).len();
+    let replay = crate::support::send(&other, github("d-2", "push", &body, "github-secret")).await;
+    assert_eq!(replay.status, 202);
+    assert_eq!(replay.json()["duplicate"], true, "{}", replay.json());
+    assert_eq!(writes(&h.kube).len(), writes_before);
+}
+
+#[tokio::test]
+async fn without_nats_a_replay_is_still_deduplicated_and_idempotent() {
+    let h = Harness::start_with(&[("NATS_URL", "")]).await;
+    let body = push("main", AFTER, &[(&["deploy/values.yaml"], &[], &[])]);
+    assert_eq!(
+        h.send(github("d-3", "push", &body, "github-secret"))
+            .await
+            .status,
+        202
+    );
+    let replay = h.send(github("d-3", "push", &body, "github-secret")).await;
+    assert_eq!(replay.json()["duplicate"], true);
+    assert_eq!(
+        h.kube.objects("/apis/batch/v1/namespaces/ops/jobs").len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn missing_or_bad_signatures_are_401_before_anything_else() {
+    let h = Harness::start().await;
+    let body = push("main", AFTER, &[(&["models/a"], &[], &[])]);
+    let unsigned = webhook(
+        "/webhooks/github",
+        &[
+            ("x-github-event", "push".into()),
+            ("x-github-delivery", "u-1".into()),
+        ],
+        &body,
+    );
+    assert_error(&h.send(unsigned).await, 401, "unauthorized");
+    assert_error(
+        &h.send(github("u-2", "push", &body, "wrong-secret")).await,
+        401,
+        "unauthorized",
+    );
+    // Signed for another body.
+    let mut tampered = body.clone();
+    tampered.extend_from_slice(b" ");
+    let request = webhook(
+        "/webhooks/github",
+        &[
+            ("x-github-event", "push".into()),
+            ("x-github-delivery", "u-3".into()),
+            (
+                "x-hub-signature-256",
+                format!("sha256={}", sign("github-secret", &body)),
+            ),
+        ],
+        &tampered,
+    );
+    assert_error(&h.send(request).await, 401, "unauthorized");
+    // Gitea's secret does not open GitHub's endpoint, and garbage is not a signature.
+    assert_error(
+        &h.send(github("u-4", "push", &body, "gitea-secret")).await,
+        401,
+        "unauthorized",
+    );
+    let garbage = webhook(
+        "/webhooks/gitea",
+        &[
+            ("x-gitea-event", "push".into()),
+            ("x-gitea-delivery", "u-5".into()),
+            ("x-gitea-signature", "not-hex".into()),
+        ],
+        &body,
+    );
+    assert_error(&h.send(garbage).await, 401, "unauthorized");
+    assert!(h.kube.requests().is_empty());
+    // A bad signature does not burn the delivery: the correctly signed one still runs.
+    let good = h.send(github("u-2", "push", &body, "github-secret")).await;
+    assert_eq!(good.json()["duplicate"], false);
+    assert_eq!(good.json()["triggered"][0]["pipeline"], "train");
+}
+
+#[tokio::test]
+async fn gitea_pushes_map_paths_and_branches_to_entries() {
+    let h = Harness::start().await;
+    let gitea = |delivery: &str, event: &str, body: &[u8]| {
+        webhook(
+            "/webhooks/gitea",
+            &[
+                ("x-gitea-event", event.to_string()),
+                ("x-gitea-delivery", delivery.to_string()),
+                ("x-gitea-signature", sign("gitea-secret", body)),
+            ],
+            body,
+        )
+    };
+    let names = |answer: &crate::support::Answer| -> Vec<String> {
+        answer.json()["triggered"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|t| t["pipeline"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    // Only charts/*.yaml directly under charts/ matches; docs change nothing.
+    let body = push(
+        "main",
+        AFTER,
+        &[(&["charts/sub/x.yaml", "docs/a.md"], &[], &[])],
+    );
+    let answer = h.send(gitea("g-1", "push", &body)).await;
+    assert_eq!(
+        answer.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert!(names(&answer).is_empty());
+    // A removed file counts as a change.
+    let body = push("main", AFTER, &[(&[], &[], &["charts/app.yaml"])]);
+    assert_eq!(
+        names(&h.send(gitea("g-2", "push", &body)).await),
+        ["deploy"]
+    );
+    // Another branch selects nothing.
+    let body = push("feature", AFTER, &[(&["models/x"], &[], &[])]);
+    assert!(names(&h.send(gitea("g-3", "push", &body)).await).is_empty());
+    // Tags and other events are accepted and ignored.
+    let mut tag: serde_json::Value =
+        serde_json::from_slice(&push("main", AFTER, &[(&["models/x"], &[], &[])])).expect("json");
+    tag["ref"] = json!("refs/tags/v1");
+    let tag = serde_json::to_vec(&tag).expect("json");
+    let answer = h.send(gitea("g-4", "push", &tag)).await;
+    assert!(
+        answer.json()["ignored"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not a branch")
+    );
+    let answer = h.send(gitea("g-5", "issues", b"{}")).await;
+    assert_eq!(answer.status, 202);
+    assert!(answer.json()["ignored"].is_string());
+    assert_eq!(
+        h.kube.objects("/apis/batch/v1/namespaces/ops/jobs").len(),
+        1
+    );
+    assert!(h.kube.requests_to("POST", "/workflows").is_empty());
+    // A signed body that is not a push, and a missing delivery id, are 400.
+    assert_error(
+        &h.send(gitea("g-6", "push", b"[1,2]")).await,
+        400,
+        "invalid_payload",
+    );
+    assert_error(
+        &h.send(gitea("", "push", &body)).await,
+        400,
+        "invalid_payload",
+    );
+}
+
+#[tokio::test]
+async fn a_delivery_that_hit_a_held_lock_is_not_recorded_so_its_redelivery_runs() {
+    let h = Harness::start().await;
+    // Someone else holds the staging lock.
+    let held =
+        json!({"request_id": "manual", "pipeline": "deploy", "parameters": {"env": "staging"}});
+    assert_eq!(h.trigger("ce-1", held).await.status, 200);
+    let body = push("main", AFTER, &[(&["deploy/a.yaml", "models/b"], &[], &[])]);
+    let answer = h.send(github("l-1", "push", &body, "github-secret")).await;
+    assert_eq!(
+        answer.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert!(!answer.header("retry-after").is_empty());
+    let reply = answer.json();
+    assert_eq!(reply["triggered"][0]["error"], "backend_unavailable");
+    assert_eq!(
+        reply["triggered"][1]["state"], "submitted",
+        "the other entry still ran: {reply}"
+    );
+    // Lock released (the manual run finished): the redelivery runs what is missing.
+    let jobs = "/apis/batch/v1/namespaces/ops/jobs";
+    let done = h
+        .kube
+        .update(&format!("{jobs}/{}", run_name("deploy", "manual")), |j| {
+            j["status"] = json!({"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]});
+        })
+        .expect("job");
+    assert_eq!(h.resource_event("update", &done).await.status, 202);
+    let again = h.send(github("l-1", "push", &body, "github-secret")).await;
+    assert_eq!(
+        again.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&again.body)
+    );
+    let reply = again.json();
+    assert_eq!(reply["triggered"][0]["created"], true);
+    assert_eq!(
+        reply["triggered"][1]["created"], false,
+        "found, not created twice: {reply}"
+    );
+    assert_eq!(
+        h.kube
+            .objects("/apis/argoproj.io/v1alpha1/namespaces/ml/workflows")
+            .len(),
+        1
+    );
+}
