@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -323,7 +324,8 @@ struct Pipeline {
 #[derive(Clone)]
 pub struct Chat {
     pipeline: Arc<Pipeline>,
-    flights: Arc<Mutex<HashMap<String, Weak<Flight>>>>,
+    flights: Flights,
+    next_flight: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Chat {
@@ -349,6 +351,7 @@ impl Chat {
         Self {
             pipeline: Arc::new(pipeline),
             flights: Arc::default(),
+            next_flight: Arc::default(),
         }
     }
 
@@ -368,7 +371,26 @@ impl Chat {
         request_id: &str,
         sink: &mut impl DeltaSink,
     ) -> Result<ChatResponse, HandlerError> {
-        let (flight, mut events, prefix) = self.join(request);
+        let pipeline = self.pipeline.clone();
+        let run_request = request.clone();
+        let joined = self.join(request.flight_key(), move |mut emitter| async move {
+            pipeline.run(&run_request, &mut emitter).await
+        });
+        self.follow(joined, request_id, sink).await
+    }
+
+    /// Takes part in a run until it is done, passing its text to `sink`.
+    async fn follow(
+        &self,
+        joined: Joined,
+        request_id: &str,
+        sink: &mut impl DeltaSink,
+    ) -> Result<ChatResponse, HandlerError> {
+        let Joined {
+            flight,
+            mut events,
+            prefix,
+        } = joined;
         let mut streamed = false;
         if !prefix.is_empty() {
             sink.delta(&prefix).await?;
@@ -402,52 +424,145 @@ impl Chat {
         }
     }
 
-    /// Joins the run for this request's key, or starts one.
-    fn join(
-        &self,
-        request: &ChatRequest,
-    ) -> (Arc<Flight>, broadcast::Receiver<FlightEvent>, String) {
-        let key = request.flight_key();
-        let mut flights = self.flights.lock().expect("flights lock");
+    /// Joins the run for `key`, or starts one with `run` (no key: always a run of its own).
+    fn join<F, Fut>(&self, key: Option<String>, run: F) -> Joined
+    where
+        F: FnOnce(Emitter) -> Fut,
+        Fut: Future<Output = Result<ChatResponse, HandlerError>> + Send + 'static,
+    {
+        let mut flights = lock(&self.flights);
         if let Some(flight) = key
             .as_ref()
             .and_then(|k| flights.get(k))
-            .and_then(Weak::upgrade)
+            .and_then(|entry| entry.flight.upgrade())
         {
-            let (rx, prefix) = flight.channel.subscribe();
+            let (events, prefix) = flight.channel.subscribe();
             self.pipeline.metrics.shared.add(1, &[]);
-            return (flight, rx, prefix);
+            return Joined {
+                flight,
+                events,
+                prefix,
+            };
         }
+        let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
         let channel = Arc::new(FlightChannel::default());
-        let (rx, prefix) = channel.subscribe();
-        let pipeline = self.pipeline.clone();
-        let (run_request, run_channel) = (request.clone(), channel.clone());
-        let flights_for_task = self.flights.clone();
-        let task_key = key.clone();
+        let (events, prefix) = channel.subscribe();
+        let work = run(Emitter(channel.clone()));
+        let guard = RunGuard {
+            owner: key.clone().map(|key| FlightOwner {
+                flights: self.flights.clone(),
+                key,
+                id,
+            }),
+            channel: channel.clone(),
+            finished: false,
+        };
         let task = tokio::spawn(async move {
-            let mut emitter = Emitter(run_channel.clone());
-            let result = pipeline.run(&run_request, &mut emitter).await;
-            // Remove the key first, under the same lock joiners take, so nobody joins a
-            // finished run.
-            if let Some(k) = &task_key {
-                let mut flights = flights_for_task.lock().expect("flights lock");
-                if flights.get(k).is_some_and(|w| {
-                    w.upgrade()
-                        .is_none_or(|f| Arc::ptr_eq(&f.channel, &run_channel))
-                }) {
-                    flights.remove(k);
-                }
-            }
-            run_channel.finish(result);
+            // Dropped unfinished when `work` panics (or the run is cancelled): the guard then
+            // fails the flight, so participants hear about it at once, not at their deadline.
+            let guard = guard;
+            let result = work.await;
+            guard.finish(result);
         });
         let flight = Arc::new(Flight {
             channel,
             task: task.abort_handle(),
+            owner: key.clone().map(|key| FlightOwner {
+                flights: self.flights.clone(),
+                key,
+                id,
+            }),
         });
         if let Some(k) = key {
-            flights.insert(k, Arc::downgrade(&flight));
+            flights.insert(
+                k,
+                FlightEntry {
+                    id,
+                    flight: Arc::downgrade(&flight),
+                },
+            );
         }
-        (flight, rx, prefix)
+        Joined {
+            flight,
+            events,
+            prefix,
+        }
+    }
+}
+
+/// Locks a mutex even if a panic poisoned it: the maps and channels here stay consistent
+/// (every change is a single insert, remove or send), and this runs in `Drop`.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A participant's view of a run.
+struct Joined {
+    flight: Arc<Flight>,
+    events: broadcast::Receiver<FlightEvent>,
+    prefix: String,
+}
+
+/// The runs in progress by key. Each entry names its flight by `id`, so only the flight that
+/// put an entry there removes it, never a newer run under the same key.
+type Flights = Arc<Mutex<HashMap<String, FlightEntry>>>;
+
+struct FlightEntry {
+    id: u64,
+    flight: Weak<Flight>,
+}
+
+/// A flight's claim on its key in [`Flights`].
+struct FlightOwner {
+    flights: Flights,
+    key: String,
+    id: u64,
+}
+
+impl FlightOwner {
+    /// Removes the key if it still names this flight, so nobody joins a finished run and dead
+    /// entries do not pile up.
+    fn release(&self) {
+        let mut flights = lock(&self.flights);
+        if flights.get(&self.key).is_some_and(|e| e.id == self.id) {
+            flights.remove(&self.key);
+        }
+    }
+}
+
+/// Lives in the run's task: it always finishes the flight, with the run's result or, when the
+/// task ends without one (a panic, an abort), with an internal error.
+struct RunGuard {
+    owner: Option<FlightOwner>,
+    channel: Arc<FlightChannel>,
+    finished: bool,
+}
+
+impl RunGuard {
+    fn finish(mut self, result: Result<ChatResponse, HandlerError>) {
+        self.finished = true;
+        self.end(result);
+    }
+
+    fn end(&self, result: Result<ChatResponse, HandlerError>) {
+        // Remove the key first, under the same lock joiners take, so nobody joins a finished
+        // run: whoever joined before this sees the Done below.
+        if let Some(owner) = &self.owner {
+            owner.release();
+        }
+        self.channel.finish(result);
+    }
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.end(Err(HandlerError::Internal(
+                "the shared answer's run stopped without a result; retry".into(),
+            )));
+        }
     }
 }
 
@@ -482,31 +597,36 @@ impl Default for FlightChannel {
 
 impl FlightChannel {
     fn subscribe(&self) -> (broadcast::Receiver<FlightEvent>, String) {
-        let state = self.state.lock().expect("flight lock");
+        let state = lock(&self.state);
         (state.1.subscribe(), state.0.clone())
     }
 
     fn delta(&self, text: &str) {
-        let mut state = self.state.lock().expect("flight lock");
+        let mut state = lock(&self.state);
         state.0.push_str(text);
         let _ = state.1.send(FlightEvent::Delta(text.to_string()));
     }
 
     fn finish(&self, result: Result<ChatResponse, HandlerError>) {
-        let state = self.state.lock().expect("flight lock");
+        let state = lock(&self.state);
         let _ = state.1.send(FlightEvent::Done(Box::new(result)));
     }
 }
 
-/// Held by every participant; the last one out cancels the run (and so the LLM request).
+/// Held by every participant; the last one out cancels the run (and so the LLM request) and
+/// gives up the key.
 struct Flight {
     channel: Arc<FlightChannel>,
     task: tokio::task::AbortHandle,
+    owner: Option<FlightOwner>,
 }
 
 impl Drop for Flight {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(owner) = &self.owner {
+            owner.release();
+        }
     }
 }
 
@@ -813,6 +933,91 @@ mod tests {
         let groups = words_in_groups(text, 4);
         assert_eq!(groups.concat(), text);
         assert_eq!(groups.len(), 3);
+    }
+
+    fn chat() -> Chat {
+        let env = [
+            ("LLM_URL", "http://127.0.0.1:9"),
+            ("EMBED_URL", "http://127.0.0.1:9"),
+            ("MILVUS_URL", "http://127.0.0.1:9"),
+        ];
+        let config = crate::config::load(&env, ChatConfig::read).expect("config");
+        let http = crate::http::client(Duration::from_secs(1)).expect("http client");
+        Chat::new(http, config)
+    }
+
+    fn answered(text: &str) -> ChatResponse {
+        ChatResponse {
+            request_id: String::new(),
+            response: text.into(),
+            sources: Vec::new(),
+            path: "llm",
+            degraded: false,
+            usage: None,
+            timings_ms: Timings::default(),
+        }
+    }
+
+    fn open_flights(chat: &Chat) -> usize {
+        lock(&chat.flights).len()
+    }
+
+    #[tokio::test]
+    async fn a_panicking_run_fails_every_participant_at_once_and_is_not_joined_again() {
+        let chat = chat();
+        let key = Some("same question".to_string());
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let leader = chat.join(key.clone(), move |_| async move {
+            let _ = wait.await;
+            panic!("a bug in the pipeline");
+        });
+        let follower = chat.join(key.clone(), |_| async {
+            unreachable!("joins the leader's run instead of starting one")
+        });
+        assert!(Arc::ptr_eq(&leader.flight, &follower.flight));
+        let _ = go.send(());
+        let deadline = Duration::from_secs(5);
+        for (joined, id) in [(leader, "a"), (follower, "b")] {
+            let outcome = tokio::time::timeout(deadline, chat.follow(joined, id, &mut Discard))
+                .await
+                .expect("answered promptly, not at the participant's deadline");
+            assert!(
+                matches!(&outcome, Err(HandlerError::Internal(_))),
+                "{outcome:?}"
+            );
+            assert!(outcome.is_err_and(|e| e.class().is_retryable()));
+        }
+        assert_eq!(open_flights(&chat), 0, "the key is free again");
+
+        // The next identical request starts a fresh run.
+        let fresh = chat.join(key, |_| async { Ok(answered("fresh")) });
+        let outcome = tokio::time::timeout(deadline, chat.follow(fresh, "c", &mut Discard))
+            .await
+            .expect("in time")
+            .expect("the fresh run answers");
+        assert_eq!(outcome.response, "fresh");
+        assert_eq!(outcome.request_id, "c");
+        assert_eq!(open_flights(&chat), 0);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_run_gives_up_its_key() {
+        let chat = chat();
+        let joined = chat.join(Some("k".into()), |_| std::future::pending());
+        assert_eq!(open_flights(&chat), 1);
+        // The last participant goes away (a caller disconnected): the run is cancelled and its
+        // entry removed rather than left behind as a dead Weak.
+        drop(joined);
+        assert_eq!(open_flights(&chat), 0);
+        let again = chat.join(Some("k".into()), |_| async { Ok(answered("again")) });
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(5),
+            chat.follow(again, "x", &mut Discard),
+        )
+        .await
+        .expect("in time")
+        .expect("answer");
+        assert_eq!(outcome.response, "again");
     }
 
     #[test]
