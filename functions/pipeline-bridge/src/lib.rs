@@ -67,11 +67,17 @@ pub const RESOURCE_TYPES: [&str; 3] = [
     "dev.knative.apiserver.resource.delete",
 ];
 
+/// Where Kubernetes mounts the pod's namespace.
+const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
 /// pipeline-bridge's configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Shared settings (`PORT`, `NATS_URL`, `MAX_BODY_BYTES` default 64 KiB, ...).
     pub base: BaseConfig,
+    /// `PIPELINE_DEFAULT_NAMESPACE` (default: the pod's own namespace, else `default`) is the
+    /// namespace of catalog entries that name none.
+    ///
     /// Read from `PIPELINE_CATALOG` (default `/etc/pipeline-bridge/catalog.yaml`, a mounted
     /// ConfigMap): the only pipelines that can be started.
     pub catalog: Arc<Catalog>,
@@ -111,7 +117,16 @@ impl Config {
     /// Reads every variable and the catalog; problems are collected by `r`.
     pub fn read(r: &mut ConfigReader) -> Self {
         let base = BaseConfig::read(r, "pipeline-bridge", 64 * 1024);
-        let namespace = r.string("PIPELINE_DEFAULT_NAMESPACE", "default");
+        // In a pod, the service account's own namespace: catalog entries without one run
+        // next to the function, whatever namespace it was deployed to.
+        let own_namespace = std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
+            .map(|n| n.trim().to_string())
+            .ok()
+            .filter(|n| !n.is_empty());
+        let namespace = r.string(
+            "PIPELINE_DEFAULT_NAMESPACE",
+            own_namespace.as_deref().unwrap_or("default"),
+        );
         let catalog_path = r.string("PIPELINE_CATALOG", "/etc/pipeline-bridge/catalog.yaml");
         let catalog = match std::fs::read_to_string(&catalog_path) {
             Err(e) => {

@@ -77,6 +77,14 @@ pub async fn trigger(
             "request_id must be 1 to 256 characters".into(),
         ));
     }
+    // Its status subject must not be the status-request subject (`{request_id}` = "request").
+    if subject(&state.config.status_subject, &[("request_id", request_id)])
+        == crate::STATUS_REQUEST_TYPE
+    {
+        return Err(HandlerError::Unprocessable(format!(
+            "request_id {request_id:?} is reserved"
+        )));
+    }
     let entry = entry(state, &request.pipeline)?;
     let parameters = entry.resolve(&request.parameters)?;
     let name = run_name(&entry.name, request_id);
