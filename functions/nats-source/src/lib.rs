@@ -28,11 +28,16 @@ use futures::StreamExt as _;
 use handler_kit::serve::Health;
 use handler_kit::telemetry;
 use opentelemetry::metrics::{Counter, Histogram, UpDownCounter};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{Config, Ordering};
+
+/// How long one pull request waits for messages. Short, so a pull lost with a restarting
+/// server is noticed soon (the client gives up 5 s after it), and at shutdown the last pull,
+/// whose messages are handed back as they come, ends soon.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
 
 /// For `ORDERING=subject`: per subject, the completion signal of its latest message (tagged
 /// with a generation so the last one out can remove its own entry).
@@ -143,91 +148,71 @@ pub async fn run(
                 })
             })
             .clone();
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(config.fetch_batch)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await;
-        let mut messages = match messages {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "pull failed, rebinding");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
         health.set_ready(true);
         tracing::info!(stream = %config.stream, consumer = %config.consumer, "consumer bound, delivering to {}", config.sink);
         loop {
-            // Take a slot before pulling the next message, so at most MAX_IN_FLIGHT are held.
-            let permit = tokio::select! {
+            // Slots first, then a pull for exactly that many messages: every message that
+            // arrives has a delivery task (and its in-progress acks) waiting for it, so nothing
+            // sits in a client buffer while its ack wait runs out.
+            let mut slots = tokio::select! {
                 p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
                 () = shutdown.cancelled() => break 'bind,
             };
-            let next = tokio::select! {
-                n = messages.next() => n,
-                () = shutdown.cancelled() => break 'bind,
-            };
-            let msg = match next {
-                Some(Ok(msg)) => msg,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "pull stream error");
-                    use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
-                    if matches!(
-                        e.kind(),
-                        K::ConsumerDeleted | K::NoResponders | K::RequestLimitExceeded
-                    ) {
-                        continue 'bind;
-                    }
-                    // Heartbeats go missing while NATS is away: pause instead of spinning.
+            let more = permits
+                .available_permits()
+                .min(config.fetch_batch.saturating_sub(1));
+            if more > 0
+                && let Ok(extra) = permits
+                    .clone()
+                    .try_acquire_many_owned(u32::try_from(more).unwrap_or(u32::MAX))
+            {
+                slots.merge(extra);
+            }
+            let batch = consumer
+                .batch()
+                .max_messages(slots.num_permits())
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pull failed, rebinding");
                     tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        () = tokio::time::sleep(Duration::from_millis(500)) => continue 'bind,
                         () = shutdown.cancelled() => break 'bind,
                     }
-                    continue;
                 }
-                None => continue 'bind,
             };
-            let wait_for = if config.is_ordered(msg.subject.as_str()) {
-                generation += 1;
-                let (done_tx, done_rx) = oneshot::channel();
-                let previous = chains
-                    .lock()
-                    .expect("chains lock")
-                    .insert(msg.subject.to_string(), (generation, done_rx))
-                    .map(|(_, rx)| rx);
-                Some((previous, done_tx, generation))
-            } else {
-                None
-            };
-            let (s, chains, cancel) = (s.clone(), chains.clone(), abandon.clone());
-            s.metrics.in_flight.add(1, &[]);
-            tracker.spawn(async move {
-                let subject = msg.subject.to_string();
-                let mut done = None;
-                if let Some((previous, done_tx, my_generation)) = wait_for {
-                    if let Some(previous) = previous {
-                        // Earlier message of this subject still running: wait, keeping ours alive.
-                        let _ = deliver_wait(&s, &msg, previous).await;
+            loop {
+                let next = tokio::select! {
+                    n = batch.next() => n,
+                    () = shutdown.cancelled() => {
+                        // The pull may still bring messages: hand each back at once.
+                        tracker.spawn(hand_back(batch, s.clone()));
+                        break 'bind;
                     }
-                    done = Some((done_tx, my_generation));
-                }
-                deliver::deliver(s.clone(), msg, cancel).await;
-                if let Some((done_tx, my_generation)) = done {
-                    let _ = done_tx.send(());
-                    let mut chains = chains.lock().expect("chains lock");
-                    if chains
-                        .get(&subject)
-                        .is_some_and(|(g, _)| *g == my_generation)
-                    {
-                        chains.remove(&subject);
+                };
+                match next {
+                    Some(Ok(msg)) => {
+                        let permit = slots
+                            .split(1)
+                            .expect("a pull never brings more messages than it asked for");
+                        generation += 1;
+                        dispatch(&s, &chains, &tracker, &abandon, generation, msg, permit);
+                    }
+                    // Fulfilled or expired: ask again with the slots free by now.
+                    None => break,
+                    Some(Err(e)) => {
+                        // A status from the server (consumer deleted, leadership change, ...).
+                        tracing::warn!(error = %e, "pull error, rebinding");
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(100)) => continue 'bind,
+                            () = shutdown.cancelled() => break 'bind,
+                        }
                     }
                 }
-                s.metrics.in_flight.add(-1, &[]);
-                drop(permit);
-            });
+            }
         }
     }
 
@@ -250,6 +235,66 @@ pub async fn run(
     }
     let _ = client.flush().await;
     Ok(())
+}
+
+/// Starts one message's delivery task; with per-subject ordering it first waits for the
+/// previous message of its subject.
+fn dispatch(
+    s: &Arc<Shared>,
+    chains: &Arc<Mutex<SubjectChains>>,
+    tracker: &TaskTracker,
+    abandon: &CancellationToken,
+    generation: u64,
+    msg: jetstream::Message,
+    permit: OwnedSemaphorePermit,
+) {
+    let wait_for = if s.config.is_ordered(msg.subject.as_str()) {
+        let (done_tx, done_rx) = oneshot::channel();
+        let previous = chains
+            .lock()
+            .expect("chains lock")
+            .insert(msg.subject.to_string(), (generation, done_rx))
+            .map(|(_, rx)| rx);
+        Some((previous, done_tx))
+    } else {
+        None
+    };
+    let (s, chains, cancel) = (s.clone(), chains.clone(), abandon.clone());
+    s.metrics.in_flight.add(1, &[]);
+    tracker.spawn(async move {
+        let subject = msg.subject.to_string();
+        let mut done = None;
+        if let Some((previous, done_tx)) = wait_for {
+            if let Some(previous) = previous {
+                // Earlier message of this subject still running: wait, keeping ours alive.
+                let _ = deliver_wait(&s, &msg, previous).await;
+            }
+            done = Some(done_tx);
+        }
+        deliver::deliver(s.clone(), msg, cancel).await;
+        if let Some(done_tx) = done {
+            let _ = done_tx.send(());
+            let mut chains = chains.lock().expect("chains lock");
+            if chains.get(&subject).is_some_and(|(g, _)| *g == generation) {
+                chains.remove(&subject);
+            }
+        }
+        s.metrics.in_flight.add(-1, &[]);
+        drop(permit);
+    });
+}
+
+/// At shutdown: naks whatever the open pull still brings, until the server ends it (at its
+/// expiry at the latest), so no message waits out its ack wait unseen.
+async fn hand_back(mut batch: pull::Batch, s: Arc<Shared>) {
+    while let Some(next) = batch.next().await {
+        if let Ok(msg) = next {
+            let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
+            s.metrics
+                .settled
+                .add(1, &[opentelemetry::KeyValue::new("outcome", "shutdown")]);
+        }
+    }
 }
 
 /// Waits for the previous message of the same subject, with in-progress acks meanwhile.

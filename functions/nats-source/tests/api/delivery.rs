@@ -291,3 +291,57 @@ async fn a_reply_over_max_payload_is_skipped_not_retried() {
     assert_eq!(attempts, 1, "the oversized reply made the source retry");
     source.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_sink_with_a_short_ack_wait_gets_every_message_exactly_once() {
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    // Each POST takes 200 ms and only 4 run at once (with pulls of up to 64), so the backlog
+    // takes ~5 s, five ack waits: a message held anywhere without in-progress acks would be
+    // redelivered while its first copy still waits, and reach the sink twice.
+    let sink = Sink::start(Arc::new(|_: &str, _| 200), Duration::from_millis(200));
+    let source = Source::start(
+        &nats.url(),
+        &sink.url(),
+        &[
+            ("MAX_IN_FLIGHT", "4"),
+            ("FETCH_BATCH", "64"),
+            ("ACK_WAIT_MS", "1000"),
+            ("MAX_DELIVER", "2"),
+        ],
+    );
+    source.ready().await;
+    publish_numbered(&client, 100, |i| format!("work.slow{}", i % 5)).await;
+    assert!(
+        drained(&client, Duration::from_secs(60)).await,
+        "messages left pending"
+    );
+
+    let mut calls: HashMap<String, usize> = HashMap::new();
+    for r in sink.log() {
+        assert_eq!(r.status, 200);
+        *calls.entry(r.id).or_default() += 1;
+    }
+    assert_eq!(calls.len(), 100, "a message never reached the sink");
+    let twice: Vec<_> = calls.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert!(
+        sink.max_concurrent() <= 4,
+        "more than MAX_IN_FLIGHT in the sink"
+    );
+    let js = async_nats::jetstream::new(client.clone());
+    let info = js
+        .get_stream("WORK")
+        .await
+        .expect("stream")
+        .consumer_info("worker")
+        .await
+        .expect("consumer")
+        .clone();
+    assert_eq!(info.num_redelivered, 0, "JetStream redelivered messages");
+    assert!(
+        dead_letters(&client).await.is_empty(),
+        "nothing fails, nothing is dead-lettered"
+    );
+    source.stop().await;
+}
