@@ -10,7 +10,8 @@
 //!   concurrency on the revision, so any replica can take the next chunk. When an utterance
 //!   closes (enough silence, or `final`) it is transcribed and published to
 //!   `ai.stt.transcript.{session_id}`. A redelivered `seq` is ignored; a chunk that arrives
-//!   before its predecessor is answered 409 (retried later). Order comes from nats-source
+//!   before its predecessor is answered 409 (retried later); a chunk with bad audio is answered
+//!   422 and skipped, so the session goes on. Order comes from nats-source
 //!   with `ORDERING=subject` on `ai.stt.stream.{session_id}`.
 //!
 //! # Layout

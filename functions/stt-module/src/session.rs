@@ -6,8 +6,14 @@
 //! can need, and writes the state back *only if the revision is still the one it read*. A
 //! concurrent writer makes that write fail: the chunk is answered 409 and redelivered, and
 //! then sees the other writer's state. Transcripts are published before the write, with
-//! `Nats-Msg-Id` `{session_id}.{utterance_seq}`, so a retried chunk's republish is dropped by
-//! a JetStream stream (at least once, never lost).
+//! `Nats-Msg-Id` `{session_id}.{start_ms}` (where the utterance starts in the session, fixed
+//! by the saved segmenter state), so a retried chunk's republish is dropped by a JetStream
+//! stream (at least once, never lost). `utterance_seq` numbers every utterance the segmenter
+//! closes, in order; one with no words is not published, so the numbers can skip.
+//!
+//! A chunk whose audio is rejected (422, dead-lettered) is recorded as skipped in its turn:
+//! `next_seq` moves past it in the same revision-checked write, the segmenter is untouched,
+//! and the session goes on with the next chunk.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +48,7 @@ pub(crate) struct Chunk {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Session {
     next_seq: u64,
+    /// Utterances closed so far, with or without words.
     utterance_seq: u64,
     /// Session time (ms) of the first pending sample.
     offset_ms: u64,
@@ -163,11 +170,18 @@ pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted
         ));
     };
     state.nats.max_payload().await?;
-    // Decode before touching shared state: bad audio is the chunk's fault alone.
-    let samples = if chunk.audio.is_empty() && chunk.is_final {
-        Vec::new()
+    // Decode before touching shared state: bad audio is the chunk's fault alone. It is still
+    // answered with its 4xx, but only after its seq is recorded as skipped below: otherwise the
+    // session would wait for it forever and every later chunk would get 409 until the TTL.
+    let decoded = if chunk.audio.is_empty() && chunk.is_final {
+        Ok(Vec::new())
     } else {
-        state.stt.prepare(&chunk.audio)?
+        state.stt.prepare(&chunk.audio)
+    };
+    let (samples, rejected) = match decoded {
+        Ok(samples) => (samples, None),
+        Err(e) if e.class().is_retryable() => return Err(e),
+        Err(e) => (Vec::new(), Some(e)),
     };
     let store = state.sessions.store(client).await?;
     let key = chunk.session_id.as_str();
@@ -191,8 +205,13 @@ pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted
         utterances: s.utterance_seq,
     };
     if chunk.seq < session.next_seq || session.finished {
-        return Ok(accepted(true, &session));
+        // A redelivery: of a skipped chunk, its error again; else the duplicate is ignored.
+        return match rejected {
+            Some(e) => Err(e),
+            None => Ok(accepted(true, &session)),
+        };
     }
+    // Even a rejected chunk waits for its predecessor: it can only be skipped in its turn.
     if chunk.seq > session.next_seq {
         return Err(HandlerError::Conflict(format!(
             "session {} expects seq {} before {}",
@@ -203,12 +222,22 @@ pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted
     let vad = &state.stt.config().vad;
     let mut pending = samples_from(&session.pending);
     pending.extend_from_slice(&samples);
-    let mut spans = session.segmenter.push(vad, &samples);
+    // A skipped chunk adds no audio and leaves the segmenter as it was; a skipped final chunk
+    // still ends the session (its last utterance is transcribed).
+    let mut spans = if rejected.is_some() {
+        Vec::new()
+    } else {
+        session.segmenter.push(vad, &samples)
+    };
     if chunk.is_final {
         spans.extend(session.segmenter.finish(vad));
     }
     let transcript_subject = subject(&state.config.transcript_subject, &[("session_id", key)]);
     for span in spans {
+        // Every utterance gets a number, even one with no words (not published), so a retried
+        // chunk numbers its utterances the same way whatever the backend answered.
+        let utterance_seq = session.utterance_seq;
+        session.utterance_seq += 1;
         let relative = Span {
             start_ms: span.start_ms.saturating_sub(session.offset_ms),
             end_ms: span.end_ms.saturating_sub(session.offset_ms),
@@ -227,17 +256,19 @@ pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted
         }
         let message = Transcript {
             session_id: key,
-            utterance_seq: session.utterance_seq,
+            utterance_seq,
             text: &text,
             start_ms: span.start_ms,
             end_ms: span.end_ms,
         };
-        let msg_id = format!("{key}.{}", session.utterance_seq);
+        // Named by where the utterance starts in the session, which the segmenter's saved state
+        // fixes: a retry of this chunk republishes each utterance under the same id, so the
+        // stream's dedupe drops copies and never a different utterance.
+        let msg_id = format!("{key}.{}", span.start_ms);
         state
             .nats
             .publish(transcript_subject.clone(), &message, Some(&msg_id))
             .await?;
-        session.utterance_seq += 1;
     }
     state.nats.flush().await?;
 
@@ -279,5 +310,8 @@ pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted
         }),
     };
     written?;
-    Ok(accepted(false, &session))
+    match rejected {
+        Some(e) => Err(e),
+        None => Ok(accepted(false, &session)),
+    }
 }

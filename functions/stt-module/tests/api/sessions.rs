@@ -124,3 +124,138 @@ async fn sessions_without_nats_are_refused_clearly() {
             .contains("NATS_URL")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_chunk_is_skipped_and_the_session_goes_on() {
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    let url = nats.url();
+    let app = app(&simulator().await, &[("NATS_URL", url.as_str())]).await;
+    let mut sub = client
+        .subscribe("ai.stt.transcript.gap")
+        .await
+        .expect("sub");
+    client.flush().await.expect("flush");
+    let pieces = chunks();
+    let last = pieces.len() - 1;
+
+    let first = send(&app, chunk_event("gap", 0, &pieces[0], false)).await;
+    assert_eq!(
+        first.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    // Bad audio: final (dead-lettered), and so is its redelivery; neither blocks the session.
+    for _ in 0..2 {
+        let bad = send(&app, chunk_event("gap", 1, b"not audio", false)).await;
+        assert_error(&bad, 422, "unprocessable");
+    }
+    let mut utterances = 0;
+    for (seq, audio) in pieces.iter().enumerate().skip(2) {
+        let answer = send(&app, chunk_event("gap", seq, audio, seq == last)).await;
+        assert_eq!(
+            answer.status,
+            202,
+            "seq {seq}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert_eq!(answer.json()["duplicate"], false);
+        utterances = answer.json()["utterances"].as_u64().expect("utterances");
+    }
+    assert!(utterances >= 1, "the rest of the session was transcribed");
+    let published = transcripts(&mut sub, usize::try_from(utterances).expect("small")).await;
+    for (i, t) in published.iter().enumerate() {
+        assert_eq!(t["utterance_seq"], i as u64);
+        assert!(
+            t["text"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("simulated transcript of"),
+            "{t}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_chunk_never_loses_an_utterance_to_dedupe() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    let js = async_nats::jetstream::new(client.clone());
+    // A stream with JetStream's duplicate window, as a consumer of transcripts would have.
+    let stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "TRANSCRIPTS".into(),
+            subjects: vec!["ai.stt.transcript.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+
+    // The first attempt: the first utterance has no words, the second does, the third fails
+    // (retryably). The retry: every utterance has words.
+    let stt = wiremock::MockServer::start().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path("/v1/audio/transcriptions"))
+        .respond_with(move |_: &wiremock::Request| {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            match n {
+                0 => wiremock::ResponseTemplate::new(200).set_body_json(json!({"text": ""})),
+                1 => wiremock::ResponseTemplate::new(200)
+                    .set_body_json(json!({"text": "utterance 1"})),
+                2 => wiremock::ResponseTemplate::new(500),
+                n => wiremock::ResponseTemplate::new(200)
+                    .set_body_json(json!({"text": format!("utterance {}", n - 3)})),
+            }
+        })
+        .mount(&stt)
+        .await;
+    let url = nats.url();
+    let app = app(&stt.uri(), &[("NATS_URL", url.as_str())]).await;
+
+    // The recording twice over: four utterances closed by one final chunk.
+    let wav = Wav::parse(&testkit::fixtures::speech("two-utterances-16k.wav")).expect("fixture");
+    let once = resample(&wav.to_mono_i16(), wav.sample_rate(), 16_000);
+    let twice = encode_pcm16(&[once.clone(), once].concat(), 16_000).expect("encode");
+    let failed = send(&app, chunk_event("retry", 0, &twice, true)).await;
+    assert_error(&failed, 502, "backend_error");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    let retried = send(&app, chunk_event("retry", 0, &twice, true)).await;
+    assert_eq!(
+        retried.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&retried.body)
+    );
+    let utterances = calls.load(Ordering::SeqCst) - 3;
+    assert!(utterances >= 3, "{utterances} utterances");
+    assert_eq!(retried.json()["utterances"], utterances as u64);
+
+    // Every utterance is in the stream exactly once, whatever order the attempts left.
+    let stored = testkit::cloudevent::eventually(Duration::from_secs(10), || {
+        let js = js.clone();
+        async move {
+            let stream = js.get_stream("TRANSCRIPTS").await.ok()?;
+            let n = stream.cached_info().state.messages;
+            (n >= utterances as u64).then_some(n)
+        }
+    })
+    .await
+    .expect("transcripts stored");
+    assert_eq!(stored, utterances as u64, "no copies, nothing lost");
+    let mut seen = Vec::new();
+    for seq in 1..=stored {
+        let raw = stream.get_raw_message(seq).await.expect("stored message");
+        let t: serde_json::Value = rmp_serde::from_slice(&raw.payload).expect("msgpack");
+        let n = t["utterance_seq"].as_u64().expect("utterance_seq");
+        assert_eq!(t["text"], format!("utterance {n}"), "{t}");
+        seen.push(n);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..utterances as u64).collect::<Vec<_>>());
+}
