@@ -31,6 +31,8 @@ pub enum Class {
     UnsupportedMediaType,
     /// Well-formed but impossible to process: 422.
     Unprocessable,
+    /// The request body broke off before its end: 408, retried later.
+    Incomplete,
     /// Out of order or a lost race on shared state: 409, retried later.
     Conflict,
     /// A dependency is down or saturated: 503 with `Retry-After`.
@@ -52,6 +54,7 @@ impl Class {
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Incomplete => StatusCode::REQUEST_TIMEOUT,
             Self::Conflict => StatusCode::CONFLICT,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadGateway => StatusCode::BAD_GATEWAY,
@@ -153,6 +156,8 @@ mod tests {
         assert!(!Class::TooLarge.is_retryable());
         assert!(!Class::UnsupportedMediaType.is_retryable());
         assert!(!Class::Unprocessable.is_retryable());
+        assert!(Class::Incomplete.is_retryable());
+        assert_eq!(Class::Incomplete.status(), StatusCode::REQUEST_TIMEOUT);
         assert!(Class::Conflict.is_retryable());
         assert!(Class::Unavailable(Duration::from_secs(1)).is_retryable());
         assert!(Class::BadGateway.is_retryable());

@@ -32,6 +32,10 @@ pub enum HandlerError {
         /// The configured limit in bytes.
         limit: usize,
     },
+    /// The request body broke off before its end (the connection failed mid-body): the event
+    /// itself may be fine, so this is retryable (408), unlike a malformed one.
+    #[error("the request body was cut off: {0}")]
+    BodyIncomplete(String),
     /// The event's `datacontenttype` is not one this function decodes.
     #[error("unsupported datacontenttype {0:?}: use application/json or application/msgpack")]
     UnsupportedMediaType(String),
@@ -95,6 +99,7 @@ impl HandlerError {
             }
             Self::Unauthorized(_) => Class::Unauthorized,
             Self::PayloadTooLarge { .. } => Class::TooLarge,
+            Self::BodyIncomplete(_) => Class::Incomplete,
             Self::UnsupportedMediaType(_) => Class::UnsupportedMediaType,
             Self::Unavailable { retry_after, .. } => Class::Unavailable(*retry_after),
             Self::Backend { .. } => Class::BadGateway,
@@ -112,6 +117,7 @@ impl HandlerError {
             Self::Unprocessable(_) => "unprocessable",
             Self::Unauthorized(_) => "unauthorized",
             Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::BodyIncomplete(_) => "body_incomplete",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::Unavailable { .. } => "backend_unavailable",
             Self::Backend { .. } => "backend_error",

@@ -290,8 +290,10 @@ impl<S: Send + Sync> FromRequest<S> for CloudEvent {
 }
 
 /// Reads a request body under a hard cap: a declared length over it is refused before a byte is
-/// read, and a chunked body is cut off (413) as soon as it passes the cap. Shared by the event
-/// extractor and by functions that take other bodies (webhooks).
+/// read, and a chunked body is cut off (413) as soon as it passes the cap. A body that breaks off
+/// for any other reason (the sender's connection failed mid-body) is
+/// [`HandlerError::BodyIncomplete`], retryable: the event was never seen whole, so it cannot be
+/// judged bad. Shared by the event extractor and by functions that take other bodies (webhooks).
 pub async fn read_capped(
     headers: &HeaderMap,
     body: axum::body::Body,
@@ -311,7 +313,7 @@ pub async fn read_capped(
             if e.downcast_ref::<LengthLimitError>().is_some() {
                 HandlerError::PayloadTooLarge { limit }
             } else {
-                HandlerError::InvalidEvent(format!("could not read the body: {e}"))
+                HandlerError::BodyIncomplete(e.to_string())
             }
         })?
         .to_bytes())
@@ -463,6 +465,69 @@ mod tests {
         let ce = CloudEvent::parse(&headers, body.to_vec()).expect("structured event");
         assert_eq!(ce.mode(), Mode::Structured);
         assert_eq!(&*ce.data_bytes().expect("bytes"), b"RIFF");
+    }
+
+    fn broken_body() -> axum::body::Body {
+        let pieces: Vec<Result<bytes::Bytes, std::io::Error>> = vec![
+            Ok(bytes::Bytes::from_static(b"{\"text\": \"half")),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "connection reset by peer",
+            )),
+        ];
+        axum::body::Body::from_stream(futures::stream::iter(pieces))
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_off_mid_read_is_retried_and_one_over_the_cap_is_not() {
+        let cut = read_capped(&HeaderMap::new(), broken_body(), 1024)
+            .await
+            .expect_err("a broken body");
+        assert!(matches!(cut, HandlerError::BodyIncomplete(_)), "{cut:?}");
+        assert!(cut.class().is_retryable());
+        let big = axum::body::Body::from(vec![b'x'; 2048]);
+        let over = read_capped(&HeaderMap::new(), big, 1024)
+            .await
+            .expect_err("over the cap");
+        assert!(matches!(
+            over,
+            HandlerError::PayloadTooLarge { limit: 1024 }
+        ));
+        assert!(!over.class().is_retryable());
+    }
+
+    /// Through a function's HTTP surface: the event extractor answers 408, which the source
+    /// retries, instead of 400, which it would dead-letter.
+    #[tokio::test]
+    async fn an_event_whose_body_breaks_off_is_answered_408() {
+        use tower::ServiceExt as _;
+        let events = axum::Router::new().route(
+            "/",
+            axum::routing::post(|_event: CloudEvent| async { "never reached" }),
+        );
+        let app = crate::serve::function_router(events, crate::serve::Health::new(), 1024);
+        let request = axum::http::Request::post("/")
+            .header("ce-specversion", "1.0")
+            .header("ce-id", "cut-1")
+            .header("ce-source", "/test")
+            .header("ce-type", "ai.test")
+            .header("content-type", "application/json")
+            .body(broken_body())
+            .expect("request");
+        let response = app.oneshot(request).await.expect("infallible");
+        assert_eq!(response.status(), axum::http::StatusCode::REQUEST_TIMEOUT);
+        assert!(matches!(
+            crate::delivery::disposition(response.status(), None),
+            crate::delivery::Disposition::Retry { .. }
+        ));
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(json["error"], "body_incomplete");
     }
 
     #[test]
