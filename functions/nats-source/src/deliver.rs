@@ -85,13 +85,31 @@ pub(crate) async fn deliver(
                 return;
             }
             Disposition::Reject => {
-                dead_letter(&shared, &msg, &outbound.id, deliveries, &detail, &attempt).await;
+                dead_letter(
+                    &shared,
+                    &msg,
+                    &position,
+                    &outbound.id,
+                    deliveries,
+                    &detail,
+                    &attempt,
+                )
+                .await;
                 return;
             }
             Disposition::Retry { after } => {
                 if deliveries >= config.max_deliver {
                     let reason = format!("{detail}; gave up after {deliveries} deliveries");
-                    dead_letter(&shared, &msg, &outbound.id, deliveries, &reason, &attempt).await;
+                    dead_letter(
+                        &shared,
+                        &msg,
+                        &position,
+                        &outbound.id,
+                        deliveries,
+                        &reason,
+                        &attempt,
+                    )
+                    .await;
                     return;
                 }
                 tracing::debug!(id = %outbound.id, deliveries, %detail, "retryable failure");
@@ -236,6 +254,7 @@ async fn publish_reply(
 async fn dead_letter(
     shared: &Shared,
     msg: &jetstream::Message,
+    position: &Position,
     id: &str,
     deliveries: i64,
     reason: &str,
@@ -246,9 +265,13 @@ async fn dead_letter(
         .dlq_subject
         .replace("{stream}", &config.stream)
         .replace("{subject}", msg.subject.as_str());
-    let mut headers = msg.headers.clone().unwrap_or_default();
-    // One dead letter per message even if this runs twice (e.g. the term below is lost).
-    headers.insert("Nats-Msg-Id", format!("dlq:{id}").as_str());
+    let mut headers = dead_letter_headers(msg.headers.as_ref());
+    // One dead letter per message even if this runs twice (e.g. the term below is lost). The
+    // stream position, not the event id: ids are unique only per source, and may be missing.
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("dlq:{}:{}", position.stream, position.sequence).as_str(),
+    );
     headers.insert("Dlq-Reason", reason);
     headers.insert("Dlq-Deliveries", deliveries.to_string().as_str());
     headers.insert("Dlq-Original-Subject", msg.subject.as_str());
@@ -284,9 +307,59 @@ async fn dead_letter(
     }
 }
 
+/// The original headers for the dead letter, with JetStream's `Nats-*` control headers
+/// (`Nats-Expected-Stream`, `Nats-Expected-Last-*`, `Nats-Rollup`, `Nats-TTL`, `Nats-Msg-Id`,
+/// ...) renamed to `X-Original-Nats-*`: kept, they would make the DLQ stream reject or
+/// deduplicate the dead letter, every time.
+fn dead_letter_headers(original: Option<&async_nats::HeaderMap>) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, values) in original.into_iter().flat_map(async_nats::HeaderMap::iter) {
+        let name: &str = name.as_ref();
+        let renamed = name
+            .get(..5)
+            .is_some_and(|prefix| prefix.eq_ignore_ascii_case("nats-"))
+            .then(|| format!("X-Original-{name}"));
+        for value in values {
+            match &renamed {
+                Some(renamed) => headers.append(renamed.as_str(), value.as_str()),
+                None => headers.append(name, value.as_str()),
+            }
+        }
+    }
+    headers
+}
+
 fn record_latency(shared: &Shared, position: &Position) {
     let age = chrono::Utc::now().signed_duration_since(position.published);
     if let Ok(age) = age.to_std() {
         shared.metrics.end_to_end.record(age.as_secs_f64(), &[]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letters_carry_no_jetstream_control_headers() {
+        let mut original = async_nats::HeaderMap::new();
+        original.insert("Nats-Expected-Stream", "WORK");
+        original.insert("nats-msg-id", "m-1");
+        original.insert("Content-Type", "application/msgpack");
+        let headers = dead_letter_headers(Some(&original));
+        let names: Vec<&str> = headers.iter().map(|(n, _)| n.as_ref()).collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| !n.to_ascii_lowercase().starts_with("nats-")),
+            "{names:?}"
+        );
+        let get = |n: &str| headers.get(n).map(|v| v.as_str().to_string());
+        assert_eq!(
+            get("X-Original-Nats-Expected-Stream").as_deref(),
+            Some("WORK")
+        );
+        assert_eq!(get("X-Original-nats-msg-id").as_deref(), Some("m-1"));
+        assert_eq!(get("Content-Type").as_deref(), Some("application/msgpack"));
     }
 }
