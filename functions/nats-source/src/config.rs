@@ -54,6 +54,10 @@ pub struct Config {
     /// `REPLY_SUBJECT` (default unset): where a 200's CloudEvent is published when the message
     /// names no `reply-subject`; `{subject}` and `{stream}` are filled in.
     pub reply_subject: Option<String>,
+    /// `REPLY_TIMEOUT_MS` (default 10000): how long publishing a reply may take (JetStream's
+    /// PubAck when a stream stores the reply subject, else the flush); past it the message is
+    /// retried rather than acked.
+    pub reply_timeout: Duration,
     /// `TYPE_MAP` (default: the subject is the type): `pattern=type` pairs separated by `;`,
     /// patterns with NATS wildcards, first match wins, e.g. `ai.stt.stream.*=ai.stt.chunk`.
     pub type_map: Vec<(String, String)>,
@@ -119,6 +123,7 @@ impl Config {
             backoff_max: r.millis("BACKOFF_MAX_MS", 60_000),
             dlq_subject: r.string("DLQ_SUBJECT", "dlq.{stream}.{subject}"),
             reply_subject: r.optional("REPLY_SUBJECT"),
+            reply_timeout: r.millis("REPLY_TIMEOUT_MS", 10_000),
             type_map,
             source: r.string("CE_SOURCE", &format!("/nats/{stream}")),
             default_content_type: r.string("DEFAULT_CONTENT_TYPE", "application/msgpack"),

@@ -72,12 +72,31 @@ pub(crate) async fn deliver(
         };
         match action {
             Disposition::Ack { reply } => {
-                if let (true, Attempt::Answered { headers, body, .. }) = (reply, attempt)
-                    && let Err(e) = publish_reply(&shared, &msg, &outbound.id, &headers, body).await
-                {
-                    tracing::warn!(id = %outbound.id, error = %e, "reply not published, retrying the message");
-                    retry_later(&shared, &msg, deliveries, None).await;
-                    return;
+                if let (true, Attempt::Answered { headers, body, .. }) = (reply, &attempt) {
+                    let publish = publish_reply(&shared, &msg, &outbound.id, headers, body.clone());
+                    if let Err(e) = keep_alive(&msg, shared.ack_wait, publish).await {
+                        // Never ack without the reply: the message is retried (POSTed again;
+                        // the reply's Nats-Msg-Id keeps a stream from storing it twice).
+                        if deliveries >= config.max_deliver {
+                            let reason = format!(
+                                "reply not published: {e}; gave up after {deliveries} deliveries"
+                            );
+                            dead_letter(
+                                &shared,
+                                &msg,
+                                &position,
+                                &outbound.id,
+                                deliveries,
+                                &reason,
+                                &attempt,
+                            )
+                            .await;
+                        } else {
+                            tracing::warn!(id = %outbound.id, error = %e, "reply not published, retrying the message");
+                            retry_later(&shared, &msg, deliveries, None).await;
+                        }
+                        return;
+                    }
                 }
                 let _ = msg.ack().await;
                 m.settled.add(1, &[KeyValue::new("outcome", "delivered")]);
@@ -243,12 +262,69 @@ async fn publish_reply(
             .add(1, &[KeyValue::new("outcome", "reply_too_large")]);
         return Ok(());
     }
-    shared
-        .client
-        .publish_with_headers(subject, nats_headers, payload)
+    let timeout = shared.config.reply_timeout;
+    let publish = async {
+        if captured_by_stream(shared, &subject).await? {
+            // Stored only once JetStream says so; there, Nats-Msg-Id dedupes a retry's copy.
+            let ack = shared
+                .jetstream
+                .publish_with_headers(subject.clone(), nats_headers, payload)
+                .await
+                .map_err(|e| e.to_string())?;
+            ack.await.map(|_| ()).map_err(|e| {
+                // Maybe the stream is gone: look again next time.
+                forget_stream(shared, &subject);
+                format!("not stored: {e}")
+            })
+        } else {
+            shared
+                .client
+                .publish_with_headers(subject.clone(), nats_headers, payload)
+                .await
+                .map_err(|e| e.to_string())?;
+            shared.client.flush().await.map_err(|e| e.to_string())
+        }
+    };
+    tokio::time::timeout(timeout, publish)
         .await
-        .map_err(|e| e.to_string())?;
-    shared.client.flush().await.map_err(|e| e.to_string())
+        .map_err(|_| format!("no confirmation within {timeout:?}"))?
+}
+
+/// How long whether a subject is captured by a stream is remembered.
+const STREAM_LOOKUP_TTL: Duration = Duration::from_secs(10);
+
+/// Whether a JetStream stream stores `subject` (asked of the server, remembered for a while).
+async fn captured_by_stream(shared: &Shared, subject: &str) -> Result<bool, String> {
+    if let Some((at, captured)) = shared
+        .reply_streams
+        .lock()
+        .expect("reply streams lock")
+        .get(subject)
+        && at.elapsed() < STREAM_LOOKUP_TTL
+    {
+        return Ok(*captured);
+    }
+    use async_nats::jetstream::context::GetStreamByNameErrorKind as K;
+    let captured = match shared.jetstream.stream_by_subject(subject).await {
+        Ok(_) => true,
+        Err(e) if e.kind() == K::NotFound => false,
+        Err(e) => return Err(format!("stream lookup: {e}")),
+    };
+    let mut cache = shared.reply_streams.lock().expect("reply streams lock");
+    if cache.len() >= 4096 {
+        // Per-request reply subjects: keep the map bounded.
+        cache.clear();
+    }
+    cache.insert(subject.to_string(), (Instant::now(), captured));
+    Ok(captured)
+}
+
+fn forget_stream(shared: &Shared, subject: &str) {
+    shared
+        .reply_streams
+        .lock()
+        .expect("reply streams lock")
+        .remove(subject);
 }
 
 async fn dead_letter(

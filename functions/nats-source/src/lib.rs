@@ -53,6 +53,8 @@ pub(crate) struct Shared {
     pub(crate) sink: reqwest::Url,
     pub(crate) ack_wait: Duration,
     pub(crate) metrics: Metrics,
+    /// Per reply subject: when it was looked up and whether a stream stores it.
+    pub(crate) reply_streams: Mutex<HashMap<String, (std::time::Instant, bool)>>,
 }
 
 /// The source's own instruments (alongside the shared ones at `/metrics`).
@@ -145,6 +147,7 @@ pub async fn run(
                     sink: sink.clone(),
                     ack_wait,
                     metrics: Metrics::new(),
+                    reply_streams: Mutex::default(),
                 })
             })
             .clone();

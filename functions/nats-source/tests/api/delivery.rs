@@ -345,3 +345,80 @@ async fn a_slow_sink_with_a_short_ack_wait_gets_every_message_exactly_once() {
     );
     source.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_refused_by_its_stream_is_retried_until_stored() {
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    let js = async_nats::jetstream::new(client.clone());
+    // A full stream that discards new messages refuses the reply (a core publish would be
+    // dropped silently and the message acked anyway).
+    let replies = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "REPLIES".into(),
+            subjects: vec!["replies.>".into()],
+            max_messages: 1,
+            discard: async_nats::jetstream::stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .expect("replies stream");
+    js.publish("replies.filler", "x".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let sink = Sink::start(Arc::new(|_: &str, _| 200), Duration::ZERO);
+    let source = Source::start(&nats.url(), &sink.url(), &[("MAX_DELIVER", "1000")]);
+    source.ready().await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("testreply", "yes");
+    headers.insert("reply-subject", "replies.r1");
+    headers.insert("Nats-Msg-Id", "r-1");
+    js.publish_with_headers("work.r", headers, "x".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+
+    let retried = crate::support::eventually(Duration::from_secs(20), || async {
+        (sink.log().len() >= 3).then_some(())
+    })
+    .await;
+    assert!(
+        retried.is_some(),
+        "a refused reply did not make the source retry"
+    );
+    let js_info = js.get_stream("WORK").await.expect("stream");
+    let pending = js_info
+        .consumer_info("worker")
+        .await
+        .expect("consumer")
+        .num_ack_pending;
+    assert_eq!(pending, 1, "the message was acked without its reply");
+
+    replies.purge().await.expect("purge");
+    assert!(
+        drained(&client, Duration::from_secs(20)).await,
+        "never acked"
+    );
+    let stored = js
+        .get_stream("REPLIES")
+        .await
+        .expect("replies")
+        .get_last_raw_message_by_subject("replies.r1")
+        .await
+        .expect("the reply was stored");
+    assert_eq!(
+        stored.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some("r-1.reply")
+    );
+    let mut info = js.get_stream("REPLIES").await.expect("replies");
+    assert_eq!(
+        info.info().await.expect("info").state.messages,
+        1,
+        "stored once"
+    );
+    assert!(dead_letters(&client).await.is_empty());
+    source.stop().await;
+}
