@@ -25,7 +25,7 @@ use handler_kit::config::{BaseConfig, ConfigReader};
 use handler_kit::nats::{Nats, subject};
 use handler_kit::serve::{Health, function_router};
 use handler_kit::{CloudEvent, HandlerError, Reply};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The CloudEvent type this function accepts.
 pub const REQUEST_TYPE: &str = "ai.chat.request";
@@ -98,7 +98,11 @@ pub fn app(state: State) -> Router {
 
 async fn handle(Extract(state): Extract<State>, event: CloudEvent) -> Result<Reply, HandlerError> {
     event.expect_type(&[REQUEST_TYPE])?;
-    let request: ChatRequest = event.data()?;
+    let ChatEventData {
+        message,
+        options: mut request,
+    } = event.data()?;
+    request.message = message;
     let config = &state.config;
     request.validate(&config.chat)?;
     let request_id = request
@@ -137,6 +141,16 @@ async fn handle(Extract(state): Extract<State>, event: CloudEvent) -> Result<Rep
         state.nats.flush().await?;
     }
     event.reply(RESPONSE_TYPE, &config.base.source, &response)
+}
+
+/// `ai.chat.request` data: `message` is required here (a missing one is a malformed payload,
+/// 400), while the shared [`ChatRequest`] defaults it because voice requests fill it in from
+/// the transcript.
+#[derive(Debug, Deserialize)]
+struct ChatEventData {
+    message: String,
+    #[serde(flatten)]
+    options: ChatRequest,
 }
 
 /// One message on the stream subject.
