@@ -72,6 +72,11 @@ pub struct Config {
     /// matching this pattern are ordered, e.g. `ai.stt.stream.>` so session chunks are
     /// ordered while one-shot requests on the same stream still run side by side.
     pub ordered_subjects: Option<String>,
+    /// `MAX_IN_FLIGHT_PER_SUBJECT` (default half of `MAX_IN_FLIGHT`, at least 1): with
+    /// `ORDERING=subject`, slots one subject's messages may hold (running plus waiting their
+    /// turn), so one stuck subject cannot starve the others; its messages beyond that are
+    /// handed back with a delay and come back in order.
+    pub max_in_flight_per_subject: usize,
     /// `K_CE_OVERRIDES` (Knative's; default none): `{"extensions": {...}}` set on every event.
     pub overrides: Vec<(String, String)>,
     /// `SHUTDOWN_GRACE_MS` (default 20000): how long in-flight deliveries may finish after
@@ -129,6 +134,8 @@ impl Config {
             default_content_type: r.string("DEFAULT_CONTENT_TYPE", "application/msgpack"),
             ordering,
             ordered_subjects: r.optional("ORDERED_SUBJECTS"),
+            max_in_flight_per_subject: r
+                .positive("MAX_IN_FLIGHT_PER_SUBJECT", (max_in_flight / 2).max(1)),
             overrides,
             shutdown_grace: r.millis("SHUTDOWN_GRACE_MS", 20_000),
             stream,

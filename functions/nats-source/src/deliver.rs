@@ -4,6 +4,10 @@
 //! there is one), dead-lettered then terminated (4xx, or retries exhausted), or nak'ed for
 //! redelivery (retryable failure, or shutdown). The DLQ publish is acknowledged by JetStream
 //! before the message is terminated, so a dead letter is never lost between the two.
+//!
+//! A message of an ordered subject is never nak'ed except at shutdown: a retryable failure (of
+//! the sink, the reply publish or the DLQ publish) is retried in place, kept alive, so the next
+//! message of its subject cannot overtake it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,36 +34,54 @@ enum Attempt {
     Failed(String),
 }
 
-/// Delivers `msg` until it is settled (or shutdown cancels it, which naks it).
+/// How a message left the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Acked, or dead-lettered and terminated: done for good.
+    Done,
+    /// Nak'ed: JetStream delivers it again later (shutdown, or a retry without ordering).
+    HandedBack,
+}
+
+/// What to do after one attempt.
+enum Next {
+    Settled(Settled),
+    /// A retryable failure (sink, or publishing the reply).
+    Retry {
+        after: Option<Duration>,
+        detail: String,
+    },
+}
+
+/// Delivers `msg` until it is settled (or shutdown cancels it, which naks it). `discount` is
+/// how many of JetStream's deliveries were not attempts (hand-backs for lack of room in an
+/// ordered subject), so they do not count against `MAX_DELIVER`.
 pub(crate) async fn deliver(
     shared: Arc<Shared>,
     msg: jetstream::Message,
     cancel: CancellationToken,
-) {
+    discount: i64,
+) -> Settled {
     let config = &shared.config;
     let Ok(info) = msg.info() else {
         tracing::warn!(subject = %msg.subject, "message without JetStream metadata, terminating");
         let _ = msg.ack_with(AckKind::Term).await;
-        return;
+        return Settled::Done;
     };
     let position = Position {
         stream: info.stream.to_string(),
         sequence: info.stream_sequence,
         published: info.published,
     };
-    let mut deliveries = info.delivered;
+    let ordered = config.is_ordered(msg.subject.as_str());
+    let mut deliveries = (info.delivered - discount).max(1);
     let outbound = event::to_http(config, &msg, &position);
     let m = &shared.metrics;
     loop {
         let started = Instant::now();
         let attempt = tokio::select! {
             a = keep_alive(&msg, shared.ack_wait, post(&shared, &outbound)) => a,
-            () = cancel.cancelled() => {
-                // Shutdown: hand the message back now rather than after ack-wait.
-                let _ = msg.ack_with(AckKind::Nak(None)).await;
-                m.settled.add(1, &[KeyValue::new("outcome", "shutdown")]);
-                return;
-            }
+            () = cancel.cancelled() => return hand_back(&shared, &msg).await,
         };
         m.sink_duration.record(started.elapsed().as_secs_f64(), &[]);
         let (action, detail) = match &attempt {
@@ -70,41 +92,33 @@ pub(crate) async fn deliver(
             } => (disposition(*status, *retry_after), format!("HTTP {status}")),
             Attempt::Failed(e) => (Disposition::Retry { after: None }, e.clone()),
         };
-        match action {
+        let next = match action {
             Disposition::Ack { reply } => {
-                if let (true, Attempt::Answered { headers, body, .. }) = (reply, &attempt) {
-                    let publish = publish_reply(&shared, &msg, &outbound.id, headers, body.clone());
-                    if let Err(e) = keep_alive(&msg, shared.ack_wait, publish).await {
-                        // Never ack without the reply: the message is retried (POSTed again;
-                        // the reply's Nats-Msg-Id keeps a stream from storing it twice).
-                        if deliveries >= config.max_deliver {
-                            let reason = format!(
-                                "reply not published: {e}; gave up after {deliveries} deliveries"
-                            );
-                            dead_letter(
-                                &shared,
-                                &msg,
-                                &position,
-                                &outbound.id,
-                                deliveries,
-                                &reason,
-                                &attempt,
-                            )
-                            .await;
-                        } else {
-                            tracing::warn!(id = %outbound.id, error = %e, "reply not published, retrying the message");
-                            retry_later(&shared, &msg, deliveries, None).await;
-                        }
-                        return;
+                let published = match (reply, &attempt) {
+                    (true, Attempt::Answered { headers, body, .. }) => {
+                        let publish =
+                            publish_reply(&shared, &msg, &outbound.id, headers, body.clone());
+                        keep_alive(&msg, shared.ack_wait, publish).await
                     }
+                    _ => Ok(()),
+                };
+                match published {
+                    Ok(()) => {
+                        let _ = msg.ack().await;
+                        m.settled.add(1, &[KeyValue::new("outcome", "delivered")]);
+                        record_latency(&shared, &position);
+                        Next::Settled(Settled::Done)
+                    }
+                    // Never ack without the reply: retried (POSTed again; the reply's
+                    // Nats-Msg-Id keeps a stream from storing it twice).
+                    Err(e) => Next::Retry {
+                        after: None,
+                        detail: format!("reply not published: {e}"),
+                    },
                 }
-                let _ = msg.ack().await;
-                m.settled.add(1, &[KeyValue::new("outcome", "delivered")]);
-                record_latency(&shared, &position);
-                return;
             }
-            Disposition::Reject => {
-                dead_letter(
+            Disposition::Reject => Next::Settled(
+                dead_letter_or_hold(
                     &shared,
                     &msg,
                     &position,
@@ -112,42 +126,91 @@ pub(crate) async fn deliver(
                     deliveries,
                     &detail,
                     &attempt,
+                    ordered,
+                    &cancel,
                 )
+                .await,
+            ),
+            Disposition::Retry { after } => Next::Retry { after, detail },
+        };
+        let (after, detail) = match next {
+            Next::Settled(settled) => return settled,
+            Next::Retry { after, detail } => (after, detail),
+        };
+        if deliveries >= config.max_deliver {
+            let reason = format!("{detail}; gave up after {deliveries} deliveries");
+            return dead_letter_or_hold(
+                &shared,
+                &msg,
+                &position,
+                &outbound.id,
+                deliveries,
+                &reason,
+                &attempt,
+                ordered,
+                &cancel,
+            )
+            .await;
+        }
+        tracing::debug!(id = %outbound.id, deliveries, %detail, "retryable failure");
+        if !ordered {
+            retry_later(&shared, &msg, deliveries, after).await;
+            return Settled::HandedBack;
+        }
+        // Per-subject order: wait here, holding the message (kept alive), so nothing
+        // overtakes it; the wait counts as a delivery.
+        m.settled.add(1, &[KeyValue::new("outcome", "retried")]);
+        let wait = backoff(&shared, deliveries, after);
+        tokio::select! {
+            _ = keep_alive(&msg, shared.ack_wait, tokio::time::sleep(wait)) => {}
+            () = cancel.cancelled() => return hand_back(&shared, &msg).await,
+        }
+        deliveries += 1;
+    }
+}
+
+/// Shutdown: hand the message back now rather than after ack-wait.
+pub(crate) async fn hand_back(shared: &Shared, msg: &jetstream::Message) -> Settled {
+    let _ = msg.ack_with(AckKind::Nak(None)).await;
+    shared
+        .metrics
+        .settled
+        .add(1, &[KeyValue::new("outcome", "shutdown")]);
+    Settled::HandedBack
+}
+
+/// Dead-letters the message. If the DLQ publish fails, an unordered message is nak'ed for a
+/// later try; an ordered one is held (kept alive) and the publish retried in place, so the
+/// next message of its subject cannot overtake it.
+#[allow(clippy::too_many_arguments)]
+async fn dead_letter_or_hold(
+    shared: &Shared,
+    msg: &jetstream::Message,
+    position: &Position,
+    id: &str,
+    deliveries: i64,
+    reason: &str,
+    attempt: &Attempt,
+    ordered: bool,
+    cancel: &CancellationToken,
+) -> Settled {
+    loop {
+        let Err(e) = dead_letter(shared, msg, position, id, deliveries, reason, attempt).await
+        else {
+            return Settled::Done;
+        };
+        // No stream took it: keep the message rather than lose it.
+        tracing::error!(id, error = %e, "dead-letter publish failed; message kept");
+        if !ordered {
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(shared.config.backoff_max)))
                 .await;
-                return;
-            }
-            Disposition::Retry { after } => {
-                if deliveries >= config.max_deliver {
-                    let reason = format!("{detail}; gave up after {deliveries} deliveries");
-                    dead_letter(
-                        &shared,
-                        &msg,
-                        &position,
-                        &outbound.id,
-                        deliveries,
-                        &reason,
-                        &attempt,
-                    )
-                    .await;
-                    return;
-                }
-                tracing::debug!(id = %outbound.id, deliveries, %detail, "retryable failure");
-                if !config.is_ordered(msg.subject.as_str()) {
-                    retry_later(&shared, &msg, deliveries, after).await;
-                    return;
-                }
-                // Per-subject order: wait here, holding the message, so nothing overtakes it.
-                m.settled.add(1, &[KeyValue::new("outcome", "retried")]);
-                let wait = backoff(&shared, deliveries, after);
-                tokio::select! {
-                    _ = keep_alive(&msg, shared.ack_wait, tokio::time::sleep(wait)) => {}
-                    () = cancel.cancelled() => {
-                        let _ = msg.ack_with(AckKind::Nak(None)).await;
-                        return;
-                    }
-                }
-                deliveries += 1;
-            }
+            return Settled::HandedBack;
+        }
+        let wait = tokio::time::sleep(shared.config.backoff_max);
+        tokio::select! {
+            () = keep_alive(msg, shared.ack_wait, wait) => {}
+            () = cancel.cancelled() => return hand_back(shared, msg).await,
         }
     }
 }
@@ -335,7 +398,7 @@ async fn dead_letter(
     deliveries: i64,
     reason: &str,
     attempt: &Attempt,
-) {
+) -> Result<(), String> {
     let config = &shared.config;
     let subject = config
         .dlq_subject
@@ -364,23 +427,14 @@ async fn dead_letter(
         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    match published {
-        Ok(()) => {
-            let _ = msg.ack_with(AckKind::Term).await;
-            shared
-                .metrics
-                .settled
-                .add(1, &[KeyValue::new("outcome", "dead_lettered")]);
-            tracing::warn!(id, %subject, reason, "dead-lettered");
-        }
-        Err(e) => {
-            // No stream took it: keep the message rather than lose it.
-            tracing::error!(id, %subject, error = %e, "dead-letter publish failed; message will be redelivered");
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(shared.config.backoff_max)))
-                .await;
-        }
-    }
+    published?;
+    let _ = msg.ack_with(AckKind::Term).await;
+    shared
+        .metrics
+        .settled
+        .add(1, &[KeyValue::new("outcome", "dead_lettered")]);
+    tracing::warn!(id, %subject, reason, "dead-lettered");
+    Ok(())
 }
 
 /// The original headers for the dead letter, with JetStream's `Nats-*` control headers

@@ -12,12 +12,14 @@
 //! - [`config`]: every environment variable.
 //! - [`event`]: NATS message <-> HTTP CloudEvent.
 //! - `deliver`: one message from POST to ack / term / nak.
+//! - `order`: per-subject lines for `ORDERING=subject`, and how many slots one subject may hold.
 //! - [`run`]: bind (or create) the consumer, fetch, dispatch (with per-subject ordering when
 //!   asked), and drain on shutdown.
 
 pub mod config;
 mod deliver;
 pub mod event;
+mod order;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,15 +35,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{Config, Ordering};
+use deliver::Settled;
 
 /// How long one pull request waits for messages. Short, so a pull lost with a restarting
 /// server is noticed soon (the client gives up 5 s after it), and at shutdown the last pull,
 /// whose messages are handed back as they come, ends soon.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
-
-/// For `ORDERING=subject`: per subject, the completion signal of its latest message (tagged
-/// with a generation so the last one out can remove its own entry).
-type SubjectChains = HashMap<String, (u64, oneshot::Receiver<()>)>;
 
 /// What every delivery task shares.
 pub(crate) struct Shared {
@@ -59,7 +58,8 @@ pub(crate) struct Shared {
 
 /// The source's own instruments (alongside the shared ones at `/metrics`).
 pub(crate) struct Metrics {
-    /// Messages settled by `outcome`: delivered, retried, dead_lettered, shutdown.
+    /// Messages settled by `outcome`: delivered, retried, dead_lettered, shutdown, deferred,
+    /// reply_too_large.
     pub(crate) settled: Counter<u64>,
     /// Messages being delivered.
     pub(crate) in_flight: UpDownCounter<i64>,
@@ -121,8 +121,12 @@ pub async fn run(
     let permits = Arc::new(Semaphore::new(config.max_in_flight));
     let tracker = TaskTracker::new();
     let abandon = CancellationToken::new();
-    let chains: Arc<Mutex<SubjectChains>> = Arc::default();
-    let mut generation = 0u64;
+    // A deferred message comes back after at most BACKOFF_MAX, plus however long it waits for
+    // a pull while every slot is busy: forget it only well after that.
+    let lines = Arc::new(Mutex::new(order::Lines::new(
+        config.max_in_flight_per_subject,
+        config.backoff_max * 4 + config.ack_wait * 2,
+    )));
     let mut shared: Option<Arc<Shared>> = None;
 
     'bind: while !shutdown.is_cancelled() {
@@ -201,8 +205,7 @@ pub async fn run(
                         let permit = slots
                             .split(1)
                             .expect("a pull never brings more messages than it asked for");
-                        generation += 1;
-                        dispatch(&s, &chains, &tracker, &abandon, generation, msg, permit);
+                        dispatch(&s, &lines, &tracker, &abandon, msg, permit);
                     }
                     // Fulfilled or expired: ask again with the slots free by now.
                     None => break,
@@ -240,51 +243,75 @@ pub async fn run(
     Ok(())
 }
 
-/// Starts one message's delivery task; with per-subject ordering it first waits for the
-/// previous message of its subject.
+/// Starts one message's delivery task. A message of an ordered subject first takes its turn
+/// in the subject's line (waiting for the message before it), or is deferred when the line is
+/// full.
 fn dispatch(
     s: &Arc<Shared>,
-    chains: &Arc<Mutex<SubjectChains>>,
+    lines: &Arc<Mutex<order::Lines>>,
     tracker: &TaskTracker,
     abandon: &CancellationToken,
-    generation: u64,
     msg: jetstream::Message,
     permit: OwnedSemaphorePermit,
 ) {
-    let wait_for = if s.config.is_ordered(msg.subject.as_str()) {
-        let (done_tx, done_rx) = oneshot::channel();
-        let previous = chains
-            .lock()
-            .expect("chains lock")
-            .insert(msg.subject.to_string(), (generation, done_rx))
-            .map(|(_, rx)| rx);
-        Some((previous, done_tx))
-    } else {
-        None
+    let sequence = msg.info().map(|i| i.stream_sequence);
+    let turn = match sequence {
+        Ok(sequence) if s.config.is_ordered(msg.subject.as_str()) => {
+            let admission = lines.lock().expect("lines lock").admit(
+                msg.subject.as_str(),
+                sequence,
+                std::time::Instant::now(),
+            );
+            match admission {
+                order::Admission::Admitted(turn) => Some(turn),
+                order::Admission::Deferred { times } => {
+                    drop(permit);
+                    tracker.spawn(defer(s.clone(), msg, times));
+                    return;
+                }
+            }
+        }
+        _ => None,
     };
-    let (s, chains, cancel) = (s.clone(), chains.clone(), abandon.clone());
+    let (s, lines, cancel) = (s.clone(), lines.clone(), abandon.clone());
     s.metrics.in_flight.add(1, &[]);
     tracker.spawn(async move {
-        let subject = msg.subject.to_string();
-        let mut done = None;
-        if let Some((previous, done_tx)) = wait_for {
-            if let Some(previous) = previous {
-                // Earlier message of this subject still running: wait, keeping ours alive.
-                let _ = deliver_wait(&s, &msg, previous).await;
-            }
-            done = Some(done_tx);
-        }
-        deliver::deliver(s.clone(), msg, cancel).await;
-        if let Some(done_tx) = done {
-            let _ = done_tx.send(());
-            let mut chains = chains.lock().expect("chains lock");
-            if chains.get(&subject).is_some_and(|(g, _)| *g == generation) {
-                chains.remove(&subject);
-            }
-        }
+        let Some(mut turn) = turn else {
+            deliver::deliver(s.clone(), msg, cancel, 0).await;
+            s.metrics.in_flight.add(-1, &[]);
+            drop(permit);
+            return;
+        };
+        // Earlier message of this subject still running: wait, keeping ours alive.
+        let previous = match turn.previous.take() {
+            Some(previous) => deliver_wait(&s, &msg, previous).await,
+            None => Ok(Settled::Done),
+        };
+        let settled = match previous {
+            Ok(Settled::Done) => deliver::deliver(s.clone(), msg, cancel, turn.discount).await,
+            // The one before was handed back (shutdown): going now would overtake it.
+            Ok(Settled::HandedBack) | Err(_) => deliver::hand_back(&s, &msg).await,
+        };
+        lines.lock().expect("lines lock").finish(&turn);
+        let _ = turn.done.send(settled);
         s.metrics.in_flight.add(-1, &[]);
         drop(permit);
     });
+}
+
+/// Hands a message of a full line back to JetStream with a delay that grows with each
+/// deferral (no jitter: deferred messages of a subject should come back in order).
+async fn defer(s: Arc<Shared>, msg: jetstream::Message, times: i64) {
+    let exp = u32::try_from(times.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
+    let delay = s
+        .config
+        .backoff_base
+        .saturating_mul(1 << exp)
+        .min(s.config.backoff_max);
+    let _ = msg.ack_with(jetstream::AckKind::Nak(Some(delay))).await;
+    s.metrics
+        .settled
+        .add(1, &[opentelemetry::KeyValue::new("outcome", "deferred")]);
 }
 
 /// At shutdown: naks whatever the open pull still brings, until the server ends it (at its
@@ -304,8 +331,8 @@ async fn hand_back(mut batch: pull::Batch, s: Arc<Shared>) {
 async fn deliver_wait(
     shared: &Shared,
     msg: &jetstream::Message,
-    previous: oneshot::Receiver<()>,
-) -> Result<(), oneshot::error::RecvError> {
+    previous: oneshot::Receiver<Settled>,
+) -> Result<Settled, oneshot::error::RecvError> {
     let period = (shared.ack_wait / 3).max(Duration::from_millis(100));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tokio::pin!(previous);

@@ -422,3 +422,147 @@ async fn a_reply_refused_by_its_stream_is_retried_until_stored() {
     assert!(dead_letters(&client).await.is_empty());
     source.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_ordered_subject_neither_starves_the_others_nor_loses_its_order() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    // m-0..m-29 are work.stuck, answered 503 until released; the rest, on three other
+    // subjects, get a 503 one time in four.
+    let released = Arc::new(AtomicBool::new(false));
+    let release = released.clone();
+    let sink = Sink::start(
+        Arc::new(move |id: &str, attempt| {
+            let i: usize = id.trim_start_matches("m-").parse().expect("numbered");
+            let failed = if i < 30 {
+                !release.load(Ordering::SeqCst)
+            } else {
+                hash(id, attempt).is_multiple_of(4)
+            };
+            if failed { 503 } else { 200 }
+        }),
+        Duration::from_millis(2),
+    );
+    let source = Source::start(
+        &nats.url(),
+        &sink.url(),
+        &[
+            ("ORDERING", "subject"),
+            ("MAX_IN_FLIGHT", "8"),
+            ("MAX_IN_FLIGHT_PER_SUBJECT", "2"),
+            ("MAX_DELIVER", "100000"),
+        ],
+    );
+    source.ready().await;
+    publish_numbered(&client, 90, |i| {
+        if i < 30 {
+            "work.stuck".into()
+        } else {
+            format!("work.free{}", i % 3)
+        }
+    })
+    .await;
+
+    let others_done = crate::support::eventually(Duration::from_secs(30), || async {
+        let ok: HashSet<String> = sink
+            .log()
+            .into_iter()
+            .filter(|r| r.status == 200)
+            .map(|r| r.id)
+            .collect();
+        (30..90)
+            .all(|i| ok.contains(&format!("m-{i}")))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        others_done.is_some(),
+        "the stuck subject starved the others"
+    );
+    released.store(true, Ordering::SeqCst);
+    assert!(
+        drained(&client, Duration::from_secs(60)).await,
+        "messages left pending"
+    );
+
+    let log = sink.log();
+    let mut last: HashMap<String, usize> = HashMap::new();
+    let mut ok: HashMap<String, usize> = HashMap::new();
+    for r in log.iter().filter(|r| r.status == 200) {
+        let i: usize = r.id.trim_start_matches("m-").parse().expect("numbered");
+        if let Some(prev) = last.insert(r.subject.clone(), i) {
+            assert!(i > prev, "{} delivered {i} after {prev}", r.subject);
+        }
+        *ok.entry(r.id.clone()).or_default() += 1;
+    }
+    assert_eq!(ok.len(), 90, "every message delivered");
+    assert!(ok.values().all(|&n| n == 1), "a message succeeded twice");
+    assert_eq!(
+        sink.same_subject_overlaps(),
+        0,
+        "two messages of one subject were in flight at once"
+    );
+    assert!(dead_letters(&client).await.is_empty());
+    source.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_message_whose_reply_is_refused_is_retried_before_the_next() {
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    let js = async_nats::jetstream::new(client.clone());
+    let replies = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "REPLIES".into(),
+            subjects: vec!["replies.>".into()],
+            max_messages: 1,
+            discard: async_nats::jetstream::stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .expect("replies stream");
+    js.publish("replies.filler", "x".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let sink = Sink::start(Arc::new(|_: &str, _| 200), Duration::ZERO);
+    let source = Source::start(
+        &nats.url(),
+        &sink.url(),
+        &[("ORDERING", "subject"), ("MAX_DELIVER", "1000")],
+    );
+    source.ready().await;
+    // m-0 wants a reply the full stream refuses; m-1 on the same subject must wait for it.
+    for (id, reply) in [("m-0", true), ("m-1", false)] {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        if reply {
+            headers.insert("testreply", "yes");
+            headers.insert("reply-subject", "replies.o1");
+        }
+        js.publish_with_headers("work.o", headers, "x".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    let retried = crate::support::eventually(Duration::from_secs(20), || async {
+        (sink.log().iter().filter(|r| r.id == "m-0").count() >= 3).then_some(())
+    })
+    .await;
+    assert!(retried.is_some(), "the refused reply was not retried");
+    replies.purge().await.expect("purge");
+    assert!(drained(&client, Duration::from_secs(20)).await);
+    let order: Vec<String> = sink.log().into_iter().map(|r| r.id).collect();
+    let first_m1 = order
+        .iter()
+        .position(|id| id == "m-1")
+        .expect("m-1 delivered");
+    assert!(
+        order[first_m1..].iter().all(|id| id == "m-1"),
+        "m-1 overtook m-0: {order:?}"
+    );
+    source.stop().await;
+}
