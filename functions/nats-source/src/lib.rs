@@ -6,7 +6,8 @@
 //! CloudEvent first), a permanent 4xx dead-letters and terminates, anything else naks with
 //! exponential backoff and jitter (honouring `Retry-After`) until `MAX_DELIVER`, then
 //! dead-letters. Delivery is at least once: a message is acked only after the sink answered
-//! and its reply is on the wire.
+//! and its reply is stored (PubAck) or, on a subject no stream stores, flushed. A pull asks for
+//! no more messages than there are free slots, so every message fetched is being kept alive.
 //!
 //! # Layout
 //! - [`config`]: every environment variable.
@@ -41,6 +42,9 @@ use deliver::Settled;
 /// server is noticed soon (the client gives up 5 s after it), and at shutdown the last pull,
 /// whose messages are handed back as they come, ends soon.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
+
+/// How long the fetch loop may wait for a few more free slots before a pull, under load.
+const GATHER_SLOTS: Duration = Duration::from_millis(1);
 
 /// What every delivery task shares.
 pub(crate) struct Shared {
@@ -165,9 +169,19 @@ pub async fn run(
                 p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
                 () = shutdown.cancelled() => break 'bind,
             };
+            // Under load slots free one by one: wait a moment for a few more rather than pull
+            // one message at a time (a pull costs a round trip and a subscription).
+            let low_water = (config.fetch_batch / 4).max(1);
+            if permits.available_permits() + 1 < low_water {
+                let wanted = u32::try_from(low_water - 1).unwrap_or(u32::MAX);
+                let gather = permits.clone().acquire_many_owned(wanted);
+                if let Ok(Ok(extra)) = tokio::time::timeout(GATHER_SLOTS, gather).await {
+                    slots.merge(extra);
+                }
+            }
             let more = permits
                 .available_permits()
-                .min(config.fetch_batch.saturating_sub(1));
+                .min(config.fetch_batch.saturating_sub(slots.num_permits()));
             if more > 0
                 && let Ok(extra) = permits
                     .clone()
