@@ -98,7 +98,11 @@ pub(crate) async fn deliver(
                     (true, Attempt::Answered { headers, body, .. }) => {
                         let publish =
                             publish_reply(&shared, &msg, &outbound.id, headers, body.clone());
-                        keep_alive(&msg, shared.ack_wait, publish).await
+                        tokio::select! {
+                            p = keep_alive(&msg, shared.ack_wait, publish) => p,
+                            // A reply stored meanwhile is deduplicated on redelivery.
+                            () = cancel.cancelled() => return hand_back(&shared, &msg).await,
+                        }
                     }
                     _ => Ok(()),
                 };

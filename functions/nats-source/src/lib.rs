@@ -215,12 +215,13 @@ pub async fn run(
                     }
                 };
                 match next {
-                    Some(Ok(msg)) => {
-                        let permit = slots
-                            .split(1)
-                            .expect("a pull never brings more messages than it asked for");
-                        dispatch(&s, &lines, &tracker, &abandon, msg, permit);
-                    }
+                    Some(Ok(msg)) => match slots.split(1) {
+                        Some(permit) => dispatch(&s, &lines, &tracker, &abandon, msg, permit),
+                        // More than the pull asked for: never hold a message without a slot.
+                        None => {
+                            let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
+                        }
+                    },
                     // Fulfilled or expired: ask again with the slots free by now.
                     None => break,
                     Some(Err(e)) => {
