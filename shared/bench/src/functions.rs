@@ -11,6 +11,8 @@
 //!   ([`crate::STREAM_TOKEN_DELAY`] before each), so a streamed answer stays open for about
 //!   [`crate::HOLD`];
 //! - [`MILVUS`]: the Milvus mock in the bench process (see [`crate::chat::MilvusMock`]);
+//! - [`KUBE`]: the kubeconfig of a `fake-kube` (testkit's fake Kubernetes API server)
+//!   answering at once, or after [`HOLD_MS`] in the 100-in-flight measurement;
 //! - [`HOLD_MS`]: how long held events stay in flight, in milliseconds.
 //!
 //! A sample event's body may contain [`EVENT_ID`], replaced by the `ce-id` of every copy, so
@@ -31,6 +33,9 @@ pub const INSTANT: &str = "{instant}";
 pub const STREAMING: &str = "{streaming}";
 /// Placeholder for the Milvus mock (REST API v2) in the bench process.
 pub const MILVUS: &str = "{milvus}";
+/// Placeholder for the kubeconfig of a fake Kubernetes API server: instant, or answering after
+/// [`HOLD_MS`] when events are held in flight.
+pub const KUBE: &str = "{kubeconfig}";
 /// Placeholder for the hold time of the 100-in-flight measurement, in milliseconds.
 pub const HOLD_MS: &str = "{hold_ms}";
 /// Placeholder in a sample event's body for the copy's `ce-id`.
@@ -51,6 +56,8 @@ pub struct Endpoints {
     pub streaming: Option<String>,
     /// [`MILVUS`].
     pub milvus: Option<String>,
+    /// [`KUBE`]: a kubeconfig path.
+    pub kube: Option<String>,
 }
 
 impl Endpoints {
@@ -62,6 +69,10 @@ impl Endpoints {
             .replace(INSTANT, &url(&self.instant))
             .replace(STREAMING, &url(&self.streaming))
             .replace(MILVUS, &url(&self.milvus))
+            .replace(
+                KUBE,
+                self.kube.as_deref().unwrap_or("/nonexistent/kubeconfig"),
+            )
     }
 }
 
@@ -207,8 +218,12 @@ fn audio_body(fixture: &str, extra: &str) -> &'static str {
     use base64::Engine as _;
     let bytes = std::fs::read(crate::speech::fixture_dir().join(fixture)).unwrap_or_default();
     let audio = base64::engine::general_purpose::STANDARD.encode(bytes);
+    // Leaked on purpose: one small string per run.
     Box::leak(format!(r#"{{"audio":"{audio}"{extra}}}"#).into_boxed_str())
 }
+
+/// pipeline-bridge's name in [`functions`]; its section measures it further.
+pub const PIPELINE_BRIDGE: &str = "pipeline-bridge";
 
 /// Every function, in report order.
 pub fn functions(bin_dir: &Path) -> Vec<Function> {
@@ -291,6 +306,29 @@ pub fn functions(bin_dir: &Path) -> Vec<Function> {
             in_flight: InFlightProbe::Metrics,
             floor: false,
         },
+        Function {
+            name: PIPELINE_BRIDGE,
+            binary: bin_dir.join(PIPELINE_BRIDGE),
+            // No NATS_URL: nothing is published, the status is the HTTP reply.
+            env: vec![
+                ("KUBECONFIG", KUBE),
+                (
+                    "PIPELINE_CATALOG",
+                    Box::leak(
+                        crate::pipeline::catalog_path(bin_dir)
+                            .display()
+                            .to_string()
+                            .into_boxed_str(),
+                    ),
+                ),
+            ],
+            hold_env: vec![],
+            backend_work: "one Job created on fake-kube",
+            event: SampleEvent::json("ai.pipeline.trigger", crate::pipeline::TRIGGER_SAMPLE),
+            events_per_sec: true,
+            in_flight: InFlightProbe::Metrics,
+            floor: false,
+        },
     ]
 }
 
@@ -304,6 +342,7 @@ mod tests {
             instant: Some("http://127.0.0.1:6".into()),
             streaming: Some("http://127.0.0.1:7".into()),
             milvus: Some("http://127.0.0.1:8".into()),
+            kube: Some("/k".into()),
         }
     }
 

@@ -51,6 +51,7 @@ pub mod chat;
 pub mod functions;
 pub mod http;
 pub mod measure;
+pub mod pipeline;
 pub mod proc;
 pub mod report;
 pub mod source;
@@ -66,10 +67,11 @@ use serde::Serialize;
 
 use crate::chat::{ChatResult, ChatSettings, MilvusMock};
 use crate::functions::{
-    BACKEND, CHAT_HANDLER, Endpoints, Function, INSTANT, MILVUS, STREAMING, STT_MODULE,
-    VOICE_ASSISTANT,
+    BACKEND, CHAT_HANDLER, Endpoints, Function, INSTANT, KUBE, MILVUS, PIPELINE_BRIDGE, STREAMING,
+    STT_MODULE, VOICE_ASSISTANT,
 };
 use crate::measure::Backend;
+use crate::pipeline::PipelineResult;
 use crate::report::{FunctionResult, TargetCheck, measures};
 use crate::source::{SourceResult, SourceSettings};
 use crate::speech::{SpeechResult, SpeechSettings};
@@ -237,6 +239,8 @@ pub struct Report<'a> {
     pub chat_handler: &'a ChatResult,
     /// The speech section.
     pub speech: &'a SpeechResult,
+    /// The pipeline-bridge section.
+    pub pipeline_bridge: &'a PipelineResult,
     /// The nats-source section.
     pub nats_source: &'a SourceResult,
     /// Every target check.
@@ -261,6 +265,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let mut wanted: Vec<PathBuf> = subjects.iter().map(|f| f.binary.clone()).collect();
     if subjects.iter().any(Function::needs_backend) {
         wanted.push(bin_dir.join("inference-sim"));
+    }
+    if subjects.iter().any(|f| f.uses(KUBE)) {
+        wanted.push(bin_dir.join("fake-kube"));
     }
     wanted.push(bin_dir.join("nats-source"));
     wanted.push(settings.source.nats_server.clone());
@@ -304,15 +311,27 @@ pub fn run() -> anyhow::Result<ExitCode> {
         .build()
         .context("starting a tokio runtime")?;
     let milvus = uses(MILVUS).then(|| MilvusMock::start(&rt)).transpose()?;
+    if uses(KUBE) {
+        pipeline::write_catalog(bin_dir)?;
+    }
+    let kube = |latency: Duration, label: &str| {
+        uses(KUBE)
+            .then(|| pipeline::FakeKube::start(bin_dir, latency, &logs, label))
+            .transpose()
+    };
+    let (kube_fast, kube_slow) = (kube(Duration::ZERO, "fast")?, kube(HOLD, "slow")?);
+    let kubeconfig = |k: &Option<pipeline::FakeKube>| k.as_ref().map(|k| k.kubeconfig.clone());
     let base = |b: &Option<Backend>| b.as_ref().map(|b| b.url.clone());
     let normal = Endpoints {
         backend: base(&fast),
         instant: base(&fast),
         streaming: base(&streaming),
         milvus: milvus.as_ref().map(|m| m.url.clone()),
+        kube: kubeconfig(&kube_fast),
     };
     let held = Endpoints {
         backend: base(&slow),
+        kube: kubeconfig(&kube_slow),
         ..normal.clone()
     };
 
@@ -377,7 +396,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
             }
         }
     }
-    drop((slow, streaming));
+    drop((slow, streaming, kube_slow));
 
     let chat = match subjects.iter().position(|f| f.name == CHAT_HANDLER) {
         Some(i) => {
@@ -413,16 +432,24 @@ pub fn run() -> anyhow::Result<ExitCode> {
         ),
         _ => SpeechResult::default(),
     };
-    drop((fast, milvus, rt));
+    let pipeline = match find(PIPELINE_BRIDGE) {
+        Some(f) => pipeline::run(f, &normal, settings.events, &logs),
+        None => PipelineResult::default(),
+    };
+    drop((fast, milvus, rt, kube_fast));
 
     let source = source::run(&settings.source, bin_dir, &logs);
 
     let mut targets = report::check_targets(&results);
+    if !pipeline.name.is_empty() {
+        targets.extend(pipeline::check_targets(&pipeline));
+    }
     targets.extend(report::check_source_targets(&source));
     let all_pass = targets.iter().all(|t| t.pass);
     let all_measured = results.iter().all(|r| r.errors.is_empty())
         && chat.errors.is_empty()
         && speech.errors.is_empty()
+        && pipeline.errors.is_empty()
         && source.errors.is_empty();
 
     println!();
@@ -433,6 +460,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
     }
     println!();
     print!("{}", speech::section(&speech, &settings.speech));
+    if !pipeline.name.is_empty() {
+        println!();
+        print!("{}", pipeline::section(&pipeline));
+    }
     println!();
     print!("{}", report::source_section(&source, &settings.source));
     println!();
@@ -451,6 +482,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
     for e in &speech.errors {
         println!("ERROR speech {}: {}", e.measure, e.error);
     }
+    for e in &pipeline.errors {
+        println!("ERROR {} {}: {}", pipeline.name, e.measure, e.error);
+    }
     for e in &source.errors {
         println!("ERROR {} {}: {}", source.name, e.measure, e.error);
     }
@@ -464,6 +498,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         results: &results,
         chat_handler: &chat,
         speech: &speech,
+        pipeline_bridge: &pipeline,
         nats_source: &source,
         targets: &targets,
         all_targets_pass: all_pass,
@@ -563,6 +598,7 @@ fn notes(settings: &Settings, subjects: &[Function]) -> String {
                 instant: Some("<instant sim>".into()),
                 streaming: Some("<streaming sim>".into()),
                 milvus: Some("<milvus mock>".into()),
+                kube: Some("<fake-kube>".into()),
             };
             let env: Vec<String> = f
                 .environment(0, &placeholders, Some(HOLD))
@@ -620,6 +656,20 @@ fn notes(settings: &Settings, subjects: &[Function]) -> String {
     }
     for l in speech::notes(&settings.speech) {
         line(l);
+    }
+    if subjects.iter().any(|f| f.name == PIPELINE_BRIDGE) {
+        line(format!(
+            "pipeline-bridge: KUBECONFIG pointing at fake-kube (testkit's fake API server as a \
+             separate process: answers like the API server, keeps every object in memory; \
+             answering at once, or after {} ms for RSS@100), catalog {}; no NATS_URL. Trigger latency: \
+             {} triggers after {} warm-up over {} keep-alive connections (one client thread each), \
+             every trigger a new request_id (a new Job; with a lock, a new Lease too).",
+            settings.hold_ms,
+            pipeline::catalog_path(&settings.bin_dir).display(),
+            settings.events,
+            settings.warmup_events,
+            pipeline::CONCURRENT_TRIGGERS
+        ));
     }
     let s = &settings.source;
     line(format!(

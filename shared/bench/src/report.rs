@@ -148,7 +148,7 @@ fn check(
     check_bound(function, target, value, limit, unit, Bound::Max)
 }
 
-fn check_bound(
+pub(crate) fn check_bound(
     function: &str,
     target: String,
     value: Option<f64>,

@@ -1,0 +1,212 @@
+//! The pipeline-bridge section: triggers over a fake Kubernetes API.
+//!
+//! pipeline-bridge is in the generic list too ([`crate::functions`]), against a `fake-kube`
+//! process (testkit's fake API server, answering at once; after [`crate::HOLD`] for the
+//! 100-in-flight measurement) through a kubeconfig, with the catalog [`CATALOG`]. Here: trigger
+//! latency with 100 triggers in flight at once (100 keep-alive connections, each sending its
+//! next trigger as soon as the last is answered), every trigger a new `request_id`, so each
+//! one creates a Job:
+//!
+//! - `bench`: no lock, one API call per trigger (`POST .../jobs`);
+//! - `bench-locked`: a lock per trigger (`bench-{request}`), three calls (`GET` the Lease, 404,
+//!   `POST` it, `POST` the Job).
+//!
+//! Target: p99 < [`TRIGGER_P99_MAX_MS`] without a lock.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+
+use crate::functions::Function;
+use crate::measure::{self, Throughput};
+use crate::proc::{Proc, command};
+use crate::report::{MeasureError, TargetCheck};
+
+/// The target for a trigger's p99 with 100 in flight, ms.
+pub const TRIGGER_P99_MAX_MS: f64 = 10.0;
+/// Triggers in flight at once.
+pub const CONCURRENT_TRIGGERS: usize = 100;
+/// The catalog pipeline-bridge runs with in the bench.
+pub const CATALOG: &str = r#"pipelines:
+  bench:
+    kind: job
+    namespace: bench
+    parameters:
+      n: {pattern: "[a-z0-9-]{1,40}", default: "0"}
+    job:
+      template:
+        spec:
+          restartPolicy: Never
+          containers:
+            - name: work
+              image: busybox
+              args: ["{{parameters.n}}"]
+  bench-locked:
+    kind: job
+    namespace: bench
+    lock: "bench-{{parameters.n}}"
+    parameters:
+      n: {pattern: "[a-z0-9-]{1,40}"}
+    job:
+      template:
+        spec:
+          restartPolicy: Never
+          containers:
+            - name: work
+              image: busybox
+              args: ["{{parameters.n}}"]
+"#;
+
+/// The sample trigger: a new `request_id` per copy, no lock.
+pub const TRIGGER_SAMPLE: &str =
+    r#"{"request_id":"{id}","pipeline":"bench","parameters":{"n":"1"}}"#;
+/// The same with a lock of its own per copy.
+pub const LOCKED_SAMPLE: &str =
+    r#"{"request_id":"{id}","pipeline":"bench-locked","parameters":{"n":"{id}"}}"#;
+
+/// Where the bench writes [`CATALOG`] (under `target/bench`).
+pub fn catalog_path(bin_dir: &Path) -> PathBuf {
+    bin_dir
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("bench")
+        .join("pipeline-catalog.yaml")
+}
+
+/// Writes [`CATALOG`] to [`catalog_path`].
+pub fn write_catalog(bin_dir: &Path) -> anyhow::Result<()> {
+    let path = catalog_path(bin_dir);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, CATALOG).with_context(|| format!("writing {}", path.display()))
+}
+
+/// A `fake-kube` process and the kubeconfig pointing at it; killed when dropped.
+#[derive(Debug)]
+pub struct FakeKube {
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+    /// The kubeconfig path.
+    pub kubeconfig: String,
+}
+
+impl FakeKube {
+    /// Starts `fake-kube` from `bin_dir` answering after `latency`; returns once its
+    /// kubeconfig is written (after it listens).
+    pub fn start(
+        bin_dir: &Path,
+        latency: Duration,
+        logs: &Path,
+        label: &str,
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir().context("creating a directory for the kubeconfig")?;
+        let log = logs.join(format!("fake-kube-{label}.log"));
+        let args = [
+            dir.path().display().to_string(),
+            latency.as_millis().to_string(),
+        ];
+        let mut cmd = command(&bin_dir.join("fake-kube"), &args, &[], &log)?;
+        let mut proc = Proc::spawn(&mut cmd, "fake-kube", &log)?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        let started = Instant::now();
+        while !kubeconfig.is_file() {
+            proc.check_alive()?;
+            if started.elapsed() > measure::START_DEADLINE {
+                bail!(
+                    "fake-kube wrote no kubeconfig within {:?}",
+                    measure::START_DEADLINE
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(Self {
+            _proc: proc,
+            kubeconfig: kubeconfig.display().to_string(),
+            _dir: dir,
+        })
+    }
+}
+
+/// Everything measured in the section.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PipelineResult {
+    /// `pipeline-bridge`.
+    pub name: String,
+    /// Triggers without a lock, [`CONCURRENT_TRIGGERS`] in flight.
+    pub plain: Option<Throughput>,
+    /// Triggers each taking a lock of its own, [`CONCURRENT_TRIGGERS`] in flight.
+    pub locked: Option<Throughput>,
+    /// Failed measurements.
+    pub errors: Vec<MeasureError>,
+}
+
+/// Measures `f` (pipeline-bridge) against the instant fake API in `endpoints`.
+pub fn run(
+    f: &Function,
+    endpoints: &crate::functions::Endpoints,
+    triggers: usize,
+    logs: &Path,
+) -> PipelineResult {
+    let mut r = PipelineResult {
+        name: f.name.to_string(),
+        ..PipelineResult::default()
+    };
+    let locked = Function {
+        event: crate::functions::SampleEvent::json("ai.pipeline.trigger", LOCKED_SAMPLE),
+        ..f.clone()
+    };
+    for (label, function, slot) in [
+        ("no lock", f, &mut r.plain),
+        ("a lock each", &locked, &mut r.locked),
+    ] {
+        eprintln!(
+            "bench: pipeline-bridge: {triggers} triggers ({label}), {CONCURRENT_TRIGGERS} in flight"
+        );
+        match measure::throughput(function, endpoints, triggers, CONCURRENT_TRIGGERS, logs) {
+            Ok(t) => *slot = Some(t),
+            Err(e) => r.errors.push(MeasureError {
+                measure: "trigger latency",
+                error: format!("{label}: {e:#}"),
+            }),
+        }
+    }
+    r
+}
+
+/// Holds pipeline-bridge to its target.
+pub fn check_targets(r: &PipelineResult) -> Vec<TargetCheck> {
+    vec![crate::report::check_bound(
+        &r.name,
+        format!("trigger p99 < {TRIGGER_P99_MAX_MS} ms ({CONCURRENT_TRIGGERS} in flight)"),
+        r.plain.as_ref().map(|t| t.latency_ms.p99),
+        Some(TRIGGER_P99_MAX_MS),
+        "ms",
+        crate::report::Bound::Max,
+    )]
+}
+
+/// The section as printed under the table.
+pub fn section(r: &PipelineResult) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!(
+        "{} (triggers over a fake Kubernetes API answering at once, {CONCURRENT_TRIGGERS} in flight):\n",
+        r.name
+    );
+    for (label, t) in [
+        ("no lock (1 API call)", &r.plain),
+        ("a lock each (3 API calls)", &r.locked),
+    ] {
+        let value = match t {
+            Some(t) => format!(
+                "p50 {:.2} / p99 {:.2} ms, {:.0} triggers/s   ({} triggers)",
+                t.latency_ms.p50, t.latency_ms.p99, t.per_sec, t.events
+            ),
+            None => "ERR".to_string(),
+        };
+        let _ = writeln!(out, "  {label:<32}{value}");
+    }
+    out
+}
