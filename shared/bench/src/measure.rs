@@ -410,7 +410,7 @@ pub fn throughput(
 
 /// Sends `total` events over `concurrency` connections; returns every latency and the wall
 /// time from the moment all connections were open.
-fn load(
+pub(crate) fn load(
     f: &Function,
     addr: SocketAddr,
     total: usize,

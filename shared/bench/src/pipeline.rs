@@ -21,8 +21,9 @@ use serde::Serialize;
 
 use crate::functions::Function;
 use crate::measure::{self, Throughput};
-use crate::proc::{Proc, command};
+use crate::proc::{Proc, command, cpu_ticks};
 use crate::report::{MeasureError, TargetCheck};
+use crate::stats::Summary;
 
 /// The target for a trigger's p99 with 100 in flight, ms.
 pub const TRIGGER_P99_MAX_MS: f64 = 10.0;
@@ -87,7 +88,7 @@ pub fn write_catalog(bin_dir: &Path) -> anyhow::Result<()> {
 /// A `fake-kube` process and the kubeconfig pointing at it; killed when dropped.
 #[derive(Debug)]
 pub struct FakeKube {
-    _proc: Proc,
+    proc: Proc,
     _dir: tempfile::TempDir,
     /// The kubeconfig path.
     pub kubeconfig: String,
@@ -123,11 +124,22 @@ impl FakeKube {
             std::thread::sleep(Duration::from_millis(1));
         }
         Ok(Self {
-            _proc: proc,
+            proc,
             kubeconfig: kubeconfig.display().to_string(),
             _dir: dir,
         })
     }
+}
+
+/// One series of triggers.
+#[derive(Debug, Clone, Serialize)]
+pub struct Triggers {
+    /// Latency and rate.
+    pub load: Throughput,
+    /// CPU time pipeline-bridge used per trigger (user + system, 10 ms ticks over the run), ms.
+    pub function_cpu_ms: f64,
+    /// CPU time fake-kube used per trigger, ms.
+    pub fake_api_cpu_ms: f64,
 }
 
 /// Everything measured in the section.
@@ -136,18 +148,55 @@ pub struct PipelineResult {
     /// `pipeline-bridge`.
     pub name: String,
     /// Triggers without a lock, [`CONCURRENT_TRIGGERS`] in flight.
-    pub plain: Option<Throughput>,
+    pub plain: Option<Triggers>,
     /// Triggers each taking a lock of its own, [`CONCURRENT_TRIGGERS`] in flight.
-    pub locked: Option<Throughput>,
+    pub locked: Option<Triggers>,
     /// Failed measurements.
     pub errors: Vec<MeasureError>,
 }
 
-/// Measures `f` (pipeline-bridge) against the instant fake API in `endpoints`.
+/// One series: a fresh fake API and pipeline-bridge, a warm-up, then `triggers` timed.
+fn series(
+    f: &Function,
+    endpoints: &crate::functions::Endpoints,
+    triggers: usize,
+    bin_dir: &Path,
+    logs: &Path,
+) -> anyhow::Result<Triggers> {
+    let kube = FakeKube::start(bin_dir, Duration::ZERO, logs, "triggers")?;
+    let endpoints = crate::functions::Endpoints {
+        kube: Some(kube.kubeconfig.clone()),
+        ..endpoints.clone()
+    };
+    let mut running = measure::start_ready(f, &endpoints, None, logs)?;
+    let n = CONCURRENT_TRIGGERS;
+    measure::load(f, running.addr, measure::WARMUP_EVENTS, n, "warm").context("warm-up")?;
+    let ticks = |pid: u32| cpu_ticks(pid);
+    let (f0, k0) = (ticks(running.proc.pid())?, ticks(kube.proc.pid())?);
+    let (latencies, wall) = measure::load(f, running.addr, triggers, n, "ev")?;
+    let (f1, k1) = (ticks(running.proc.pid())?, ticks(kube.proc.pid())?);
+    running.proc.check_alive()?;
+    // USER_HZ is 100: one tick is 10 ms.
+    let per_trigger = |t: u64| t as f64 * 10.0 / triggers as f64;
+    Ok(Triggers {
+        load: Throughput {
+            events: triggers,
+            concurrency: n,
+            seconds: wall.as_secs_f64(),
+            per_sec: triggers as f64 / wall.as_secs_f64(),
+            latency_ms: Summary::of(&latencies).context("no triggers measured")?,
+        },
+        function_cpu_ms: per_trigger(f1.saturating_sub(f0)),
+        fake_api_cpu_ms: per_trigger(k1.saturating_sub(k0)),
+    })
+}
+
+/// Measures `f` (pipeline-bridge) against a fake API of its own per series.
 pub fn run(
     f: &Function,
     endpoints: &crate::functions::Endpoints,
     triggers: usize,
+    bin_dir: &Path,
     logs: &Path,
 ) -> PipelineResult {
     let mut r = PipelineResult {
@@ -165,7 +214,7 @@ pub fn run(
         eprintln!(
             "bench: pipeline-bridge: {triggers} triggers ({label}), {CONCURRENT_TRIGGERS} in flight"
         );
-        match measure::throughput(function, endpoints, triggers, CONCURRENT_TRIGGERS, logs) {
+        match series(function, endpoints, triggers, bin_dir, logs) {
             Ok(t) => *slot = Some(t),
             Err(e) => r.errors.push(MeasureError {
                 measure: "trigger latency",
@@ -181,7 +230,7 @@ pub fn check_targets(r: &PipelineResult) -> Vec<TargetCheck> {
     vec![crate::report::check_bound(
         &r.name,
         format!("trigger p99 < {TRIGGER_P99_MAX_MS} ms ({CONCURRENT_TRIGGERS} in flight)"),
-        r.plain.as_ref().map(|t| t.latency_ms.p99),
+        r.plain.as_ref().map(|t| t.load.latency_ms.p99),
         Some(TRIGGER_P99_MAX_MS),
         "ms",
         crate::report::Bound::Max,
@@ -201,8 +250,14 @@ pub fn section(r: &PipelineResult) -> String {
     ] {
         let value = match t {
             Some(t) => format!(
-                "p50 {:.2} / p99 {:.2} ms, {:.0} triggers/s   ({} triggers)",
-                t.latency_ms.p50, t.latency_ms.p99, t.per_sec, t.events
+                "p50 {:.2} / p99 {:.2} ms, {:.0} triggers/s   ({} triggers; CPU per trigger: \
+                 pipeline-bridge {:.3} ms, fake API {:.3} ms)",
+                t.load.latency_ms.p50,
+                t.load.latency_ms.p99,
+                t.load.per_sec,
+                t.load.events,
+                t.function_cpu_ms,
+                t.fake_api_cpu_ms
             ),
             None => "ERR".to_string(),
         };

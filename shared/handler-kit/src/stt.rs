@@ -740,7 +740,7 @@ mod tests {
             SttConfig::read,
         )
         .unwrap();
-        let stt = SttClient::new(reqwest::Client::new(), config);
+        let stt = SttClient::new(crate::http::client(Duration::from_secs(1)).unwrap(), config);
         let input = testkit::fixtures::speech("two-utterances-16k.wav");
         let err = stt
             .transcribe_recording(&input, None, None)
