@@ -485,8 +485,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
         println!();
         print!("{}", report::chat_section(&chat, &settings));
     }
-    println!();
-    print!("{}", speech::section(&speech, &settings.speech));
+    if !(speech.vad.is_empty() && speech.errors.is_empty()) {
+        println!();
+        print!("{}", speech::section(&speech, &settings.speech));
+    }
     if !pipeline.name.is_empty() {
         println!();
         print!("{}", pipeline::section(&pipeline));
