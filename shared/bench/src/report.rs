@@ -350,7 +350,7 @@ pub fn target_lines(checks: &[TargetCheck]) -> String {
         );
         let _ = writeln!(
             out,
-            "  {}  {:<14}{:<38}{:>14}  ({})",
+            "  {}  {:<17}{:<38}{:>14}  ({})",
             if c.pass { "PASS" } else { "FAIL" },
             c.function,
             c.target,
