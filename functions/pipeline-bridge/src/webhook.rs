@@ -137,27 +137,8 @@ impl Deliveries {
         let client = nats.client()?;
         let opened = self
             .store
-            .get_or_try_init(|| async {
-                let js = async_nats::jetstream::new(client.clone());
-                if let Ok(store) = js.get_key_value(&self.bucket).await {
-                    return Ok(store);
-                }
-                let created = js
-                    .create_key_value(kv::Config {
-                        bucket: self.bucket.clone(),
-                        history: 1,
-                        max_age: self.ttl,
-                        ..Default::default()
-                    })
-                    .await;
-                match created {
-                    Ok(store) => Ok(store),
-                    // Another replica created it first.
-                    Err(_) => js
-                        .get_key_value(&self.bucket)
-                        .await
-                        .map_err(|e| e.to_string()),
-                }
+            .get_or_try_init(|| {
+                handler_kit::nats::open_or_create_kv(client, &self.bucket, self.ttl)
             })
             .await;
         match opened {

@@ -104,27 +104,9 @@ impl Sessions {
     async fn store(&self, client: &async_nats::Client) -> Result<&kv::Store, HandlerError> {
         self.store
             .get_or_try_init(|| async {
-                let js = async_nats::jetstream::new(client.clone());
-                if let Ok(store) = js.get_key_value(&self.bucket).await {
-                    return Ok(store);
-                }
-                let created = js
-                    .create_key_value(kv::Config {
-                        bucket: self.bucket.clone(),
-                        history: 1,
-                        max_age: self.ttl,
-                        storage: async_nats::jetstream::stream::StorageType::File,
-                        ..Default::default()
-                    })
-                    .await;
-                match created {
-                    Ok(store) => Ok(store),
-                    // Another replica created it first.
-                    Err(_) => js
-                        .get_key_value(&self.bucket)
-                        .await
-                        .map_err(|e| unavailable(&e.to_string())),
-                }
+                handler_kit::nats::open_or_create_kv(client, &self.bucket, self.ttl)
+                    .await
+                    .map_err(|e| unavailable(&e))
             })
             .await
     }

@@ -200,6 +200,34 @@ pub fn subject(template: &str, vars: &[(&str, &str)]) -> String {
     out
 }
 
+/// Opens the JetStream key-value bucket `bucket`, creating it (file storage, one revision per
+/// key, entries expiring after `ttl`) when it does not exist yet. Replicas starting together
+/// race to create it; the loser opens the winner's. The error is the server's reason.
+pub async fn open_or_create_kv(
+    client: &async_nats::Client,
+    bucket: &str,
+    ttl: Duration,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    let js = async_nats::jetstream::new(client.clone());
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: bucket.to_string(),
+            history: 1,
+            max_age: ttl,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        // Another replica created it first.
+        Err(_) => js.get_key_value(bucket).await.map_err(|e| e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
