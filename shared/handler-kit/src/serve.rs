@@ -176,6 +176,63 @@ async fn observe_event(request: Request, next: Next) -> Response {
     response
 }
 
+/// A CloudEvents function as [`run`] starts it: how to read its configuration, build its
+/// state, and route its requests. Implemented by each function's `State`.
+pub trait Function: Sized + Send + 'static {
+    /// The function's configuration.
+    type Config: Send;
+    /// Its name, for telemetry and logs.
+    const NAME: &'static str;
+    /// Reads every variable; problems are collected by `r`.
+    fn read(r: &mut crate::config::ConfigReader) -> Self::Config;
+    /// The shared settings inside the configuration (port, drain grace).
+    fn base(config: &Self::Config) -> &crate::config::BaseConfig;
+    /// Builds the state; network connections are made lazily, so this does no network I/O.
+    fn start(
+        config: Self::Config,
+    ) -> impl Future<Output = Result<Self, crate::HandlerError>> + Send;
+    /// Readiness, shared with the server so draining shows on `/readyz`.
+    fn health(&self) -> Arc<Health>;
+    /// The router: `POST /` plus the standard endpoints.
+    fn app(self) -> Router;
+}
+
+/// A function's whole `main`: configuration (exit 64 on any problem), telemetry, bind, build
+/// the state, serve until SIGTERM, drain, flush telemetry. The port is bound before anything
+/// else does I/O: it is what Knative waits for on a cold start.
+pub async fn run<F: Function>() -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let config = crate::config::load_or_exit(F::read);
+    let telemetry = telemetry::init(F::NAME);
+    let (port, grace) = (F::base(&config).port, F::base(&config).shutdown_grace);
+    let listener = match bind(port).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(port, error = %e, "cannot bind");
+            return ExitCode::FAILURE;
+        }
+    };
+    let state = match F::start(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    let health = state.health();
+    let app = state.app();
+    tracing::info!(addr = ?listener.local_addr().ok(), "{} listening", F::NAME);
+    let served = serve(listener, app, health, shutdown_signal(), grace).await;
+    telemetry.shutdown();
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Binds the HTTP port on all interfaces.
 pub async fn bind(port: u16) -> std::io::Result<TcpListener> {
     TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await
