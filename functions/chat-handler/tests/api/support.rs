@@ -6,14 +6,12 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use http_body_util::BodyExt as _;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tower::ServiceExt as _;
 use wiremock::matchers::{body_partial_json, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-pub use testkit::cloudevent::{event, eventually};
+pub use testkit::cloudevent::{assert_error, event, eventually, send};
 
 /// One wiremock server per backend.
 pub struct Backends {
@@ -128,47 +126,8 @@ pub async fn app(env: &[(String, String)], extra: &[(&str, &str)]) -> Router {
     chat_handler::app(chat_handler::State::new(config).await.expect("state"))
 }
 
-/// An answer, fully read.
-pub struct Answer {
-    pub status: u16,
-    pub headers: http::HeaderMap,
-    pub body: bytes::Bytes,
-}
-
-impl Answer {
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-}
-
-pub async fn send(app: &Router, request: http::Request<Body>) -> Answer {
-    let response = app.clone().oneshot(request).await.expect("infallible");
-    let (parts, body) = response.into_parts();
-    let body = tokio::time::timeout(Duration::from_secs(30), body.collect())
-        .await
-        .expect("body in time")
-        .expect("body")
-        .to_bytes();
-    Answer {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body,
-    }
-}
-
 pub fn chat(data: Value) -> http::Request<Body> {
     event("ai.chat.request").json(&data).binary()
-}
-
-pub fn assert_error(answer: &Answer, status: u16, code: &str) {
-    assert_eq!(
-        answer.status,
-        status,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
-    assert_eq!(answer.json()["error"], code);
 }
 
 /// A raw LLM that sends response headers and `first` SSE text, then either stalls (noticing

@@ -5,13 +5,11 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use futures::StreamExt as _;
-use http_body_util::BodyExt as _;
 use serde_json::{Value, json};
 use testkit::fake_kube::{FakeKfp, FakeKube};
 use testkit::nats_server::NatsServer;
-use tower::ServiceExt as _;
 
-pub use testkit::cloudevent::{event, eventually};
+pub use testkit::cloudevent::{Answer, assert_error, event, eventually, send};
 
 /// Three pipelines, one of each kind; `deploy` has a lock per environment.
 pub const CATALOG: &str = r#"
@@ -190,59 +188,6 @@ impl Statuses {
         let more = tokio::time::timeout(Duration::from_millis(200), self.sub.next()).await;
         assert!(more.is_err(), "unexpected status message: {more:?}");
     }
-}
-
-/// An answer, fully read.
-#[derive(Debug)]
-pub struct Answer {
-    pub status: u16,
-    pub headers: http::HeaderMap,
-    pub body: bytes::Bytes,
-}
-
-impl Answer {
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-
-    pub fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-    }
-}
-
-pub async fn send(app: &Router, request: http::Request<Body>) -> Answer {
-    let response = app.clone().oneshot(request).await.expect("infallible");
-    let (parts, body) = response.into_parts();
-    let body = tokio::time::timeout(Duration::from_secs(30), body.collect())
-        .await
-        .expect("body in time")
-        .expect("body")
-        .to_bytes();
-    Answer {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body,
-    }
-}
-
-/// Asserts a JSON error answer of the given status and code.
-pub fn assert_error(answer: &Answer, status: u16, code: &str) {
-    assert_eq!(
-        answer.status,
-        status,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
-    let body = answer.json();
-    assert_eq!(body["error"], code, "{body}");
-    assert!(
-        body["detail"].as_str().is_some_and(|d| !d.is_empty()),
-        "{body}"
-    );
 }
 
 /// The requests that changed something (everything but GETs).

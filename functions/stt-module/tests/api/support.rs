@@ -1,13 +1,8 @@
 //! The app under test and helpers.
 
-use std::time::Duration;
-
 use axum::Router;
-use axum::body::Body;
-use http_body_util::BodyExt as _;
-use tower::ServiceExt as _;
 
-pub use testkit::cloudevent::event;
+pub use testkit::cloudevent::{assert_error, event, send};
 
 pub async fn app(stt_url: &str, extra: &[(&str, &str)]) -> Router {
     let mut env: Vec<(&str, &str)> = extra.to_vec();
@@ -21,40 +16,4 @@ pub async fn simulator() -> String {
         .await
         .expect("sim");
     format!("http://{addr}")
-}
-
-pub struct Answer {
-    pub status: u16,
-    pub body: bytes::Bytes,
-}
-
-impl Answer {
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-}
-
-pub async fn send(app: &Router, request: http::Request<Body>) -> Answer {
-    let response = app.clone().oneshot(request).await.expect("infallible");
-    let (parts, body) = response.into_parts();
-    let body = tokio::time::timeout(Duration::from_secs(60), body.collect())
-        .await
-        .expect("body in time")
-        .expect("body")
-        .to_bytes();
-    Answer {
-        status: parts.status.as_u16(),
-        body,
-    }
-}
-
-pub fn assert_error(answer: &Answer, status: u16, code: &str) {
-    assert_eq!(
-        answer.status,
-        status,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
-    assert_eq!(answer.json()["error"], code);
 }
