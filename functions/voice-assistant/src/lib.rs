@@ -117,30 +117,7 @@ impl State {
     }
 }
 
-impl handler_kit::serve::Function for State {
-    type Config = Config;
-    const NAME: &'static str = "voice-assistant";
-
-    fn read(r: &mut handler_kit::config::ConfigReader) -> Config {
-        Config::read(r)
-    }
-
-    fn base(config: &Config) -> &handler_kit::config::BaseConfig {
-        &config.base
-    }
-
-    async fn start(config: Config) -> Result<Self, HandlerError> {
-        Self::new(config).await
-    }
-
-    fn health(&self) -> Arc<Health> {
-        State::health(self)
-    }
-
-    fn app(self) -> Router {
-        app(self)
-    }
-}
+handler_kit::function!("voice-assistant");
 
 /// The function's router: `POST /` plus the standard endpoints.
 pub fn app(state: State) -> Router {

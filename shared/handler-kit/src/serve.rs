@@ -197,6 +197,39 @@ pub trait Function: Sized + Send + 'static {
     fn app(self) -> Router;
 }
 
+/// Implements [`Function`] for a function crate laid out the usual way: `State::new(Config)`,
+/// `State::health()`, `Config::read`, `config.base` and a free `app(State) -> Router`. The
+/// argument is the function's name: `handler_kit::function!("tts-module");`.
+#[macro_export]
+macro_rules! function {
+    ($name:literal) => {
+        impl $crate::serve::Function for State {
+            type Config = Config;
+            const NAME: &'static str = $name;
+
+            fn read(r: &mut $crate::config::ConfigReader) -> Config {
+                Config::read(r)
+            }
+
+            fn base(config: &Config) -> &$crate::config::BaseConfig {
+                &config.base
+            }
+
+            async fn start(config: Config) -> Result<Self, $crate::HandlerError> {
+                Self::new(config).await
+            }
+
+            fn health(&self) -> ::std::sync::Arc<$crate::serve::Health> {
+                State::health(self)
+            }
+
+            fn app(self) -> ::axum::Router {
+                app(self)
+            }
+        }
+    };
+}
+
 /// A function's whole `main`: configuration (exit 64 on any problem), telemetry, bind, build
 /// the state, serve until SIGTERM, drain, flush telemetry. The port is bound before anything
 /// else does I/O: it is what Knative waits for on a cold start.
