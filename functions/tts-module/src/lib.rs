@@ -27,7 +27,7 @@ use handler_kit::config::{BaseConfig, ConfigReader};
 use handler_kit::event::bytes_field;
 use handler_kit::nats::{Nats, subject};
 use handler_kit::serve::{Health, function_router};
-use handler_kit::stream::{AudioStream, ENVELOPE_ROOM};
+use handler_kit::stream::{AudioReply, AudioStream};
 use handler_kit::text::split_sentences;
 use handler_kit::tts::{Speech, TtsClient, TtsConfig};
 use handler_kit::{CloudEvent, HandlerError, Reply};
@@ -144,6 +144,16 @@ struct TtsResponse {
     chunks: usize,
 }
 
+impl AudioReply for TtsResponse {
+    fn audio_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.audio
+    }
+
+    fn audio_subject_mut(&mut self) -> &mut Option<String> {
+        &mut self.audio_subject
+    }
+}
+
 async fn handle(Extract(state): Extract<State>, event: CloudEvent) -> Result<Reply, HandlerError> {
     event.expect_type(&[REQUEST_TYPE])?;
     let request: TtsRequest = event.data()?;
@@ -214,28 +224,15 @@ async fn synthesize(
         chunks: total,
     };
     if state.nats.is_enabled() {
-        let reply_subject = subject(&config.reply_subject, &[("request_id", request_id)]);
-        let msg_id = format!("{request_id}.reply");
-        if response.audio.len() + ENVELOPE_ROOM > max_payload {
-            // Too big for one message: point to the stream, publishing it now if it was not asked for.
-            if !request.stream {
-                stream.send(&merged, None, true).await?;
-            }
-            let audio = std::mem::take(&mut response.audio);
-            response.audio_subject = Some(stream.subject().to_string());
-            state
-                .nats
-                .publish(reply_subject, &response, Some(&msg_id))
-                .await?;
-            response.audio = audio;
-            response.audio_subject = None;
-        } else {
-            state
-                .nats
-                .publish(reply_subject, &response, Some(&msg_id))
-                .await?;
+        // Too big for one message: the reply points to the stream, published now if it was
+        // not asked for.
+        if !request.stream && !stream.fits(response.audio.len()) {
+            stream.send(&merged, None, true).await?;
         }
-        state.nats.flush().await?;
+        let reply_subject = subject(&config.reply_subject, &[("request_id", request_id)]);
+        stream
+            .publish_reply(reply_subject, &format!("{request_id}.reply"), &mut response)
+            .await?;
     }
     Ok(response)
 }

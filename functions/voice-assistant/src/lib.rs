@@ -32,7 +32,7 @@ use handler_kit::config::{BaseConfig, ConfigReader};
 use handler_kit::event::bytes_field;
 use handler_kit::nats::{Nats, subject};
 use handler_kit::serve::{Health, function_router};
-use handler_kit::stream::{AudioStream, ENVELOPE_ROOM};
+use handler_kit::stream::{AudioReply, AudioStream};
 use handler_kit::stt::{SttClient, SttConfig};
 use handler_kit::text::SentenceBuffer;
 use handler_kit::tts::{Speech, TtsClient, TtsConfig};
@@ -160,6 +160,16 @@ struct VoiceResponse {
     audio_subject: Option<String>,
     sources: Vec<SourceDoc>,
     timings_ms: Timings,
+}
+
+impl AudioReply for VoiceResponse {
+    fn audio_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.audio
+    }
+
+    fn audio_subject_mut(&mut self) -> &mut Option<String> {
+        &mut self.audio_subject
+    }
 }
 
 fn ms(d: Duration) -> u64 {
@@ -312,25 +322,12 @@ async fn answer(
             },
         };
         if state.nats.is_enabled() {
+            // Audio over the max payload is already on the stream, sentence by sentence: the
+            // reply points there.
             let reply_subject = subject(&config.reply_subject, &[("request_id", &request_id)]);
-            let msg_id = format!("{request_id}.reply");
-            if response.audio.len() + ENVELOPE_ROOM > max_payload {
-                // The audio is already on the stream, sentence by sentence: point there.
-                let audio = std::mem::take(&mut response.audio);
-                response.audio_subject = Some(audio_stream.subject().to_string());
-                state
-                    .nats
-                    .publish(reply_subject, &response, Some(&msg_id))
-                    .await?;
-                response.audio = audio;
-                response.audio_subject = None;
-            } else {
-                state
-                    .nats
-                    .publish(reply_subject, &response, Some(&msg_id))
-                    .await?;
-            }
-            state.nats.flush().await?;
+            audio_stream
+                .publish_reply(reply_subject, &format!("{request_id}.reply"), &mut response)
+                .await?;
         }
         Ok(response)
     };

@@ -28,6 +28,14 @@ struct AudioChunk<'a> {
     done: bool,
 }
 
+/// A reply that carries audio, which may be too large for one NATS message.
+pub trait AudioReply: Serialize {
+    /// The reply's audio bytes.
+    fn audio_mut(&mut self) -> &mut Vec<u8>;
+    /// Where the audio is instead, when it is not inline.
+    fn audio_subject_mut(&mut self) -> &mut Option<String>;
+}
+
 /// Publishes audio in order to one subject.
 #[derive(Debug)]
 pub struct AudioStream<'a> {
@@ -53,6 +61,33 @@ impl<'a> AudioStream<'a> {
     /// The subject messages go to.
     pub fn subject(&self) -> &str {
         &self.subject
+    }
+
+    /// Whether `audio_bytes` of audio fit in one message with its envelope.
+    pub fn fits(&self, audio_bytes: usize) -> bool {
+        audio_bytes + ENVELOPE_ROOM <= self.max_payload
+    }
+
+    /// Publishes `reply` to `subject` with `Nats-Msg-Id` `msg_id`, and flushes. When its audio
+    /// does not fit in one message it goes without it, pointing to this stream's subject
+    /// instead: the caller has put the audio there. `reply` is left as it was.
+    pub async fn publish_reply<R: AudioReply>(
+        &self,
+        subject: String,
+        msg_id: &str,
+        reply: &mut R,
+    ) -> Result<(), HandlerError> {
+        if self.fits(reply.audio_mut().len()) {
+            self.nats.publish(subject, &*reply, Some(msg_id)).await?;
+        } else {
+            let audio = std::mem::take(reply.audio_mut());
+            *reply.audio_subject_mut() = Some(self.subject.clone());
+            let published = self.nats.publish(subject, &*reply, Some(msg_id)).await;
+            *reply.audio_mut() = audio;
+            *reply.audio_subject_mut() = None;
+            published?;
+        }
+        self.nats.flush().await
     }
 
     /// Messages published so far.
