@@ -1,4 +1,11 @@
-//! The Kubernetes API, through kube-rs: creating runs, reading them, and Lease-based locks.
+//! The Kubernetes API: creating runs, reading them, and Lease-based locks.
+//!
+//! kube-rs reads the configuration (in-cluster service account, `$KUBECONFIG` or
+//! `~/.kube/config`); the calls themselves are plain REST requests on the shared reqwest
+//! client. A trigger is one `POST` whose answer is not even parsed when it is a `201`: the
+//! typed client's layers (a buffer task, tracing spans, typed (de)serialization of the object
+//! both ways) cost more CPU than the rest of the trigger together, and at 100 triggers in
+//! flight the CPU is the latency.
 //!
 //! Errors are sorted by what a retry can do. The API server unreachable or timing out, 429 and
 //! 5xx are retryable (503 with `Retry-After` for an unreachable or throttling server, so the
@@ -6,61 +13,185 @@
 //! namespace or CRD) are final (422) with the API server's own message, because retrying a
 //! misconfiguration only delays the dead letter.
 
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ObjectMeta, PostParams};
-use serde_json::Value;
+use base64::Engine as _;
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
 
 use handler_kit::HandlerError;
+use handler_kit::http::{Identity, Tls};
 
 use crate::names::{MANAGED_BY, MANAGED_BY_LABEL};
 
 /// How long to wait before retrying when the API server cannot be reached.
 const UNREACHABLE_RETRY: Duration = Duration::from_secs(5);
+/// How long to wait before retrying when the API server throttles without saying.
+const THROTTLED_RETRY: Duration = Duration::from_secs(2);
+/// How often a token file is read again: service account tokens are rotated by the kubelet.
+const TOKEN_FILE_REFRESH: Duration = Duration::from_secs(60);
 
-/// `argoproj.io/v1alpha1` Workflows.
-pub fn workflows() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("argoproj.io", "v1alpha1", "Workflow"),
-        "workflows",
-    )
+/// A namespaced resource kind: where its objects live in the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resource {
+    /// `group/version`, or `version` for the core group.
+    pub api_version: &'static str,
+    /// The object's `kind`.
+    pub kind: &'static str,
+    /// The URL segment.
+    pub plural: &'static str,
 }
 
+/// `argoproj.io/v1alpha1` Workflows.
+pub const WORKFLOWS: Resource = Resource {
+    api_version: "argoproj.io/v1alpha1",
+    kind: "Workflow",
+    plural: "workflows",
+};
+
 /// `batch/v1` Jobs.
-pub fn jobs() -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("batch", "v1", "Job"), "jobs")
+pub const JOBS: Resource = Resource {
+    api_version: "batch/v1",
+    kind: "Job",
+    plural: "jobs",
+};
+
+/// `coordination.k8s.io/v1` Leases, the locks.
+pub const LEASES: Resource = Resource {
+    api_version: "coordination.k8s.io/v1",
+    kind: "Lease",
+    plural: "leases",
+};
+
+impl Resource {
+    /// The collection's path: `/apis/{group}/{version}/namespaces/{namespace}/{plural}`.
+    pub fn collection(&self, namespace: &str) -> String {
+        let root = if self.api_version.contains('/') {
+            "apis"
+        } else {
+            "api"
+        };
+        format!(
+            "/{root}/{}/namespaces/{namespace}/{}",
+            self.api_version, self.plural
+        )
+    }
+}
+
+/// How requests prove who sends them.
+#[derive(Debug)]
+enum Auth {
+    None,
+    /// A fixed `Authorization` value (a token or basic credentials).
+    Fixed(HeaderValue),
+    /// A bearer token file read again every [`TOKEN_FILE_REFRESH`].
+    TokenFile {
+        path: PathBuf,
+        current: RwLock<(HeaderValue, Instant)>,
+    },
+}
+
+impl Auth {
+    fn header(&self) -> Result<Option<HeaderValue>, HandlerError> {
+        match self {
+            Self::None => Ok(None),
+            Self::Fixed(value) => Ok(Some(value.clone())),
+            Self::TokenFile { path, current } => {
+                if let Ok(read) = current.read()
+                    && read.1.elapsed() < TOKEN_FILE_REFRESH
+                {
+                    return Ok(Some(read.0.clone()));
+                }
+                // A token file that cannot be read now keeps the last token: it may still be
+                // valid, and the API server says so (401) if it is not.
+                let value = match read_token(path) {
+                    Ok(value) => value,
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "token file unreadable; keeping the last token");
+                        return Ok(current.read().ok().map(|c| c.0.clone()));
+                    }
+                };
+                if let Ok(mut write) = current.write() {
+                    *write = (value.clone(), Instant::now());
+                }
+                Ok(Some(value))
+            }
+        }
+    }
+}
+
+fn bearer(token: &str) -> Result<HeaderValue, String> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+        .map_err(|_| "the token is not a valid header value".to_string())?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+fn read_token(path: &Path) -> Result<HeaderValue, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    bearer(&text)
 }
 
 /// A client of the cluster's API server.
 #[derive(Clone)]
 pub struct Cluster {
-    client: kube::Client,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    /// The server URL without a trailing `/` (it may carry a path prefix, as behind a proxy).
+    base: String,
+    auth: Auth,
+    /// Impersonation headers from the kubeconfig.
+    headers: HeaderMap,
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster").finish_non_exhaustive()
+        f.debug_struct("Cluster")
+            .field("base", &self.inner.base)
+            .finish_non_exhaustive()
     }
 }
 
-/// The outcome of a create that tolerates an existing object.
-#[derive(Debug, Clone)]
-pub struct Created {
-    /// The object as the API server returned it (the existing one after `AlreadyExists`).
-    pub object: Value,
-    /// False when it already existed (a redelivery).
-    pub created: bool,
+/// A `metav1.Status`, the API server's error body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Status {
+    reason: String,
+    message: String,
+}
+
+/// What a request came to, short of an error.
+enum Answer {
+    /// 2xx, with the body.
+    Done(Bytes),
+    /// 404.
+    NotFound,
+    /// 409 `AlreadyExists` (a create).
+    AlreadyExists,
+    /// 409 `Conflict` (a replace with a stale `resourceVersion`).
+    Stale,
 }
 
 impl Cluster {
-    /// A client from `kubeconfig` when given, else inferred (in-cluster service account, then
-    /// `$KUBECONFIG` / `~/.kube/config`). Reads local files only: no network I/O.
+    /// A client from `kubeconfig` when given, else inferred (`$KUBECONFIG` or `~/.kube/config`,
+    /// else the in-cluster service account). Reads local files only: no network I/O.
+    ///
+    /// Credentials: bearer tokens (also from a file, re-read every minute as service account
+    /// tokens rotate), client certificates, basic auth, impersonation. Exec and auth-provider
+    /// plugins, `insecure-skip-tls-verify` and proxies are refused here, at start, rather than
+    /// failing every request later.
     pub async fn connect(kubeconfig: Option<&Path>, timeout: Duration) -> Result<Self, String> {
-        let mut config = match kubeconfig {
+        let config = match kubeconfig {
             Some(path) => {
                 let file = kube::config::Kubeconfig::read_from(path)
                     .map_err(|e| format!("KUBECONFIG {}: {e}", path.display()))?;
@@ -72,57 +203,156 @@ impl Cluster {
                 .await
                 .map_err(|e| format!("no Kubernetes configuration: {e}"))?,
         };
+        let refuse = |what: &str| Err(format!("Kubernetes configuration: {what} is not supported"));
+        let user = &config.auth_info;
+        if user.exec.is_some() || user.auth_provider.is_some() {
+            return refuse(
+                "an exec or auth-provider credential plugin (use a token, a token file or a client certificate)",
+            );
+        }
+        if config.accept_invalid_certs {
+            return refuse("insecure-skip-tls-verify (give the cluster's CA)");
+        }
+        if config.proxy_url.is_some() {
+            return refuse("proxy-url");
+        }
+        let auth = auth(user)?;
+        let tls = Tls {
+            roots: config.root_cert.clone().unwrap_or_default(),
+            identity: identity(user)?,
+        };
         // An unreachable API server must fail fast (503, retried later), not hold the event.
-        config.connect_timeout = Some(timeout.min(Duration::from_secs(3)));
-        config.read_timeout = Some(timeout);
-        config.write_timeout = Some(timeout);
-        let client =
-            kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))?;
-        Ok(Self { client })
+        let http = handler_kit::http::client_with(timeout.min(Duration::from_secs(3)), tls)
+            .map_err(|e| format!("Kubernetes client: {e}"))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                base: config
+                    .cluster_url
+                    .to_string()
+                    .trim_end_matches('/')
+                    .to_string(),
+                auth,
+                headers: impersonation(user)?,
+                timeout,
+            }),
+        })
     }
 
-    fn api(&self, namespace: &str, resource: &ApiResource) -> Api<DynamicObject> {
-        Api::namespaced_with(self.client.clone(), namespace, resource)
+    /// One request; 2xx, 404 and 409 are answers, everything else an error sorted by what a
+    /// retry can do (see the module docs).
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        what: impl Fn() -> String,
+    ) -> Result<Answer, HandlerError> {
+        let inner = &*self.inner;
+        let mut request = inner
+            .http
+            .request(method, format!("{}{path}", inner.base))
+            .timeout(inner.timeout)
+            .headers(inner.headers.clone())
+            .header(ACCEPT, "application/json");
+        if let Some(auth) = inner.auth.header()? {
+            request = request.header(AUTHORIZATION, auth);
+        }
+        if let Some(body) = body {
+            request = request.header(CONTENT_TYPE, "application/json").body(body);
+        }
+        let unreachable = |e: reqwest::Error| HandlerError::Unavailable {
+            backend: "kubernetes",
+            reason: format!(
+                "{}: API server unreachable: {}",
+                what(),
+                handler_kit::http::describe(&e)
+            ),
+            retry_after: UNREACHABLE_RETRY,
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let code = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = response.bytes().await.map_err(unreachable)?;
+        if code.is_success() {
+            return Ok(Answer::Done(body));
+        }
+        let status: Status = serde_json::from_slice(&body).unwrap_or_default();
+        match (code, status.reason.as_str()) {
+            (StatusCode::NOT_FOUND, _) => return Ok(Answer::NotFound),
+            (StatusCode::CONFLICT, "AlreadyExists") => return Ok(Answer::AlreadyExists),
+            (StatusCode::CONFLICT, "Conflict") => return Ok(Answer::Stale),
+            _ => {}
+        }
+        let detail = format!(
+            "{}: {} {}: {}",
+            what(),
+            code.as_u16(),
+            if status.reason.is_empty() {
+                "Failure"
+            } else {
+                &status.reason
+            },
+            if status.message.is_empty() {
+                String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned()
+            } else {
+                status.message
+            }
+        );
+        Err(match code.as_u16() {
+            429 => HandlerError::Unavailable {
+                backend: "kubernetes",
+                reason: detail,
+                retry_after: retry_after.unwrap_or(THROTTLED_RETRY),
+            },
+            409 => HandlerError::Conflict(detail),
+            400..=499 => HandlerError::BackendRejected {
+                backend: "kubernetes",
+                detail,
+            },
+            _ => HandlerError::Backend {
+                backend: "kubernetes",
+                detail,
+            },
+        })
     }
 
-    /// Creates `object`; an existing object of that name is read back instead (`created:
-    /// false`), so a redelivered request never starts a second run.
+    /// Creates `object` (its JSON) named `name`: `Ok(None)` when it was created, the existing
+    /// object when one of that name was already there, so a redelivered request never starts
+    /// a second run. A created object's answer is not parsed: nothing in it is needed.
     pub async fn create(
         &self,
         namespace: &str,
-        resource: &ApiResource,
-        object: &DynamicObject,
-    ) -> Result<Created, HandlerError> {
-        let api = self.api(namespace, resource);
-        match api.create(&PostParams::default(), object).await {
-            Ok(made) => Ok(Created {
-                object: to_value(&made)?,
-                created: true,
-            }),
-            Err(kube::Error::Api(status)) if status.is_already_exists() => {
-                let name = object.metadata.name.clone().unwrap_or_default();
-                let existing = api
-                    .get_opt(&name)
-                    .await
-                    .map_err(|e| describe(e, "read", resource, &name))?;
+        resource: &Resource,
+        name: &str,
+        object: Vec<u8>,
+    ) -> Result<Option<Value>, HandlerError> {
+        let what = || format!("create {} {name}", resource.kind);
+        let path = resource.collection(namespace);
+        match self.send(Method::POST, &path, Some(object), what).await? {
+            Answer::Done(_) => Ok(None),
+            Answer::AlreadyExists => {
                 // Deleted between the two calls: the next delivery creates it.
-                let existing = existing.ok_or_else(|| {
+                let existing = self.get(namespace, resource, name).await?;
+                existing.map(Some).ok_or_else(|| {
                     HandlerError::Conflict(format!(
                         "{} {name} vanished after AlreadyExists",
                         resource.kind
                     ))
-                })?;
-                Ok(Created {
-                    object: to_value(&existing)?,
-                    created: false,
                 })
             }
-            Err(e) => Err(describe(
-                e,
-                "create",
-                resource,
-                object.metadata.name.as_deref().unwrap_or_default(),
-            )),
+            Answer::NotFound | Answer::Stale => Err(HandlerError::BackendRejected {
+                backend: "kubernetes",
+                detail: format!(
+                    "{}: the namespace or the resource kind does not exist",
+                    what()
+                ),
+            }),
         }
     }
 
@@ -130,19 +360,44 @@ impl Cluster {
     pub async fn get(
         &self,
         namespace: &str,
-        resource: &ApiResource,
+        resource: &Resource,
         name: &str,
     ) -> Result<Option<Value>, HandlerError> {
-        let found = self
-            .api(namespace, resource)
-            .get_opt(name)
-            .await
-            .map_err(|e| describe(e, "read", resource, name))?;
-        found.as_ref().map(to_value).transpose()
+        let what = || format!("read {} {name}", resource.kind);
+        let path = format!("{}/{name}", resource.collection(namespace));
+        match self.send(Method::GET, &path, None, what).await? {
+            Answer::Done(body) => {
+                serde_json::from_slice(&body)
+                    .map(Some)
+                    .map_err(|e| HandlerError::Backend {
+                        backend: "kubernetes",
+                        detail: format!("{}: unreadable answer: {e}", what()),
+                    })
+            }
+            _ => Ok(None),
+        }
     }
 
-    fn leases(&self, namespace: &str) -> Api<Lease> {
-        Api::namespaced(self.client.clone(), namespace)
+    /// Replaces `object` (which carries the `resourceVersion` it was read at): false when it
+    /// changed since (409 Conflict), so the caller reads it again.
+    async fn replace(
+        &self,
+        namespace: &str,
+        resource: &Resource,
+        name: &str,
+        object: &Value,
+    ) -> Result<bool, HandlerError> {
+        let what = || format!("update {} {name}", resource.kind);
+        let path = format!("{}/{name}", resource.collection(namespace));
+        let body = serde_json::to_vec(object).map_err(|e| HandlerError::Internal(e.to_string()))?;
+        match self.send(Method::PUT, &path, Some(body), what).await? {
+            Answer::Done(_) => Ok(true),
+            Answer::Stale => Ok(false),
+            Answer::NotFound | Answer::AlreadyExists => Err(HandlerError::Conflict(format!(
+                "{}: it was deleted meanwhile",
+                what()
+            ))),
+        }
     }
 
     /// Takes the lock Lease `name` for `holder` for `ttl`.
@@ -151,7 +406,8 @@ impl Cluster {
     /// or whose holder stopped renewing it for longer than its duration is taken over. Held by
     /// another: 503 with `Retry-After` (the time left, at most `max_retry_after`), so the
     /// source tries again later. Races between replicas are settled by the API server's
-    /// optimistic concurrency (`resourceVersion`): the loser reads again.
+    /// optimistic concurrency (`resourceVersion`): the loser reads again. Whatever else the
+    /// Lease carries is kept: it is replaced as read, with only the holder's fields changed.
     pub async fn acquire(
         &self,
         namespace: &str,
@@ -160,47 +416,52 @@ impl Cluster {
         ttl: Duration,
         max_retry_after: Duration,
     ) -> Result<(), HandlerError> {
-        let api = self.leases(namespace);
-        let lease_resource = lease_resource();
         let seconds = i32::try_from(ttl.as_secs()).unwrap_or(i32::MAX).max(1);
         for _ in 0..4 {
-            let now = Timestamp::now();
-            let current = api
-                .get_opt(name)
-                .await
-                .map_err(|e| describe(e, "read", &lease_resource, name))?;
-            let Some(mut lease) = current else {
-                let lease = Lease {
-                    metadata: ObjectMeta {
-                        name: Some(name.to_string()),
-                        labels: Some(
-                            [(MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string())].into(),
-                        ),
-                        ..ObjectMeta::default()
+            let now = Utc::now();
+            let Some(mut lease) = self.get(namespace, &LEASES, name).await? else {
+                let lease = json!({
+                    "apiVersion": LEASES.api_version,
+                    "kind": LEASES.kind,
+                    "metadata": {"name": name, "labels": {MANAGED_BY_LABEL: MANAGED_BY}},
+                    "spec": {
+                        "holderIdentity": holder,
+                        "leaseDurationSeconds": seconds,
+                        "acquireTime": micro_time(now),
+                        "renewTime": micro_time(now),
+                        "leaseTransitions": 0,
                     },
-                    spec: Some(LeaseSpec {
-                        holder_identity: Some(holder.to_string()),
-                        lease_duration_seconds: Some(seconds),
-                        acquire_time: Some(MicroTime(now)),
-                        renew_time: Some(MicroTime(now)),
-                        lease_transitions: Some(0),
-                        ..LeaseSpec::default()
-                    }),
-                };
-                match api.create(&PostParams::default(), &lease).await {
-                    Ok(_) => return Ok(()),
+                });
+                let body = serde_json::to_vec(&lease)
+                    .map_err(|e| HandlerError::Internal(e.to_string()))?;
+                let what = || format!("create Lease {name}");
+                match self
+                    .send(
+                        Method::POST,
+                        &LEASES.collection(namespace),
+                        Some(body),
+                        what,
+                    )
+                    .await?
+                {
+                    Answer::Done(_) => return Ok(()),
                     // Another replica created it first: read it again.
-                    Err(kube::Error::Api(s)) if s.is_already_exists() => continue,
-                    Err(e) => return Err(describe(e, "create", &lease_resource, name)),
+                    Answer::AlreadyExists => continue,
+                    Answer::NotFound | Answer::Stale => {
+                        return Err(HandlerError::BackendRejected {
+                            backend: "kubernetes",
+                            detail: format!("{}: the namespace does not exist", what()),
+                        });
+                    }
                 }
             };
-            let spec = lease.spec.clone().unwrap_or_default();
-            let current_holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-            if current_holder.as_deref() == Some(holder) {
+            let spec = &lease["spec"];
+            let current = spec["holderIdentity"].as_str().filter(|h| !h.is_empty());
+            if current == Some(holder) {
                 return Ok(());
             }
-            if let Some(other) = &current_holder {
-                let left = time_left(&spec, now);
+            if let Some(other) = current {
+                let left = time_left(spec, now);
                 if !left.is_zero() {
                     return Err(HandlerError::Unavailable {
                         backend: "lock",
@@ -210,19 +471,18 @@ impl Cluster {
                 }
                 tracing::warn!(lease = name, holder = %other, "taking over an expired lock");
             }
-            let transitions = spec.lease_transitions.unwrap_or(0);
-            lease.spec = Some(LeaseSpec {
-                holder_identity: Some(holder.to_string()),
-                lease_duration_seconds: Some(seconds),
-                acquire_time: Some(MicroTime(now)),
-                renew_time: Some(MicroTime(now)),
-                lease_transitions: Some(transitions.saturating_add(1)),
-                ..spec
-            });
-            match api.replace(name, &PostParams::default(), &lease).await {
-                Ok(_) => return Ok(()),
-                Err(kube::Error::Api(s)) if s.is_conflict() => continue,
-                Err(e) => return Err(describe(e, "update", &lease_resource, name)),
+            let transitions = spec["leaseTransitions"].as_i64().unwrap_or(0);
+            let spec = spec_mut(&mut lease);
+            spec.insert("holderIdentity".into(), json!(holder));
+            spec.insert("leaseDurationSeconds".into(), json!(seconds));
+            spec.insert("acquireTime".into(), json!(micro_time(now)));
+            spec.insert("renewTime".into(), json!(micro_time(now)));
+            spec.insert(
+                "leaseTransitions".into(),
+                json!(transitions.saturating_add(1)),
+            );
+            if self.replace(namespace, &LEASES, name, &lease).await? {
+                return Ok(());
             }
         }
         Err(HandlerError::Unavailable {
@@ -240,28 +500,19 @@ impl Cluster {
         name: &str,
         holder: &str,
     ) -> Result<bool, HandlerError> {
-        let api = self.leases(namespace);
-        let lease_resource = lease_resource();
         for _ in 0..4 {
-            let Some(mut lease) = api
-                .get_opt(name)
-                .await
-                .map_err(|e| describe(e, "read", &lease_resource, name))?
-            else {
+            let Some(mut lease) = self.get(namespace, &LEASES, name).await? else {
                 return Ok(false);
             };
-            let mut spec = lease.spec.clone().unwrap_or_default();
-            if spec.holder_identity.as_deref() != Some(holder) {
+            if lease["spec"]["holderIdentity"].as_str() != Some(holder) {
                 return Ok(false);
             }
-            spec.holder_identity = None;
-            spec.acquire_time = None;
-            spec.renew_time = Some(MicroTime(Timestamp::now()));
-            lease.spec = Some(spec);
-            match api.replace(name, &PostParams::default(), &lease).await {
-                Ok(_) => return Ok(true),
-                Err(kube::Error::Api(s)) if s.is_conflict() => continue,
-                Err(e) => return Err(describe(e, "update", &lease_resource, name)),
+            let spec = spec_mut(&mut lease);
+            spec.remove("holderIdentity");
+            spec.remove("acquireTime");
+            spec.insert("renewTime".into(), json!(micro_time(Utc::now())));
+            if self.replace(namespace, &LEASES, name, &lease).await? {
+                return Ok(true);
             }
         }
         Err(HandlerError::Conflict(format!(
@@ -270,88 +521,102 @@ impl Cluster {
     }
 }
 
-fn lease_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("coordination.k8s.io", "v1", "Lease"),
-        "leases",
-    )
+/// The Lease's `spec` as a map, made one if it is missing.
+fn spec_mut(lease: &mut Value) -> &mut serde_json::Map<String, Value> {
+    if !lease["spec"].is_object() {
+        lease["spec"] = json!({});
+    }
+    lease["spec"]
+        .as_object_mut()
+        .expect("spec was just made an object")
+}
+
+/// A `metav1.MicroTime`: RFC 3339 with microseconds, in UTC.
+fn micro_time(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 /// How long the holder still has: from the last renewal (or acquisition) plus the duration.
-fn time_left(spec: &LeaseSpec, now: Timestamp) -> Duration {
-    let Some(since) = spec
-        .renew_time
-        .as_ref()
-        .or(spec.acquire_time.as_ref())
-        .map(|t| t.0)
-    else {
+fn time_left(spec: &Value, now: DateTime<Utc>) -> Duration {
+    let since = ["renewTime", "acquireTime"]
+        .iter()
+        .find_map(|field| DateTime::parse_from_rfc3339(spec[field].as_str()?).ok());
+    let Some(since) = since else {
         return Duration::ZERO;
     };
-    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0));
-    let ends = since.as_second().saturating_add(duration);
-    u64::try_from(ends.saturating_sub(now.as_second()))
+    let duration = spec["leaseDurationSeconds"].as_i64().unwrap_or(0);
+    let ends = since.timestamp().saturating_add(duration);
+    u64::try_from(ends.saturating_sub(now.timestamp()))
         .map(Duration::from_secs)
         .unwrap_or(Duration::ZERO)
 }
 
-fn to_value(object: &impl serde::Serialize) -> Result<Value, HandlerError> {
-    serde_json::to_value(object).map_err(|e| HandlerError::Internal(e.to_string()))
+/// The `Authorization` a kubeconfig user (or the service account) gives.
+fn auth(user: &kube::config::AuthInfo) -> Result<Auth, String> {
+    use secrecy::ExposeSecret as _;
+    if let Some(token) = &user.token {
+        return Ok(Auth::Fixed(bearer(token.expose_secret())?));
+    }
+    if let Some(path) = &user.token_file {
+        let path = PathBuf::from(path);
+        let value = read_token(&path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+        return Ok(Auth::TokenFile {
+            path,
+            current: RwLock::new((value, Instant::now())),
+        });
+    }
+    if let (Some(name), Some(password)) = (&user.username, &user.password) {
+        let credentials = base64::engine::general_purpose::STANDARD
+            .encode(format!("{name}:{}", password.expose_secret()));
+        let mut value = HeaderValue::from_str(&format!("Basic {credentials}"))
+            .map_err(|_| "the username or password is not a valid header value".to_string())?;
+        value.set_sensitive(true);
+        return Ok(Auth::Fixed(value));
+    }
+    Ok(Auth::None)
 }
 
-/// Sorts a kube-rs error by what a retry can do (see the module docs).
-fn describe(error: kube::Error, verb: &str, resource: &ApiResource, name: &str) -> HandlerError {
-    let what = format!("{verb} {} {name}", resource.kind);
-    match error {
-        kube::Error::Api(status) => {
-            let detail = format!(
-                "{what}: {} {}: {}",
-                status.code,
-                if status.reason.is_empty() {
-                    "Failure"
-                } else {
-                    &status.reason
-                },
-                status.message
-            );
-            match status.code {
-                429 => HandlerError::Unavailable {
-                    backend: "kubernetes",
-                    reason: detail,
-                    retry_after: Duration::from_secs(2),
-                },
-                409 => HandlerError::Conflict(detail),
-                400..=499 => HandlerError::BackendRejected {
-                    backend: "kubernetes",
-                    detail,
-                },
-                _ => HandlerError::Backend {
-                    backend: "kubernetes",
-                    detail,
-                },
-            }
-        }
-        kube::Error::HyperError(_) | kube::Error::Service(_) => HandlerError::Unavailable {
-            backend: "kubernetes",
-            reason: format!("{what}: API server unreachable: {}", chain(&error)),
-            retry_after: UNREACHABLE_RETRY,
-        },
-        other => HandlerError::Backend {
-            backend: "kubernetes",
-            detail: format!("{what}: {}", chain(&other)),
-        },
+/// The client certificate and key (PEM), from the kubeconfig's data or files.
+fn identity(user: &kube::config::AuthInfo) -> Result<Option<Identity>, String> {
+    use secrecy::ExposeSecret as _;
+    let decode = |what: &str, data: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .map_err(|e| format!("{what}: {e}"))
+    };
+    let read =
+        |what: &str, path: &str| std::fs::read(path).map_err(|e| format!("{what} {path}: {e}"));
+    let cert = match (&user.client_certificate_data, &user.client_certificate) {
+        (Some(data), _) => Some(decode("client-certificate-data", data)?),
+        (None, Some(path)) => Some(read("client-certificate", path)?),
+        (None, None) => None,
+    };
+    let key = match (&user.client_key_data, &user.client_key) {
+        (Some(data), _) => Some(decode("client-key-data", data.expose_secret())?),
+        (None, Some(path)) => Some(read("client-key", path)?),
+        (None, None) => None,
+    };
+    match (cert, key) {
+        (Some(certificates), Some(key)) => Ok(Some(Identity { certificates, key })),
+        (None, None) => Ok(None),
+        _ => Err("a client certificate needs its key, and a key its certificate".into()),
     }
 }
 
-/// An error with its causes, which is where "connection refused" lives.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
+/// `Impersonate-*` headers for a kubeconfig user that impersonates.
+fn impersonation(user: &kube::config::AuthInfo) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::new();
+    let value = |v: &str| HeaderValue::from_str(v).map_err(|_| format!("impersonation: {v:?}"));
+    if let Some(name) = &user.impersonate {
+        headers.insert(HeaderName::from_static("impersonate-user"), value(name)?);
     }
-    text
+    if let Some(uid) = &user.impersonate_uid {
+        headers.insert(HeaderName::from_static("impersonate-uid"), value(uid)?);
+    }
+    for group in user.impersonate_groups.iter().flatten() {
+        headers.append(HeaderName::from_static("impersonate-group"), value(group)?);
+    }
+    Ok(headers)
 }
 
 #[cfg(test)]
@@ -360,18 +625,33 @@ mod tests {
 
     #[test]
     fn a_lease_is_held_until_its_duration_passes_since_the_last_renewal() {
-        let now = Timestamp::now();
-        let at = |secs_ago: i64| {
-            MicroTime(Timestamp::from_second(now.as_second() - secs_ago).expect("valid time"))
-        };
-        let spec = |renewed: i64, duration: i32| LeaseSpec {
-            holder_identity: Some("a".into()),
-            renew_time: Some(at(renewed)),
-            lease_duration_seconds: Some(duration),
-            ..LeaseSpec::default()
-        };
+        let now = Utc::now();
+        let at = |secs_ago: i64| micro_time(now - chrono::Duration::seconds(secs_ago));
+        let spec = |renewed: i64, duration: i64| json!({"holderIdentity": "a", "renewTime": at(renewed), "leaseDurationSeconds": duration});
         assert_eq!(time_left(&spec(10, 60), now), Duration::from_secs(50));
         assert_eq!(time_left(&spec(61, 60), now), Duration::ZERO);
-        assert_eq!(time_left(&LeaseSpec::default(), now), Duration::ZERO);
+        assert_eq!(time_left(&json!({}), now), Duration::ZERO);
+        // Acquired but never renewed: counted from the acquisition.
+        let acquired = json!({"acquireTime": at(30), "leaseDurationSeconds": 60});
+        assert_eq!(time_left(&acquired, now), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn micro_times_are_what_the_api_server_writes() {
+        let at = DateTime::parse_from_rfc3339("2026-11-30T23:15:00.123456Z")
+            .expect("valid")
+            .with_timezone(&Utc);
+        assert_eq!(micro_time(at), "2026-11-30T23:15:00.123456Z");
+    }
+
+    #[test]
+    fn collections_are_under_apis_for_named_groups_and_api_for_the_core_group() {
+        assert_eq!(JOBS.collection("ops"), "/apis/batch/v1/namespaces/ops/jobs");
+        let pods = Resource {
+            api_version: "v1",
+            kind: "Pod",
+            plural: "pods",
+        };
+        assert_eq!(pods.collection("ops"), "/api/v1/namespaces/ops/pods");
     }
 }

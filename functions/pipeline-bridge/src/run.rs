@@ -4,13 +4,12 @@ use std::collections::BTreeMap;
 
 use handler_kit::HandlerError;
 use handler_kit::nats::subject;
-use kube::api::{DynamicObject, ObjectMeta};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::State;
 use crate::catalog::{Entry, Kind, Target, fill, fill_value};
-use crate::cluster::{jobs, workflows};
+use crate::cluster::{JOBS, Resource, WORKFLOWS};
 use crate::names::{
     LOCK_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, PIPELINE_LABEL, REQUEST_ID_ANNOTATION,
     lease_name, run_name,
@@ -158,7 +157,7 @@ async fn create(
         created: None,
         reason: None,
     };
-    let (object, created) = match &entry.target {
+    let existing = match &entry.target {
         Target::Kubeflow(pipeline) => {
             let kfp = state.kfp.as_ref().ok_or_else(|| {
                 HandlerError::Internal(
@@ -168,7 +167,7 @@ async fn create(
             let description = format!("pipeline-bridge request {request_id}");
             let (run, created) = kfp.create(name, &description, pipeline, parameters).await?;
             status.run_id = run["run_id"].as_str().map(str::to_string);
-            (run, created)
+            (!created).then_some(run)
         }
         Target::Argo {
             template,
@@ -186,25 +185,23 @@ async fn create(
                 "workflowTemplateRef": reference,
                 "arguments": { "parameters": arguments },
             });
-            let object = run_object(&workflows(), entry, request_id, name, lock, spec);
-            let made = state
+            let object = run_object(&WORKFLOWS, entry, request_id, name, lock, &spec)?;
+            state
                 .cluster
-                .create(&entry.namespace, &workflows(), &object)
-                .await?;
-            (made.object, made.created)
+                .create(&entry.namespace, &WORKFLOWS, name, object)
+                .await?
         }
         Target::Job(template) => {
             let spec = fill_value(template, parameters);
-            let object = run_object(&jobs(), entry, request_id, name, lock, spec);
-            let made = state
+            let object = run_object(&JOBS, entry, request_id, name, lock, &spec)?;
+            state
                 .cluster
-                .create(&entry.namespace, &jobs(), &object)
-                .await?;
-            (made.object, made.created)
+                .create(&entry.namespace, &JOBS, name, object)
+                .await?
         }
     };
-    status.created = Some(created);
-    if !created {
+    status.created = Some(existing.is_none());
+    if let Some(object) = existing {
         let (state, reason) = of_object(kind, &object);
         status.state = if state == RunState::NotFound {
             RunState::Submitted
@@ -216,33 +213,49 @@ async fn create(
     Ok(status)
 }
 
-/// A Workflow or Job carrying the labels and annotations the status path reads back.
+/// A Workflow or Job (as JSON) carrying the labels and annotations the status path reads back.
 fn run_object(
-    resource: &kube::api::ApiResource,
+    resource: &Resource,
     entry: &Entry,
     request_id: &str,
     name: &str,
     lock: Option<&str>,
-    spec: Value,
-) -> DynamicObject {
-    let mut annotations =
-        BTreeMap::from([(REQUEST_ID_ANNOTATION.to_string(), request_id.to_string())]);
-    if let Some(lease) = lock {
-        annotations.insert(LOCK_ANNOTATION.to_string(), lease.to_string());
+    spec: &Value,
+) -> Result<Vec<u8>, HandlerError> {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Object<'a> {
+        api_version: &'a str,
+        kind: &'a str,
+        metadata: Metadata<'a>,
+        spec: &'a Value,
     }
-    let mut object = DynamicObject::new(name, resource);
-    object.metadata = ObjectMeta {
-        name: Some(name.to_string()),
-        namespace: Some(entry.namespace.clone()),
-        labels: Some(BTreeMap::from([
-            (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
-            (PIPELINE_LABEL.to_string(), entry.name.clone()),
-        ])),
-        annotations: Some(annotations),
-        ..ObjectMeta::default()
+    #[derive(Serialize)]
+    struct Metadata<'a> {
+        name: &'a str,
+        namespace: &'a str,
+        labels: BTreeMap<&'a str, &'a str>,
+        annotations: BTreeMap<&'a str, &'a str>,
+    }
+    let mut annotations = BTreeMap::from([(REQUEST_ID_ANNOTATION, request_id)]);
+    if let Some(lease) = lock {
+        annotations.insert(LOCK_ANNOTATION, lease);
+    }
+    let object = Object {
+        api_version: resource.api_version,
+        kind: resource.kind,
+        metadata: Metadata {
+            name,
+            namespace: &entry.namespace,
+            labels: BTreeMap::from([
+                (MANAGED_BY_LABEL, MANAGED_BY),
+                (PIPELINE_LABEL, &*entry.name),
+            ]),
+            annotations,
+        },
+        spec,
     };
-    object.data = json!({ "spec": spec });
-    object
+    serde_json::to_vec(&object).map_err(|e| HandlerError::Internal(e.to_string()))
 }
 
 /// Releases a lock, logging instead of failing: used where the event already has an outcome
@@ -298,10 +311,10 @@ pub async fn status(state: &State, request: &StatusRequest) -> Result<RunStatus,
         Target::Argo { .. } => {
             state
                 .cluster
-                .get(&entry.namespace, &workflows(), &name)
+                .get(&entry.namespace, &WORKFLOWS, &name)
                 .await?
         }
-        Target::Job(_) => state.cluster.get(&entry.namespace, &jobs(), &name).await?,
+        Target::Job(_) => state.cluster.get(&entry.namespace, &JOBS, &name).await?,
     };
     let mut status = RunStatus {
         request_id: request.request_id.clone(),

@@ -49,6 +49,7 @@
 //! - [`http`], [`proc`], [`stats`]: a minimal HTTP/1.1 client, child-process guard, percentiles.
 
 pub mod chat;
+pub mod floor;
 pub mod functions;
 pub mod http;
 pub mod measure;
@@ -287,6 +288,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     }
     if subjects.iter().any(|f| f.uses(KUBE)) {
         wanted.push(bin_dir.join("fake-kube"));
+        wanted.push(bin_dir.join("forward-floor"));
     }
     if with_source {
         wanted.push(bin_dir.join("nats-source"));

@@ -515,6 +515,122 @@ pub(crate) fn load(
     })
 }
 
+/// Like [`load`], but every connection is driven from one client thread (a current-thread
+/// tokio runtime: one epoll loop), as a load generator does: with 100 connections on two shared
+/// cores, a blocking thread per connection adds its own wake-up delays and context switches to
+/// the latencies it measures. Answers must carry a `Content-Length` (the functions' replies
+/// do).
+pub(crate) fn load_evented(
+    f: &Function,
+    addr: SocketAddr,
+    total: usize,
+    concurrency: usize,
+    tag: &str,
+) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt as _;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("client runtime")?;
+    let requests: Arc<Vec<Request>> = Arc::new(
+        (0..total)
+            .map(|i| f.event.request(addr, &format!("bench-{tag}-{i}"), true))
+            .collect(),
+    );
+    runtime.block_on(async move {
+        let mut conns = Vec::with_capacity(concurrency);
+        for _ in 0..concurrency {
+            let stream =
+                tokio::time::timeout(REQUEST_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                    .await
+                    .context("connect timed out")??;
+            stream.set_nodelay(true)?;
+            conns.push(stream);
+        }
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut stream in conns {
+            let (next, requests) = (next.clone(), requests.clone());
+            tasks.spawn(async move {
+                let mut latencies = Vec::new();
+                let mut buf = Vec::with_capacity(4096);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(request) = requests.get(i) else {
+                        return anyhow::Ok(latencies);
+                    };
+                    let sent = Instant::now();
+                    let status = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                        stream.write_all(request.as_bytes()).await?;
+                        read_answer(&mut stream, &mut buf).await
+                    })
+                    .await
+                    .context("no answer in time")??;
+                    latencies.push(sent.elapsed());
+                    ensure!(
+                        status == 200,
+                        "HTTP {status}: {}",
+                        String::from_utf8_lossy(&buf)
+                    );
+                }
+            });
+        }
+        let mut latencies = Vec::with_capacity(total);
+        while let Some(done) = tasks.join_next().await {
+            latencies.extend(done.context("client task")??);
+        }
+        let wall = started.elapsed();
+        ensure!(
+            latencies.len() == total,
+            "{} of {total} events answered",
+            latencies.len()
+        );
+        Ok((latencies, wall))
+    })
+}
+
+/// Reads one response with a `Content-Length` from `stream`; returns its status, the body in
+/// `buf`.
+async fn read_answer(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<u16> {
+    use tokio::io::AsyncReadExt as _;
+    buf.clear();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        ensure!(buf.len() < 64 * 1024, "response head too long");
+        let n = stream.read(&mut chunk).await?;
+        ensure!(n > 0, "connection closed before the response");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).context("response head is not UTF-8")?;
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status")?;
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .context("no Content-Length")?;
+    while buf.len() < head_end + length {
+        let n = stream.read(&mut chunk).await?;
+        ensure!(n > 0, "connection closed in the body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    ensure!(buf.len() == head_end + length, "more than one response");
+    buf.drain(..head_end);
+    Ok(status)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

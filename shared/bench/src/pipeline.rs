@@ -12,6 +12,16 @@
 //!   `POST` it, `POST` the Job).
 //!
 //! Target: p99 < [`TRIGGER_P99_MAX_MS`] without a lock.
+//!
+//! Next to it, under the same load, the floor of a function that makes one backend call per
+//! event: `forward-floor` (axum, handler-kit's HTTP client) POSTing each event to an
+//! `echo-floor`, which answers at once. Its p99 is what this machine allows for the target with
+//! the client, the function and its backend on the same two cores.
+//!
+//! The 100 connections are driven from one client thread (an epoll loop,
+//! [`measure::load_evented`]), as a load generator does. The no-lock series is repeated with the
+//! generic measurement's client, a blocking thread per connection, for reference: on two shared
+//! cores its hundred threads' wake-ups and context switches show up in the latencies too.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -149,10 +159,24 @@ pub struct PipelineResult {
     pub name: String,
     /// Triggers without a lock, [`CONCURRENT_TRIGGERS`] in flight.
     pub plain: Option<Triggers>,
+    /// The floor under the same load: `forward-floor` calling an `echo-floor` once per event
+    /// (`fake_api_cpu_ms` is the `echo-floor` backend's).
+    pub floor: Option<Triggers>,
+    /// The same, driven by a blocking client thread per connection (for reference).
+    pub plain_threads: Option<Triggers>,
     /// Triggers each taking a lock of its own, [`CONCURRENT_TRIGGERS`] in flight.
     pub locked: Option<Triggers>,
     /// Failed measurements.
     pub errors: Vec<MeasureError>,
+}
+
+/// How the runner drives the 100 connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    /// One client thread, an epoll loop ([`measure::load_evented`]).
+    Evented,
+    /// A blocking client thread per connection ([`measure::load`]).
+    Threads,
 }
 
 /// One series: a fresh fake API and pipeline-bridge, a warm-up, then `triggers` timed.
@@ -160,6 +184,7 @@ fn series(
     f: &Function,
     endpoints: &crate::functions::Endpoints,
     triggers: usize,
+    client: Client,
     bin_dir: &Path,
     logs: &Path,
 ) -> anyhow::Result<Triggers> {
@@ -169,26 +194,78 @@ fn series(
         ..endpoints.clone()
     };
     let mut running = measure::start_ready(f, &endpoints, None, logs)?;
+    let load = match client {
+        Client::Evented => measure::load_evented,
+        Client::Threads => measure::load,
+    };
+    timed(f, &mut running, kube.proc.pid(), load, triggers)
+}
+
+/// A signature shared by [`measure::load`] and [`measure::load_evented`].
+type Load = fn(
+    &Function,
+    std::net::SocketAddr,
+    usize,
+    usize,
+    &str,
+) -> anyhow::Result<(Vec<Duration>, Duration)>;
+
+/// A warm-up, then `events` timed through `load` with [`CONCURRENT_TRIGGERS`] in flight,
+/// with the CPU time `running` and its backend (`backend_pid`) used meanwhile.
+fn timed(
+    f: &Function,
+    running: &mut measure::Running,
+    backend_pid: u32,
+    load: Load,
+    events: usize,
+) -> anyhow::Result<Triggers> {
     let n = CONCURRENT_TRIGGERS;
-    measure::load(f, running.addr, measure::WARMUP_EVENTS, n, "warm").context("warm-up")?;
-    let ticks = |pid: u32| cpu_ticks(pid);
-    let (f0, k0) = (ticks(running.proc.pid())?, ticks(kube.proc.pid())?);
-    let (latencies, wall) = measure::load(f, running.addr, triggers, n, "ev")?;
-    let (f1, k1) = (ticks(running.proc.pid())?, ticks(kube.proc.pid())?);
+    load(f, running.addr, measure::WARMUP_EVENTS, n, "warm").context("warm-up")?;
+    let (f0, b0) = (cpu_ticks(running.proc.pid())?, cpu_ticks(backend_pid)?);
+    let (latencies, wall) = load(f, running.addr, events, n, "ev")?;
+    let (f1, b1) = (cpu_ticks(running.proc.pid())?, cpu_ticks(backend_pid)?);
     running.proc.check_alive()?;
     // USER_HZ is 100: one tick is 10 ms.
-    let per_trigger = |t: u64| t as f64 * 10.0 / triggers as f64;
+    let per_event = |t: u64| t as f64 * 10.0 / events as f64;
     Ok(Triggers {
         load: Throughput {
-            events: triggers,
+            events,
             concurrency: n,
             seconds: wall.as_secs_f64(),
-            per_sec: triggers as f64 / wall.as_secs_f64(),
-            latency_ms: Summary::of(&latencies).context("no triggers measured")?,
+            per_sec: events as f64 / wall.as_secs_f64(),
+            latency_ms: Summary::of(&latencies).context("no events measured")?,
         },
-        function_cpu_ms: per_trigger(f1.saturating_sub(f0)),
-        fake_api_cpu_ms: per_trigger(k1.saturating_sub(k0)),
+        function_cpu_ms: per_event(f1.saturating_sub(f0)),
+        fake_api_cpu_ms: per_event(b1.saturating_sub(b0)),
     })
+}
+
+/// The floor series: `forward-floor` in front of an `echo-floor`, loaded like [`series`].
+fn floor_series(
+    f: &Function,
+    triggers: usize,
+    bin_dir: &Path,
+    logs: &Path,
+) -> anyhow::Result<Triggers> {
+    let backend_fn = crate::functions::floor(bin_dir);
+    let backend = measure::start_ready_with(&backend_fn, Vec::new(), logs)?;
+    let forward = Function {
+        name: "forward-floor",
+        binary: bin_dir.join("forward-floor"),
+        ..f.clone()
+    };
+    let env = vec![(
+        "ECHO_FORWARD_URL".to_string(),
+        format!("http://{}/", backend.addr),
+    )];
+    let mut running = measure::start_ready_with(&forward, env, logs)?;
+    timed(
+        &forward,
+        &mut running,
+        backend.proc.pid(),
+        measure::load_evented,
+        triggers,
+    )
 }
 
 /// Measures `f` (pipeline-bridge) against a fake API of its own per series.
@@ -207,20 +284,34 @@ pub fn run(
         event: crate::functions::SampleEvent::json("ai.pipeline.trigger", LOCKED_SAMPLE),
         ..f.clone()
     };
-    for (label, function, slot) in [
-        ("no lock", f, &mut r.plain),
-        ("a lock each", &locked, &mut r.locked),
+    for (label, function, client, slot) in [
+        ("no lock", f, Client::Evented, &mut r.plain),
+        ("a lock each", &locked, Client::Evented, &mut r.locked),
+        (
+            "no lock, a client thread per connection",
+            f,
+            Client::Threads,
+            &mut r.plain_threads,
+        ),
     ] {
         eprintln!(
             "bench: pipeline-bridge: {triggers} triggers ({label}), {CONCURRENT_TRIGGERS} in flight"
         );
-        match series(function, endpoints, triggers, bin_dir, logs) {
+        match series(function, endpoints, triggers, client, bin_dir, logs) {
             Ok(t) => *slot = Some(t),
             Err(e) => r.errors.push(MeasureError {
                 measure: "trigger latency",
                 error: format!("{label}: {e:#}"),
             }),
         }
+    }
+    eprintln!("bench: forward-floor: {triggers} events, {CONCURRENT_TRIGGERS} in flight");
+    match floor_series(f, triggers, bin_dir, logs) {
+        Ok(t) => r.floor = Some(t),
+        Err(e) => r.errors.push(MeasureError {
+            measure: "trigger latency",
+            error: format!("floor: {e:#}"),
+        }),
     }
     r
 }
@@ -247,11 +338,13 @@ pub fn section(r: &PipelineResult) -> String {
     for (label, t) in [
         ("no lock (1 API call)", &r.plain),
         ("a lock each (3 API calls)", &r.locked),
+        ("no lock, thread per connection", &r.plain_threads),
+        ("floor: one HTTP call per event", &r.floor),
     ] {
         let value = match t {
             Some(t) => format!(
-                "p50 {:.2} / p99 {:.2} ms, {:.0} triggers/s   ({} triggers; CPU per trigger: \
-                 pipeline-bridge {:.3} ms, fake API {:.3} ms)",
+                "p50 {:.2} / p99 {:.2} ms, {:.0}/s   ({} events; CPU per event: function {:.3} \
+                 ms, its backend {:.3} ms)",
                 t.load.latency_ms.p50,
                 t.load.latency_ms.p99,
                 t.load.per_sec,
@@ -262,6 +355,17 @@ pub fn section(r: &PipelineResult) -> String {
             None => "ERR".to_string(),
         };
         let _ = writeln!(out, "  {label:<32}{value}");
+    }
+    if let (Some(t), Some(floor)) = (&r.plain, &r.floor) {
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        let _ = writeln!(
+            out,
+            "  {:<32}p50 {:.2}x / p99 {:.2}x, function CPU per event {:.2}x",
+            "no lock x floor",
+            ratio(t.load.latency_ms.p50, floor.load.latency_ms.p50),
+            ratio(t.load.latency_ms.p99, floor.load.latency_ms.p99),
+            ratio(t.function_cpu_ms, floor.function_cpu_ms),
+        );
     }
     out
 }

@@ -17,18 +17,76 @@ pub fn install_crypto_provider() {
 
 /// A client for backend calls. Per-call deadlines come from [`crate::resilience::Backend`].
 pub fn client(connect_timeout: Duration) -> Result<reqwest::Client, HandlerError> {
+    client_with(connect_timeout, Tls::default())
+}
+
+/// Whom a client trusts and how it proves who it is, for a backend with a private CA or client
+/// certificates (a Kubernetes API server from a kubeconfig or a service account).
+#[derive(Default)]
+pub struct Tls {
+    /// Trusted CA certificates (DER); empty: the compiled-in Mozilla roots.
+    pub roots: Vec<Vec<u8>>,
+    /// A client certificate to present.
+    pub identity: Option<Identity>,
+}
+
+/// A client certificate chain and its private key, both PEM.
+pub struct Identity {
+    /// The certificate, then any intermediates.
+    pub certificates: Vec<u8>,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("roots", &self.roots.len())
+            .field("identity", &self.identity.is_some())
+            .finish()
+    }
+}
+
+/// A client like [`client`] trusting and presenting what `tls` says.
+pub fn client_with(connect_timeout: Duration, tls: Tls) -> Result<reqwest::Client, HandlerError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
     install_crypto_provider();
+    let setup = |e: &dyn std::fmt::Display| HandlerError::Internal(format!("TLS setup: {e}"));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    let roots = if tls.roots.is_empty() {
+        rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        }
+    } else {
+        let mut store = rustls::RootCertStore::empty();
+        for der in tls.roots {
+            store
+                .add(CertificateDer::from(der))
+                .map_err(|e| setup(&format!("CA certificate: {e}")))?;
+        }
+        store
     };
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| HandlerError::Internal(format!("TLS setup: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .map_err(|e| setup(&e))?
+        .with_root_certificates(roots);
+    let config = match tls.identity {
+        None => builder.with_no_client_auth(),
+        Some(identity) => {
+            let chain = CertificateDer::pem_slice_iter(&identity.certificates)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| setup(&format!("client certificate: {e}")))?;
+            let key = PrivateKeyDer::from_pem_slice(&identity.key)
+                .map_err(|e| setup(&format!("client key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| setup(&format!("client certificate: {e}")))?
+        }
+    };
     reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
+        .tls_backend_preconfigured(config)
         .connect_timeout(connect_timeout)
         .pool_idle_timeout(Duration::from_secs(60))
         .user_agent(concat!("handler-kit/", env!("CARGO_PKG_VERSION")))

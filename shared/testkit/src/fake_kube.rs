@@ -47,6 +47,8 @@ pub struct Recorded {
     pub query: String,
     /// The body as JSON (`Value::Null` when empty or not JSON).
     pub body: Value,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
 }
 
 /// A failure to answer instead of the normal one, for requests matching method and path.
@@ -221,6 +223,11 @@ async fn record(request: Request, requests: impl FnOnce(Recorded)) -> (Recorded,
         path: parts.uri.path().to_string(),
         query: parts.uri.query().unwrap_or_default().to_string(),
         body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        authorization: parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
     };
     requests(recorded.clone());
     (recorded, bytes)

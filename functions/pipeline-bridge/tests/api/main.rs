@@ -3,6 +3,7 @@
 //! nats-server for the status messages. One test binary (modules below).
 
 mod binary;
+mod credentials;
 mod status;
 mod support;
 mod trigger;
