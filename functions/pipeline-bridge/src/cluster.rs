@@ -146,8 +146,10 @@ pub struct Cluster {
 
 struct Inner {
     http: reqwest::Client,
-    /// The server URL without a trailing `/` (it may carry a path prefix, as behind a proxy).
-    base: String,
+    /// The server URL, parsed once: each request only sets its path.
+    base: reqwest::Url,
+    /// The server URL's path without a trailing `/` (a prefix, as behind a proxy; else empty).
+    prefix: String,
     auth: Auth,
     /// Impersonation headers from the kubeconfig.
     headers: HeaderMap,
@@ -224,14 +226,13 @@ impl Cluster {
         // An unreachable API server must fail fast (503, retried later), not hold the event.
         let http = handler_kit::http::client_with(timeout.min(Duration::from_secs(3)), tls)
             .map_err(|e| format!("Kubernetes client: {e}"))?;
+        let base = reqwest::Url::parse(&config.cluster_url.to_string())
+            .map_err(|e| format!("Kubernetes server URL {}: {e}", config.cluster_url))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
-                base: config
-                    .cluster_url
-                    .to_string()
-                    .trim_end_matches('/')
-                    .to_string(),
+                prefix: base.path().trim_end_matches('/').to_string(),
+                base,
                 auth,
                 headers: impersonation(user)?,
                 timeout,
@@ -249,9 +250,12 @@ impl Cluster {
         what: impl Fn() -> String,
     ) -> Result<Answer, HandlerError> {
         let inner = &*self.inner;
+        // Setting the path of the parsed URL: no scheme, host or IDNA parsing per request.
+        let mut url = inner.base.clone();
+        url.set_path(&format!("{}{path}", inner.prefix));
         let mut request = inner
             .http
-            .request(method, format!("{}{path}", inner.base))
+            .request(method, url)
             .timeout(inner.timeout)
             .headers(inner.headers.clone())
             .header(ACCEPT, "application/json");

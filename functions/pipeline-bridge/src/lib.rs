@@ -202,15 +202,27 @@ fn secret(r: &mut ConfigReader, key: &str) -> Option<Secret> {
     Some(Secret::new(text.as_bytes()))
 }
 
-/// Shared by every request.
+/// Shared by every request; one `Arc` to clone per request.
 #[derive(Debug, Clone)]
-pub struct State {
-    config: Arc<Config>,
+pub struct State(Arc<Shared>);
+
+/// What [`State`] holds.
+#[derive(Debug)]
+pub struct Shared {
+    config: Config,
     cluster: Cluster,
     kfp: Option<Kfp>,
     nats: Nats,
-    deliveries: Arc<Deliveries>,
+    deliveries: Deliveries,
     health: Arc<Health>,
+}
+
+impl std::ops::Deref for State {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 impl State {
@@ -234,14 +246,14 @@ impl State {
             config.delivery_ttl,
             config.delivery_cache,
         );
-        Ok(Self {
-            config: Arc::new(config),
+        Ok(Self(Arc::new(Shared {
+            config,
             cluster,
             kfp,
             nats,
-            deliveries: Arc::new(deliveries),
+            deliveries,
             health: Health::new(),
-        })
+        })))
     }
 
     /// Readiness, shared with the server so draining shows on `/readyz`.

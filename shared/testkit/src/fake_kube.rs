@@ -71,6 +71,8 @@ struct Store {
     /// Objects by collection path (`/apis/batch/v1/namespaces/ml/jobs`) and name.
     objects: BTreeMap<String, BTreeMap<String, Value>>,
     requests: Vec<Recorded>,
+    /// False: `requests` stays empty (the `fake-kube` process, whose log nobody reads).
+    unrecorded: bool,
     failures: Vec<Failure>,
     latency: Duration,
 }
@@ -137,6 +139,12 @@ impl FakeKube {
     /// Forgets the recorded requests (objects stay).
     pub fn clear_requests(&self) {
         self.shared.lock().requests.clear();
+    }
+
+    /// Stops (false) or resumes keeping the request log [`Self::requests`] reads; a long-lived
+    /// server under load (the benchmark's) would otherwise grow with every request.
+    pub fn set_recording(&self, on: bool) {
+        self.shared.lock().unrecorded = !on;
     }
 
     /// Adds `latency` before every answer (0 to turn it off).
@@ -305,7 +313,13 @@ fn status_response(
 }
 
 async fn kube_handler(State(shared): State<Arc<Shared>>, request: Request) -> Response {
-    let (recorded, _) = record(request, |r| shared.lock().requests.push(r)).await;
+    let (recorded, _) = record(request, |r| {
+        let mut store = shared.lock();
+        if !store.unrecorded {
+            store.requests.push(r);
+        }
+    })
+    .await;
     let latency = shared.lock().latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -404,8 +418,9 @@ fn create(shared: &Shared, target: &ResourcePath, mut body: Value) -> Response {
     metadata["resourceVersion"] = json!(version.to_string());
     metadata["creationTimestamp"] = json!(now_rfc3339());
     metadata["generation"] = json!(1);
-    collection.insert(name, body.clone());
-    (StatusCode::CREATED, axum::Json(body)).into_response()
+    let answer = (StatusCode::CREATED, axum::Json(&body)).into_response();
+    collection.insert(name, body);
+    answer
 }
 
 fn get(shared: &Shared, target: &ResourcePath, name: &str) -> Response {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use testkit::fake_kube::FakeKube;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let dir = PathBuf::from(args.next().context("usage: fake-kube DIR [LATENCY_MS]")?);
@@ -21,6 +21,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let kube = FakeKube::start().await?;
     kube.set_latency(Duration::from_millis(latency));
+    // Nobody reads the request log of this process, and under load it would only grow.
+    kube.set_recording(false);
     let staging = dir.join(".staging");
     std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
     let written = kube.write_kubeconfig(&staging)?;
