@@ -8,4 +8,5 @@ pub mod milvus_server;
 pub mod mocks;
 pub mod nats_server;
 pub mod sim;
+pub mod tls;
 pub mod wav;

@@ -15,15 +15,10 @@ fn kubeconfig(kube: &FakeKube, user: &str) -> String {
     )
 }
 
-/// Starts a harness whose kubeconfig has `user`, triggers one run, and returns the
-/// `Authorization` the API server saw.
-async fn authorization_with(user: impl FnOnce(&std::path::Path) -> String) -> Option<String> {
-    let kube = FakeKube::start().await.expect("fake kube");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("custom-kubeconfig");
-    std::fs::write(&path, kubeconfig(&kube, &user(dir.path()))).expect("kubeconfig");
+/// Triggers the `train` run through an instance using the kubeconfig at `path` (the harness's
+/// own fake API server goes unused); it must succeed. Returns the reply's data.
+async fn trigger_through(path: &std::path::Path) -> serde_json::Value {
     let path = path.display().to_string();
-    // The harness's own fake API server goes unused: the kubeconfig points at `kube`.
     let h = Harness::start_with(&[("KUBECONFIG", path.as_str())]).await;
     let answer = h
         .trigger("c-1", json!({"request_id": "c-1", "pipeline": "train"}))
@@ -34,6 +29,17 @@ async fn authorization_with(user: impl FnOnce(&std::path::Path) -> String) -> Op
         "{}",
         String::from_utf8_lossy(&answer.body)
     );
+    answer.json()
+}
+
+/// Starts a harness whose kubeconfig has `user`, triggers one run, and returns the
+/// `Authorization` the API server saw.
+async fn authorization_with(user: impl FnOnce(&std::path::Path) -> String) -> Option<String> {
+    let kube = FakeKube::start().await.expect("fake kube");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("custom-kubeconfig");
+    std::fs::write(&path, kubeconfig(&kube, &user(dir.path()))).expect("kubeconfig");
+    trigger_through(&path).await;
     let requests = kube.requests();
     assert_eq!(requests.len(), 1, "{requests:?}");
     requests[0].authorization.clone()
@@ -102,4 +108,36 @@ async fn credential_plugins_and_half_certificates_are_refused_at_start() {
     assert!(exec.contains("exec"), "{exec}");
     let half = refusal("    client-certificate-data: aGVsbG8=").await;
     assert!(half.contains("needs its key"), "{half}");
+}
+
+#[tokio::test]
+async fn a_kubeconfig_ca_and_client_certificate_reach_an_https_api_server() {
+    use base64::Engine as _;
+    let b64 =
+        |name: &str| base64::engine::general_purpose::STANDARD.encode(testkit::tls::fixture(name));
+    let created = json!({"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "metadata": {"name": "x"}});
+    let server = testkit::tls::TlsServer::start(201, &created.to_string())
+        .await
+        .expect("TLS server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tls-kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    \
+         certificate-authority-data: {}\nusers:\n- name: u\n  user:\n    client-certificate-data: {}\n    \
+         client-key-data: {}\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\n\
+         current-context: x\n",
+        server.url(),
+        b64("ca.pem"),
+        b64("client.pem"),
+        b64("client.key")
+    );
+    std::fs::write(&path, text).expect("kubeconfig");
+    assert_eq!(trigger_through(&path).await["created"], true);
+    assert_eq!(
+        server.seen(),
+        vec![testkit::tls::Seen {
+            request_line: "POST /apis/argoproj.io/v1alpha1/namespaces/ml/workflows HTTP/1.1".into(),
+            client_chain: 1,
+        }]
+    );
 }
