@@ -693,10 +693,13 @@ fn notes(settings: &Settings, subjects: &[Function]) -> String {
     if subjects.iter().any(|f| f.name == PIPELINE_BRIDGE) {
         line(format!(
             "pipeline-bridge: KUBECONFIG pointing at fake-kube (testkit's fake API server as a \
-             separate process: answers like the API server, keeps every object in memory; \
-             answering at once, or after {} ms for RSS@100), catalog {}; no NATS_URL. Trigger latency: \
-             {} triggers after {} warm-up over {} keep-alive connections (one client thread each), \
-             every trigger a new request_id (a new Job; with a lock, a new Lease too).",
+             separate process on one thread: answers like the API server, keeps every object in \
+             memory; answering at once, or after {} ms for RSS@100), catalog {}; no NATS_URL. \
+             Trigger latency: {} triggers after {} warm-up over {} keep-alive connections driven \
+             from one client thread (epoll; the reference line: a blocking client thread each), \
+             every trigger a new request_id (a new Job; with a lock, a new Lease too). Floor: \
+             forward-floor (axum + handler-kit's HTTP client, one POST per event) in front of an \
+             echo-floor, same events and load.",
             settings.hold_ms,
             pipeline::catalog_path(&settings.bin_dir).display(),
             settings.events,
