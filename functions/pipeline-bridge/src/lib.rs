@@ -111,6 +111,10 @@ pub struct Config {
     pub delivery_ttl: Duration,
     /// `PIPELINE_DELIVERY_CACHE` (default 4096): deliveries remembered in process.
     pub delivery_cache: usize,
+    /// `PIPELINE_WEBHOOK_DEFER_SUBJECT` (default `ai.pipeline.trigger`; `off`: never): where a
+    /// webhook trigger that failed for a passing reason (a held lock, the API down) is queued
+    /// through JetStream for the event source to retry, instead of failing the delivery.
+    pub webhook_defer_subject: Option<String>,
 }
 
 impl Config {
@@ -172,6 +176,10 @@ impl Config {
             delivery_bucket: r.string("PIPELINE_DELIVERY_BUCKET", "pipeline-webhook-deliveries"),
             delivery_ttl: r.millis("PIPELINE_DELIVERY_TTL_MS", 86_400_000),
             delivery_cache: r.positive("PIPELINE_DELIVERY_CACHE", 4096),
+            webhook_defer_subject: Some(
+                r.string("PIPELINE_WEBHOOK_DEFER_SUBJECT", crate::TRIGGER_TYPE),
+            )
+            .filter(|s| s != "off"),
             base,
         }
     }

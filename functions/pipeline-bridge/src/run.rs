@@ -17,10 +17,11 @@ use crate::names::{
 use crate::status::{RunState, of_object};
 
 /// `ai.pipeline.trigger` data.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerRequest {
     /// Names the run; the CloudEvent `id` when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
     /// A catalog entry.
     pub pipeline: String,

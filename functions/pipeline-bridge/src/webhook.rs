@@ -2,9 +2,12 @@
 //!
 //! Order matters: the body is read under a cap, then the HMAC-SHA256 signature is checked (in
 //! constant time, by *ring*) before a byte of it is parsed; only then is the delivery looked
-//! up. A delivery is recorded as seen only after all of its triggers succeeded, so a delivery
-//! that failed for a passing reason is redone when the sender redelivers it, while a replay of
-//! a finished one is answered without touching the cluster. Each trigger's `request_id` is
+//! up. A trigger that fails for a passing reason (a held lock, the API down) is queued through
+//! JetStream on `PIPELINE_WEBHOOK_DEFER_SUBJECT` for the event source to retry with backoff,
+//! since senders do not reliably redeliver (GitHub never does by itself). A delivery is recorded
+//! as seen once each of its triggers succeeded, failed for good or was queued, so one that could
+//! not queue is redone when the sender redelivers it, while a replay of a finished one is
+//! answered without touching the cluster. Each trigger's `request_id` is
 //! derived from the delivery id and the pipeline, so even a replay that slips past the record
 //! (two replicas at once, a restarted process without NATS) finds its runs already there.
 
@@ -220,6 +223,9 @@ struct Triggered {
     error: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<String>,
+    /// The subject the trigger was queued on after a retryable failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deferred: Option<String>,
 }
 
 /// The answer to a webhook.
@@ -340,14 +346,22 @@ pub async fn handle(
             status: None,
             error: None,
             detail: None,
+            deferred: None,
         };
         match trigger(state, &request_id, &request).await {
             Ok(status) => item.status = Some(status),
             Err(e) => {
                 item.error = Some(e.code());
                 item.detail = Some(e.to_string());
-                if e.class().is_retryable() && retry.is_none() {
-                    retry = Some(e);
+                if e.class().is_retryable() {
+                    // Queued for the event source to retry; else the sender must redeliver.
+                    match defer(state, &request).await {
+                        Ok(subject) => item.deferred = Some(subject),
+                        Err(why) => {
+                            tracing::warn!(request_id = %request_id, error = %why, "could not defer a webhook trigger");
+                            retry.get_or_insert(e);
+                        }
+                    }
                 }
             }
         }
@@ -362,6 +376,47 @@ pub async fn handle(
     state.deliveries.record(&state.nats, &key).await;
     Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response())
 }
+
+/// Queues `request` as an `ai.pipeline.trigger` message on `PIPELINE_WEBHOOK_DEFER_SUBJECT`
+/// through JetStream (stored, with `Nats-Msg-Id` = its request id, so a repeat is stored once),
+/// for the event source to deliver back with its retries and backoff: a held lock frees up
+/// later, and GitHub does not redeliver a failed webhook by itself. Returns the subject; fails
+/// without NATS, without a subject, or when no stream stored the message (no `PubAck`).
+async fn defer(state: &State, request: &TriggerRequest) -> Result<String, String> {
+    let subject = state
+        .config
+        .webhook_defer_subject
+        .clone()
+        .ok_or("PIPELINE_WEBHOOK_DEFER_SUBJECT is off")?;
+    let client = state.nats.client().ok_or("NATS_URL is not set")?;
+    let payload = handler_kit::event::DataFormat::Msgpack
+        .encode(request)
+        .map_err(|e| e.to_string())?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Content-Type",
+        handler_kit::event::DataFormat::Msgpack.content_type(),
+    );
+    if let Some(id) = &request.request_id {
+        headers.insert("Nats-Msg-Id", id.as_str());
+    }
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let ack = tokio::time::timeout(DEFER_TIMEOUT, async {
+        jetstream
+            .publish_with_headers(subject.clone(), headers, payload.into())
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|_| format!("no PubAck within {DEFER_TIMEOUT:?}"))??;
+    tracing::info!(subject = %subject, stream = %ack.stream, seq = ack.sequence, request_id = ?request.request_id, "webhook trigger deferred");
+    Ok(subject)
+}
+
+/// How long a deferral waits for JetStream's `PubAck`.
+const DEFER_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

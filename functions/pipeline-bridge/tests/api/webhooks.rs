@@ -26,6 +26,31 @@ fn github(
     )
 }
 
+/// A manual `deploy` run (request `manual`) takes the staging lock; then delivery `delivery`
+/// pushes to both `deploy` (locked) and `train`. Returns the push body and the answer.
+async fn push_into_held_lock(h: &Harness, delivery: &str) -> (Vec<u8>, crate::support::Answer) {
+    let held =
+        json!({"request_id": "manual", "pipeline": "deploy", "parameters": {"env": "staging"}});
+    assert_eq!(h.trigger("ce-1", held).await.status, 200);
+    let body = push("main", AFTER, &[(&["deploy/a.yaml", "models/b"], &[], &[])]);
+    let answer = h
+        .send(github(delivery, "push", &body, "github-secret"))
+        .await;
+    (body, answer)
+}
+
+/// The manual run's Job fails; its completion event frees the staging lock.
+async fn finish_manual_run(h: &Harness) {
+    let jobs = "/apis/batch/v1/namespaces/ops/jobs";
+    let done = h
+        .kube
+        .update(&format!("{jobs}/{}", run_name("deploy", "manual")), |j| {
+            j["status"] = json!({"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]});
+        })
+        .expect("job");
+    assert_eq!(h.resource_event("update", &done).await.status, 202);
+}
+
 #[tokio::test]
 async fn a_signed_push_triggers_every_entry_whose_paths_changed_once_per_delivery() {
     let h = Harness::start().await;
@@ -264,13 +289,11 @@ async fn gitea_pushes_map_paths_and_branches_to_entries() {
 
 #[tokio::test]
 async fn a_delivery_that_hit_a_held_lock_is_not_recorded_so_its_redelivery_runs() {
+    // No stream stores the defer subject here, so the trigger cannot be queued: the delivery
+    // fails retryably instead and the sender's redelivery finishes it.
     let h = Harness::start().await;
     // Someone else holds the staging lock.
-    let held =
-        json!({"request_id": "manual", "pipeline": "deploy", "parameters": {"env": "staging"}});
-    assert_eq!(h.trigger("ce-1", held).await.status, 200);
-    let body = push("main", AFTER, &[(&["deploy/a.yaml", "models/b"], &[], &[])]);
-    let answer = h.send(github("l-1", "push", &body, "github-secret")).await;
+    let (body, answer) = push_into_held_lock(&h, "l-1").await;
     assert_eq!(
         answer.status,
         503,
@@ -285,14 +308,7 @@ async fn a_delivery_that_hit_a_held_lock_is_not_recorded_so_its_redelivery_runs(
         "the other entry still ran: {reply}"
     );
     // Lock released (the manual run finished): the redelivery runs what is missing.
-    let jobs = "/apis/batch/v1/namespaces/ops/jobs";
-    let done = h
-        .kube
-        .update(&format!("{jobs}/{}", run_name("deploy", "manual")), |j| {
-            j["status"] = json!({"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]});
-        })
-        .expect("job");
-    assert_eq!(h.resource_event("update", &done).await.status, 202);
+    finish_manual_run(&h).await;
     let again = h.send(github("l-1", "push", &body, "github-secret")).await;
     assert_eq!(
         again.status,
@@ -311,5 +327,79 @@ async fn a_delivery_that_hit_a_held_lock_is_not_recorded_so_its_redelivery_runs(
             .objects("/apis/argoproj.io/v1alpha1/namespaces/ml/workflows")
             .len(),
         1
+    );
+}
+
+#[tokio::test]
+async fn a_trigger_that_hit_a_held_lock_is_queued_for_the_source_and_the_delivery_is_done() {
+    let h = Harness::start().await;
+    // The stream the event source consumes (knative/pipeline-bridge/source/jetstream.yaml).
+    let client = h.nats.client().await.expect("nats");
+    let jetstream = async_nats::jetstream::new(client);
+    let mut stream = jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "AI_PIPELINE".into(),
+            subjects: vec!["ai.pipeline.trigger".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+    let (body, answer) = push_into_held_lock(&h, "q-1").await;
+    assert_eq!(
+        answer.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let reply = answer.json();
+    assert_eq!(reply["triggered"][0]["error"], "backend_unavailable");
+    assert_eq!(reply["triggered"][0]["deferred"], "ai.pipeline.trigger");
+    assert_eq!(reply["triggered"][1]["state"], "submitted");
+
+    // Queued once, as the trigger the webhook would have run, deduplicated by its request id.
+    assert_eq!(stream.info().await.expect("info").state.messages, 1);
+    let queued = stream.get_raw_message(1).await.expect("message");
+    let request_id = "git-q-1-deploy";
+    assert_eq!(
+        queued.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some(request_id)
+    );
+    let data: serde_json::Value = rmp_serde::from_slice(&queued.payload).expect("msgpack");
+    assert_eq!(
+        data,
+        json!({"request_id": request_id, "pipeline": "deploy",
+               "parameters": {"env": "staging", "revision": AFTER}})
+    );
+    // The delivery is finished: a replay changes nothing.
+    let replay = h.send(github("q-1", "push", &body, "github-secret")).await;
+    assert_eq!(replay.json()["duplicate"], true);
+    assert_eq!(stream.info().await.expect("info").state.messages, 1);
+
+    // While the lock is held, the source's delivery of it is 503 (retried later) ...
+    let delivered = || {
+        crate::support::event("ai.pipeline.trigger")
+            .id("ai-pipeline-1")
+            .msgpack(&data)
+            .binary()
+    };
+    assert_eq!(h.send(delivered()).await.status, 503);
+    // ... and once the manual run finished, it runs.
+    finish_manual_run(&h).await;
+    let jobs = "/apis/batch/v1/namespaces/ops/jobs";
+    let answer = h.send(delivered()).await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    // Answered in the request's encoding, MessagePack.
+    let reply: serde_json::Value = rmp_serde::from_slice(&answer.body).expect("msgpack reply");
+    assert_eq!(reply["request_id"], request_id);
+    assert_eq!(reply["created"], true);
+    assert!(
+        h.kube
+            .object(&format!("{jobs}/{}", run_name("deploy", request_id)))
+            .is_some()
     );
 }
