@@ -4,7 +4,7 @@
 //! `AlreadyExists`, never a second run. Names are DNS-1123 labels (at most 63 characters, the
 //! limit for Jobs, whose name also becomes a pod label value) whatever the id contains.
 
-use ring::digest::{SHA256, digest};
+use ring::digest::{Context, SHA256};
 
 /// Label every created resource carries; the ApiServerSource selects on it.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -20,8 +20,14 @@ pub const LOCK_ANNOTATION: &str = "pipeline-bridge/lock";
 /// Hex of the first `bytes` bytes of SHA-256 over the parts, separated so ("a", "bc") and
 /// ("ab", "c") differ.
 pub fn short_hash(parts: &[&str], bytes: usize) -> String {
-    let joined = parts.join("\u{0}");
-    hex::encode(&digest(&SHA256, joined.as_bytes()).as_ref()[..bytes])
+    let mut hash = Context::new(&SHA256);
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            hash.update(b"\0");
+        }
+        hash.update(part.as_bytes());
+    }
+    hex::encode(&hash.finish().as_ref()[..bytes])
 }
 
 /// Lowercase letters, digits and single dashes, trimmed to `max` characters.
