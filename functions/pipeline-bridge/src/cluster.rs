@@ -350,13 +350,14 @@ impl Cluster {
                     ))
                 })
             }
-            Answer::NotFound | Answer::Stale => Err(HandlerError::BackendRejected {
+            Answer::NotFound => Err(HandlerError::BackendRejected {
                 backend: "kubernetes",
                 detail: format!(
                     "{}: the namespace or the resource kind does not exist",
                     what()
                 ),
             }),
+            Answer::Stale => Err(HandlerError::Conflict(format!("{}: 409 Conflict", what()))),
         }
     }
 
@@ -451,11 +452,14 @@ impl Cluster {
                     Answer::Done(_) => return Ok(()),
                     // Another replica created it first: read it again.
                     Answer::AlreadyExists => continue,
-                    Answer::NotFound | Answer::Stale => {
+                    Answer::NotFound => {
                         return Err(HandlerError::BackendRejected {
                             backend: "kubernetes",
                             detail: format!("{}: the namespace does not exist", what()),
                         });
+                    }
+                    Answer::Stale => {
+                        return Err(HandlerError::Conflict(format!("{}: 409 Conflict", what())));
                     }
                 }
             };

@@ -482,6 +482,37 @@ async fn api_refusals_are_final_and_free_the_lock() {
         .trigger("ce-3", json!({"request_id": "i", "pipeline": "train"}))
         .await;
     assert_error(&broken, 502, "backend_error");
+    // A missing namespace or CRD (404 on a create) is final; throttling (429) is retried.
+    h.kube.fail(Failure {
+        method: "POST".into(),
+        path_contains: "/workflows".into(),
+        code: 404,
+        reason: "NotFound".into(),
+        times: Some(1),
+    });
+    let missing = h
+        .trigger("ce-5", json!({"request_id": "i", "pipeline": "train"}))
+        .await;
+    assert_error(&missing, 422, "backend_rejected");
+    assert!(
+        missing.json()["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("does not exist")),
+        "{}",
+        missing.json()
+    );
+    h.kube.fail(Failure {
+        method: "POST".into(),
+        path_contains: "/workflows".into(),
+        code: 429,
+        reason: "TooManyRequests".into(),
+        times: Some(1),
+    });
+    let throttled = h
+        .trigger("ce-6", json!({"request_id": "i", "pipeline": "train"}))
+        .await;
+    assert_error(&throttled, 503, "backend_unavailable");
+    assert!(!throttled.header("retry-after").is_empty());
     // The same request once the API server is well again.
     assert_eq!(
         h.trigger("ce-4", json!({"request_id": "i", "pipeline": "train"}))
