@@ -388,29 +388,16 @@ async fn defer(state: &State, request: &TriggerRequest) -> Result<String, String
         .webhook_defer_subject
         .clone()
         .ok_or("PIPELINE_WEBHOOK_DEFER_SUBJECT is off")?;
-    let client = state.nats.client().ok_or("NATS_URL is not set")?;
-    let payload = handler_kit::event::DataFormat::Msgpack
-        .encode(request)
+    let ack = state
+        .nats
+        .publish_stored(
+            subject.clone(),
+            request,
+            request.request_id.as_deref(),
+            DEFER_TIMEOUT,
+        )
+        .await
         .map_err(|e| e.to_string())?;
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
-        "Content-Type",
-        handler_kit::event::DataFormat::Msgpack.content_type(),
-    );
-    if let Some(id) = &request.request_id {
-        headers.insert("Nats-Msg-Id", id.as_str());
-    }
-    let jetstream = async_nats::jetstream::new(client.clone());
-    let ack = tokio::time::timeout(DEFER_TIMEOUT, async {
-        jetstream
-            .publish_with_headers(subject.clone(), headers, payload.into())
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|_| format!("no PubAck within {DEFER_TIMEOUT:?}"))??;
     tracing::info!(subject = %subject, stream = %ack.stream, seq = ack.sequence, request_id = ?request.request_id, "webhook trigger deferred");
     Ok(subject)
 }

@@ -109,6 +109,53 @@ impl Nats {
         let Some(client) = &self.client else {
             return Ok(());
         };
+        let (headers, bytes) = self.message(&subject, payload, msg_id).await?;
+        client
+            .publish_with_headers(subject, headers, bytes)
+            .await
+            .map_err(|e| unavailable(&e.to_string()))?;
+        crate::telemetry::metrics().published.add(1, &[]);
+        Ok(())
+    }
+
+    /// Like [`Self::publish`], through JetStream: returns once a stream has stored the message
+    /// (its `PubAck`, within `timeout`). Fails without NATS, when no stream takes `subject`, or
+    /// on no answer in time, so the caller knows the message is not kept.
+    pub async fn publish_stored<T: Serialize>(
+        &self,
+        subject: String,
+        payload: &T,
+        msg_id: Option<&str>,
+        timeout: Duration,
+    ) -> Result<async_nats::jetstream::publish::PublishAck, HandlerError> {
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| unavailable("NATS_URL is not set"))?;
+        let (headers, bytes) = self.message(&subject, payload, msg_id).await?;
+        let jetstream = async_nats::jetstream::new(client.clone());
+        let ack = tokio::time::timeout(timeout, async {
+            jetstream
+                .publish_with_headers(subject, headers, bytes)
+                .await
+                .map_err(|e| unavailable(&e.to_string()))?
+                .await
+                .map_err(|e| unavailable(&e.to_string()))
+        })
+        .await
+        .map_err(|_| unavailable(&format!("no PubAck within {timeout:?}")))??;
+        crate::telemetry::metrics().published.add(1, &[]);
+        Ok(ack)
+    }
+
+    /// A message's MessagePack body and headers (`Content-Type`, `Nats-Msg-Id`, trace
+    /// context), refused when it exceeds the server's limit.
+    async fn message<T: Serialize>(
+        &self,
+        subject: &str,
+        payload: &T,
+        msg_id: Option<&str>,
+    ) -> Result<(async_nats::HeaderMap, bytes::Bytes), HandlerError> {
         let max = self.max_payload().await?;
         let bytes = DataFormat::Msgpack.encode(payload)?;
         if bytes.len() > max {
@@ -126,12 +173,7 @@ impl Nats {
             &tracing::Span::current().context(),
             &mut NatsHeaders(&mut headers),
         );
-        client
-            .publish_with_headers(subject, headers, bytes.into())
-            .await
-            .map_err(|e| unavailable(&e.to_string()))?;
-        crate::telemetry::metrics().published.add(1, &[]);
-        Ok(())
+        Ok((headers, bytes.into()))
     }
 
     /// Ok when connected; during the first connection, waits for it (bounded).
