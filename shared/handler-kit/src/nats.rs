@@ -37,6 +37,7 @@ pub struct Nats {
 
 impl Nats {
     /// Starts connecting to `url` in the background (or does nothing when `url` is `None`).
+    /// `url` is `NATS_URL`: one server or a comma-separated list of them ([`servers`]).
     pub async fn connect(url: Option<&str>, name: &str) -> Result<Self, HandlerError> {
         let Some(url) = url else {
             return Ok(Self::default());
@@ -56,9 +57,9 @@ impl Nats {
             })
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect(servers(url).map_err(HandlerError::Internal)?)
             .await
-            .map_err(|e| HandlerError::Internal(format!("NATS_URL {url:?}: {e}")))?;
+            .map_err(|e| HandlerError::Internal(format!("NATS_URL {}: {e}", redact(url))))?;
         Ok(Self {
             client: Some(client),
             ever_connected: Some(connected_rx),
@@ -220,6 +221,54 @@ impl Injector for NatsHeaders<'_> {
     }
 }
 
+/// The servers of `NATS_URL`: one URL, or several separated by commas
+/// (`nats://a:4222,nats://b:4222`), as nats.go, nats-py and the `nats` CLI accept. Entries are
+/// trimmed and empty ones skipped; the client picks among them and moves to the next when one
+/// is down. An entry without a scheme is `nats://`, without a port `:4222`.
+///
+/// The error names the entry with its user and password (or token) hidden: the message ends
+/// up in logs and in the start-up error, where credentials must not.
+pub fn servers(url: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    let entries: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect();
+    if entries.is_empty() {
+        return Err("NATS_URL names no server".to_string());
+    }
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            entry.parse().map_err(|e| {
+                format!(
+                    "NATS_URL server {} of {} ({}): {e}",
+                    i + 1,
+                    entries.len(),
+                    redact(entry)
+                )
+            })
+        })
+        .collect()
+}
+
+/// `url` with whatever precedes the last `@` of each entry's authority replaced by `***`
+/// (`nats://***@host:4222`). The last `@` anywhere, not the one before the first `/`: a
+/// password may hold a `/`, and hiding too much is the safe mistake.
+fn redact(url: &str) -> String {
+    url.split(',')
+        .map(|entry| {
+            let start = entry.find("://").map_or(0, |i| i + 3);
+            match entry[start..].rfind('@') {
+                Some(at) => format!("{}***{}", &entry[..start], &entry[start + at..]),
+                None => entry.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Fills `{request_id}` (and other `{name}` placeholders) in a subject template.
 ///
 /// Characters that would change the subject's meaning (`.`, `*`, `>`, whitespace) are replaced
@@ -273,6 +322,41 @@ pub async fn open_or_create_kv(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_comma_separated_nats_url_is_a_list_of_servers() {
+        let list = servers(" nats://a:4222, ,b:4223,tls://c ,").expect("valid list");
+        let urls: Vec<&str> = list
+            .iter()
+            .map(async_nats::ServerAddr::as_url_str)
+            .collect();
+        assert_eq!(urls, ["nats://a:4222", "nats://b:4223", "tls://c"]);
+    }
+
+    #[test]
+    fn a_nats_url_without_a_server_is_refused() {
+        assert!(servers("").is_err());
+        assert!(servers(" , ").is_err());
+    }
+
+    #[test]
+    fn a_malformed_server_is_named_without_its_credentials() {
+        // The `/` in the password ends the authority early, so the parser sees a port "s3".
+        let e = servers("nats://ok:4222,nats://alice:s3/cret@b:4222").expect_err("bad port");
+        assert!(e.contains("server 2 of 2"), "{e}");
+        assert!(e.contains("nats://***@b:4222"), "{e}");
+        assert!(!e.contains("s3") && !e.contains("alice"), "{e}");
+        let e = servers("t0ken@host:1:2").expect_err("two ports");
+        assert!(!e.contains("t0ken"), "{e}");
+    }
+
+    #[test]
+    fn redaction_hides_the_userinfo_of_every_entry() {
+        assert_eq!(
+            redact("nats://u:p@a:1,b:2,tok@c"),
+            "nats://***@a:1,b:2,***@c"
+        );
+    }
 
     #[test]
     fn subject_templates_cannot_be_escaped() {
