@@ -39,7 +39,8 @@ pub enum HandlerError {
     /// The event's `datacontenttype` is not one this function decodes.
     #[error("unsupported datacontenttype {0:?}: use application/json or application/msgpack")]
     UnsupportedMediaType(String),
-    /// A backend is known to be down (breaker open) or saturated: try again later.
+    /// A backend is known to be down (breaker open), saturated, or said it is busy (429, 503):
+    /// try again later.
     #[error("{backend} unavailable: {reason}")]
     Unavailable {
         /// The backend's name.
@@ -49,7 +50,7 @@ pub enum HandlerError {
         /// When a retry may succeed.
         retry_after: Duration,
     },
-    /// A backend failed in a way that may be transient (5xx, connection error).
+    /// A backend failed in a way that may be transient (5xx, 401/403/404, connection error).
     #[error("{backend} failed: {detail}")]
     Backend {
         /// The backend's name.
@@ -57,7 +58,8 @@ pub enum HandlerError {
         /// What it answered or why the call failed.
         detail: String,
     },
-    /// A backend refused this particular request (4xx): retrying will not help.
+    /// A backend refused this particular request (400, 409, 413, 422, ...): retrying will not
+    /// help. See [`crate::http::verdict`] for which statuses are the request's fault.
     #[error("{backend} rejected the request: {detail}")]
     BackendRejected {
         /// The backend's name.

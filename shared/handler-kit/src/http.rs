@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::HandlerError;
+use crate::delivery::parse_retry_after;
 use crate::resilience::CallError;
 
 /// Makes *ring* the process-wide rustls provider, for clients that look it up there (reqwest
@@ -94,7 +95,9 @@ pub fn client_with(connect_timeout: Duration, tls: Tls) -> Result<reqwest::Clien
         .map_err(|e| HandlerError::Internal(format!("HTTP client setup: {e}")))
 }
 
-/// Sorts a backend's answer: 2xx passes, 4xx is the request's fault, the rest is the backend's.
+/// Sorts a backend's answer: 2xx passes; the rest is judged by [`verdict`], carrying the status
+/// and the start of the body as the detail, and for [`CallError::Busy`] the backend's
+/// `Retry-After`.
 pub async fn check(
     response: reqwest::Result<reqwest::Response>,
 ) -> Result<reqwest::Response, CallError> {
@@ -103,14 +106,60 @@ pub async fn check(
     if status.is_success() {
         return Ok(response);
     }
+    let retry_after = parse_retry_after(response.headers().get(reqwest::header::RETRY_AFTER));
     let body = response.text().await.unwrap_or_default();
     let snippet: String = body.chars().take(300).collect();
     let detail = format!("HTTP {status}: {snippet}");
-    // 408 and 429 are the backend asking for time, not a verdict on the request.
-    if status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429 {
-        Err(CallError::Rejected(detail))
-    } else {
-        Err(CallError::Transient(detail))
+    Err(match verdict(status) {
+        Verdict::Transient => CallError::Transient(detail),
+        Verdict::Busy => CallError::Busy {
+            detail,
+            retry_after,
+        },
+        Verdict::Rejected => CallError::Rejected(detail),
+    })
+}
+
+/// What a backend's non-2xx status says about the call, before any detail is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The backend or its deployment is unwell: [`CallError::Transient`].
+    Transient,
+    /// The backend is well but cannot take work now: [`CallError::Busy`].
+    Busy,
+    /// The backend judged this request and refused it: [`CallError::Rejected`], final.
+    Rejected,
+}
+
+/// The classification table for backend statuses.
+///
+/// The question is whose fault the answer is. Only a refusal that the *request* caused may be
+/// final, because a final answer dead-letters the message, and a backend that refuses everyone
+/// (a rotated API key, a model reloading) would otherwise dead-letter a whole backlog:
+///
+/// | status | verdict | why |
+/// |---|---|---|
+/// | 401, 403 | transient | credentials belong to the deployment, not to the request |
+/// | 404 | transient | routes are fixed by our code; a model being (re)loaded answers 404 on its API |
+/// | 408 | transient | the backend gave up waiting; the request was not judged |
+/// | 429, 503 | busy | the backend asks for time: back-pressure, not a failed attempt |
+/// | other 5xx | transient | the backend failed |
+/// | 409 | rejected | see below |
+/// | other 4xx (400, 413, 415, 422, ...) | rejected | the backend judged this request |
+///
+/// 409 is final: the backend is healthy and judged the request against its own state. None of
+/// our calls race on shared backend state (inference, search, and KFP, whose runs are created
+/// under names derived from the request after a lookup), so an identical retry meets the same
+/// conflict, and retrying it as a failure would open the breaker on a healthy backend.
+///
+/// 1xx and 3xx are not answers a backend call should end with (redirects are followed): the
+/// backend is misbehaving, so they are transient.
+pub fn verdict(status: reqwest::StatusCode) -> Verdict {
+    match status.as_u16() {
+        401 | 403 | 404 | 408 => Verdict::Transient,
+        429 | 503 => Verdict::Busy,
+        400..=499 => Verdict::Rejected,
+        _ => Verdict::Transient,
     }
 }
 
@@ -124,4 +173,72 @@ pub fn describe(err: &reqwest::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refusal_the_request_caused_is_final() {
+        let table = [
+            (400, Verdict::Rejected),
+            (401, Verdict::Transient),
+            (403, Verdict::Transient),
+            (404, Verdict::Transient),
+            (408, Verdict::Transient),
+            (409, Verdict::Rejected),
+            (413, Verdict::Rejected),
+            (415, Verdict::Rejected),
+            (422, Verdict::Rejected),
+            (429, Verdict::Busy),
+            (500, Verdict::Transient),
+            (501, Verdict::Transient),
+            (502, Verdict::Transient),
+            (503, Verdict::Busy),
+            (504, Verdict::Transient),
+            (304, Verdict::Transient),
+        ];
+        for (code, expected) in table {
+            let status = reqwest::StatusCode::from_u16(code).expect("status");
+            assert_eq!(verdict(status), expected, "{code}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_backend_passes_on_when_to_come_back() {
+        use wiremock::{Mock, MockServer, ResponseTemplate, matchers::any};
+        let server = MockServer::start().await;
+        Mock::given(any())
+            .respond_with(
+                ResponseTemplate::new(503)
+                    .insert_header("retry-after", "3")
+                    .set_body_string("loading model"),
+            )
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        Mock::given(any())
+            .respond_with(ResponseTemplate::new(429).set_body_string("slow down"))
+            .mount(&server)
+            .await;
+        let http = client(Duration::from_secs(1)).expect("client");
+        let first = check(http.get(server.uri()).send().await).await;
+        assert!(
+            matches!(&first, Err(CallError::Busy { detail, retry_after: Some(after) })
+                if detail.contains("loading model") && *after == Duration::from_secs(3)),
+            "{first:?}"
+        );
+        let second = check(http.get(server.uri()).send().await).await;
+        assert!(
+            matches!(
+                &second,
+                Err(CallError::Busy {
+                    retry_after: None,
+                    ..
+                })
+            ),
+            "{second:?}"
+        );
+    }
 }

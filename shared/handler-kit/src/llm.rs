@@ -782,14 +782,14 @@ mod tests {
     async fn server_errors_before_the_stream_count_against_the_breaker() {
         let server = MockServer::start().await;
         Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(503).set_body_string("loading model"))
+            .respond_with(ResponseTemplate::new(500).set_body_string("CUDA out of memory"))
             .mount(&server)
             .await;
         let llm = client(&server.uri(), &[("LLM_BREAKER_FAILURES", "2")]);
         for _ in 0..2 {
-            let err = llm.stream(&request()).await.expect_err("503");
+            let err = llm.stream(&request()).await.expect_err("500");
             assert!(
-                matches!(&err, HandlerError::Backend { backend: "llm", detail } if detail.contains("503")),
+                matches!(&err, HandlerError::Backend { backend: "llm", detail } if detail.contains("500")),
                 "{err:?}"
             );
         }

@@ -404,13 +404,13 @@ mod tests {
     async fn server_errors_are_transient() {
         let server = MockServer::start().await;
         Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(503).set_body_string("upstream down"))
+            .respond_with(ResponseTemplate::new(502).set_body_string("upstream down"))
             .mount(&server)
             .await;
         let err = client(&[("MILVUS_URL", server.uri().as_str())])
             .search("c", &[1.0], 1, &[])
             .await
-            .expect_err("503");
+            .expect_err("502");
         assert!(matches!(err, HandlerError::Backend { .. }), "{err:?}");
     }
 

@@ -4,7 +4,11 @@
 //! source's in-flight slot until its timeout. The breaker (the `failsafe` crate: consecutive
 //! failures open it, a constant wait half-opens it, one success closes it) turns that into an
 //! immediate 503 with `Retry-After`, so the source backs off and the backend gets room to
-//! recover. The semaphore bounds how many calls one replica makes at once; a caller that waits
+//! recover. A backend that answers "not now" (429, 503) counts as a failure too, and is answered
+//! 503 with its own `Retry-After` (clamped to between 1 s and the breaker's open period): the
+//! source treats that as back-pressure and slows down without spending the message's attempts.
+//! Only a refusal of the request itself ([`CallError::Rejected`]) leaves the breaker alone.
+//! The semaphore bounds how many calls one replica makes at once; a caller that waits
 //! longer than the queue timeout is told to come back later instead of piling up.
 
 use std::future::Future;
@@ -75,12 +79,23 @@ impl BackendConfig {
     }
 }
 
-/// How a call failed, as judged by the code that made it.
+/// How a call failed, as judged by the code that made it ([`crate::http::verdict`] for HTTP).
 #[derive(Debug)]
 pub enum CallError {
-    /// The backend is unwell (connection refused, 5xx, garbage): counts against the breaker.
+    /// The backend is unwell (connection refused, 5xx, 401/403/404, garbage): counts against
+    /// the breaker.
     Transient(String),
-    /// The backend refused this request (4xx): the backend is fine, the request is not.
+    /// The backend is well but cannot take work now (429, 503): counts against the breaker too,
+    /// and is answered 503 with `Retry-After`, so the source backs off instead of spending the
+    /// message's attempts.
+    Busy {
+        /// What it answered.
+        detail: String,
+        /// Its `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
+    },
+    /// The backend refused this request (400, 409, 413, 422, ...): the backend is fine, the
+    /// request is not.
     Rejected(String),
 }
 
@@ -144,72 +159,29 @@ impl Backend {
         &self,
         call: impl Future<Output = Result<T, CallError>>,
     ) -> Result<T, HandlerError> {
-        let m = telemetry::metrics();
-        let outcome = |o: &'static str| {
-            [
-                KeyValue::new("backend", self.name),
-                KeyValue::new("outcome", o),
-            ]
-        };
-        if !self.breaker.is_call_permitted() {
-            m.backend_calls.add(1, &outcome("open"));
-            return Err(HandlerError::Unavailable {
-                backend: self.name,
-                reason: "circuit breaker open after repeated failures".into(),
-                retry_after: self.config.breaker_open,
-            });
-        }
+        self.admit()?;
         let Ok(Ok(_permit)) =
             tokio::time::timeout(self.config.queue_timeout, self.permits.acquire()).await
         else {
-            m.backend_calls.add(1, &outcome("saturated"));
-            return Err(HandlerError::Unavailable {
-                backend: self.name,
-                reason: format!("all {} call slots busy", self.config.concurrency),
-                retry_after: Duration::from_secs(1),
-            });
+            return Err(self.saturated("call"));
         };
         let started = Instant::now();
         let result = tokio::time::timeout(self.config.timeout, call).await;
-        m.backend_duration.record(
+        telemetry::metrics().backend_duration.record(
             started.elapsed().as_secs_f64(),
             &[KeyValue::new("backend", self.name)],
         );
         match result {
             Ok(Ok(value)) => {
                 self.breaker.on_success();
-                m.backend_calls.add(1, &outcome("ok"));
+                self.count("ok");
                 Ok(value)
             }
-            Ok(Err(CallError::Rejected(detail))) => {
-                self.breaker.on_success();
-                m.backend_calls.add(1, &outcome("rejected"));
-                Err(HandlerError::BackendRejected {
-                    backend: self.name,
-                    detail,
-                })
-            }
-            Ok(Err(CallError::Transient(detail))) => {
-                self.breaker.on_error();
-                m.backend_calls.add(1, &outcome("failed"));
-                Err(HandlerError::Backend {
-                    backend: self.name,
-                    detail,
-                })
-            }
-            Err(_) => {
-                self.breaker.on_error();
-                m.backend_calls.add(1, &outcome("timeout"));
-                Err(HandlerError::Timeout {
-                    backend: self.name,
-                    after: self.config.timeout,
-                })
-            }
+            Ok(Err(error)) => Err(self.failed(error)),
+            Err(_) => Err(self.timed_out()),
         }
     }
-}
 
-impl Backend {
     /// For streaming calls: takes a slot and runs `open` (e.g. until response headers arrive)
     /// under the breaker and the timeout, then hands back a [`Lease`] that keeps the slot for
     /// as long as the stream is read. The outcome reaches the breaker when the lease is
@@ -218,33 +190,14 @@ impl Backend {
         &self,
         open: impl Future<Output = Result<T, CallError>>,
     ) -> Result<(T, Lease), HandlerError> {
-        let m = telemetry::metrics();
-        let outcome = |o: &'static str| {
-            [
-                KeyValue::new("backend", self.name),
-                KeyValue::new("outcome", o),
-            ]
-        };
-        if !self.breaker.is_call_permitted() {
-            m.backend_calls.add(1, &outcome("open"));
-            return Err(HandlerError::Unavailable {
-                backend: self.name,
-                reason: "circuit breaker open after repeated failures".into(),
-                retry_after: self.config.breaker_open,
-            });
-        }
+        self.admit()?;
         let Ok(Ok(permit)) = tokio::time::timeout(
             self.config.queue_timeout,
             self.permits.clone().acquire_owned(),
         )
         .await
         else {
-            m.backend_calls.add(1, &outcome("saturated"));
-            return Err(HandlerError::Unavailable {
-                backend: self.name,
-                reason: format!("all {} stream slots busy", self.config.concurrency),
-                retry_after: Duration::from_secs(1),
-            });
+            return Err(self.saturated("stream"));
         };
         match tokio::time::timeout(self.config.timeout, open).await {
             Ok(Ok(value)) => Ok((
@@ -255,31 +208,93 @@ impl Backend {
                     started: Instant::now(),
                 },
             )),
-            Ok(Err(CallError::Rejected(detail))) => {
+            Ok(Err(error)) => Err(self.failed(error)),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    /// Refuses at once while the breaker is open.
+    fn admit(&self) -> Result<(), HandlerError> {
+        if self.breaker.is_call_permitted() {
+            return Ok(());
+        }
+        self.count("open");
+        Err(HandlerError::Unavailable {
+            backend: self.name,
+            reason: "circuit breaker open after repeated failures".into(),
+            retry_after: self.config.breaker_open,
+        })
+    }
+
+    /// Every slot stayed taken for the whole queue timeout.
+    fn saturated(&self, what: &str) -> HandlerError {
+        self.count("saturated");
+        HandlerError::Unavailable {
+            backend: self.name,
+            reason: format!("all {} {what} slots busy", self.config.concurrency),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+
+    /// Reports a failed call to the breaker and says what the event is answered with.
+    fn failed(&self, error: CallError) -> HandlerError {
+        match error {
+            CallError::Rejected(detail) => {
                 self.breaker.on_success();
-                m.backend_calls.add(1, &outcome("rejected"));
-                Err(HandlerError::BackendRejected {
+                self.count("rejected");
+                HandlerError::BackendRejected {
                     backend: self.name,
                     detail,
-                })
+                }
             }
-            Ok(Err(CallError::Transient(detail))) => {
+            CallError::Busy {
+                detail,
+                retry_after,
+            } => {
                 self.breaker.on_error();
-                m.backend_calls.add(1, &outcome("failed"));
-                Err(HandlerError::Backend {
+                self.count("busy");
+                HandlerError::Unavailable {
+                    backend: self.name,
+                    reason: detail,
+                    retry_after: self.busy_retry_after(retry_after),
+                }
+            }
+            CallError::Transient(detail) => {
+                self.breaker.on_error();
+                self.count("failed");
+                HandlerError::Backend {
                     backend: self.name,
                     detail,
-                })
-            }
-            Err(_) => {
-                self.breaker.on_error();
-                m.backend_calls.add(1, &outcome("timeout"));
-                Err(HandlerError::Timeout {
-                    backend: self.name,
-                    after: self.config.timeout,
-                })
+                }
             }
         }
+    }
+
+    /// The wait a busy backend asked for, passed on to the source: at least 1 s (0 would invite
+    /// a hot loop), and at most the breaker's open period, after which this replica probes the
+    /// backend anyway; 1 s when it named none.
+    fn busy_retry_after(&self, asked: Option<Duration>) -> Duration {
+        let floor = Duration::from_secs(1);
+        asked.map_or(floor, |a| a.min(self.config.breaker_open).max(floor))
+    }
+
+    fn timed_out(&self) -> HandlerError {
+        self.breaker.on_error();
+        self.count("timeout");
+        HandlerError::Timeout {
+            backend: self.name,
+            after: self.config.timeout,
+        }
+    }
+
+    fn count(&self, outcome: &'static str) {
+        telemetry::metrics().backend_calls.add(
+            1,
+            &[
+                KeyValue::new("backend", self.name),
+                KeyValue::new("outcome", outcome),
+            ],
+        );
     }
 }
 
@@ -309,14 +324,7 @@ impl Lease {
             self.started.elapsed().as_secs_f64(),
             &[KeyValue::new("backend", b.name)],
         );
-        let o = if ok { "ok" } else { "failed" };
-        m.backend_calls.add(
-            1,
-            &[
-                KeyValue::new("backend", b.name),
-                KeyValue::new("outcome", o),
-            ],
-        );
+        b.count(if ok { "ok" } else { "failed" });
         if ok {
             b.breaker.on_success();
         } else {
@@ -414,6 +422,36 @@ mod tests {
             assert!(matches!(r, Err(HandlerError::BackendRejected { .. })));
         }
         assert!(b.call(async { Ok::<_, CallError>(()) }).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_busy_backend_opens_the_breaker_and_its_wait_is_passed_on_within_bounds() {
+        let b = backend(5, 5_000);
+        let busy = |retry_after: Option<u64>| CallError::Busy {
+            detail: "HTTP 503: loading model".into(),
+            retry_after: retry_after.map(Duration::from_secs),
+        };
+        // Asked for, capped at the open period, 1 s when absent or zero.
+        for (asked, passed_on) in [(Some(3), 3), (Some(3600), 5), (None, 1), (Some(0), 1)] {
+            let r = b.call(async { Err::<(), _>(busy(asked)) }).await;
+            assert!(
+                matches!(&r, Err(HandlerError::Unavailable { retry_after, reason, .. })
+                    if *retry_after == Duration::from_secs(passed_on) && reason.contains("loading")),
+                "{asked:?}: {r:?}"
+            );
+        }
+        // A stream's opening counts the same way: the fifth busy answer opens the breaker.
+        let r = b.open(async { Err::<(), _>(busy(Some(2))) }).await;
+        assert!(
+            matches!(&r, Err(HandlerError::Unavailable { retry_after, .. }) if retry_after.as_secs() == 2),
+            "{r:?}"
+        );
+        let r = b.call(async { Ok::<_, CallError>(()) }).await;
+        assert!(
+            matches!(&r, Err(HandlerError::Unavailable { reason, retry_after, .. })
+                if reason.contains("circuit breaker") && *retry_after == Duration::from_secs(5)),
+            "{r:?}"
+        );
     }
 
     #[tokio::test]
