@@ -195,6 +195,14 @@ publish SUBJECT JSON WAIT="":
     if [ -n "{{WAIT}}" ]; then args+=(--wait "{{WAIT}}"); fi
     target/debug/nats-pub "${args[@]}" "{{SUBJECT}}" '{{JSON}}'
 
+# Move dead letters back to their subjects, e.g. `just redrive --dlq-stream AI_TTS_DLQ --dry-run` (NATS_URL: the dev stack's).
+[positional-arguments]
+redrive *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo build --quiet -p nats-source --bin nats-source
+    NATS_URL="${NATS_URL:-nats://127.0.0.1:{{dev_nats_port}}}" exec target/debug/nats-source redrive "$@"
+
 # Binary size, cold start, memory and throughput of every function against a minimal axum floor.
 bench: tools build
     cargo build --release --locked -p bench -p testkit --bins

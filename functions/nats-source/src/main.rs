@@ -1,4 +1,5 @@
-//! nats-source's entry point: configuration, telemetry, health server, the consume loop.
+//! nats-source's entry point. Without arguments, the event source: configuration, telemetry,
+//! health server, the consume loop. `nats-source redrive ...` moves dead letters back.
 
 use std::process::ExitCode;
 
@@ -8,6 +9,22 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.split_first() {
+        None => source().await,
+        Some((command, rest)) if command == "redrive" => {
+            nats_source::redrive::command(rest, &config::ProcessEnv).await
+        }
+        Some((other, _)) => {
+            eprintln!(
+                "nats-source: unknown command {other:?} (commands: redrive; none runs the source)"
+            );
+            ExitCode::from(64)
+        }
+    }
+}
+
+async fn source() -> ExitCode {
     let config = config::load_or_exit(nats_source::Config::read);
     let telemetry = telemetry::init("nats-source");
     let listener = match serve::bind(config.port).await {

@@ -4,4 +4,5 @@ mod dead_letters;
 mod delivery;
 mod end_to_end;
 mod faults;
+mod redrive;
 mod support;
