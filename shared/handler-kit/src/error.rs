@@ -59,7 +59,7 @@ pub enum HandlerError {
         detail: String,
     },
     /// A backend refused this particular request (400, 409, 413, 422, ...): retrying will not
-    /// help. See [`crate::http::verdict`] for which statuses are the request's fault.
+    /// help. `http::verdict` (feature `http-client`) says which statuses are the request's fault.
     #[error("{backend} rejected the request: {detail}")]
     BackendRejected {
         /// The backend's name.
