@@ -105,12 +105,9 @@ async fn handle(Extract(state): Extract<State>, event: CloudEvent) -> Result<Rep
         options: mut request,
     } = event.data()?;
     request.message = message;
+    let request_id = event.request_id(request.request_id.as_deref())?;
     let config = &state.config;
     request.validate(&config.chat)?;
-    let request_id = request
-        .request_id
-        .clone()
-        .unwrap_or_else(|| event.id().to_string());
     // Learn that NATS is up before spending backend time on an answer it must carry.
     state.nats.max_payload().await?;
     let stream_subject = subject(&config.stream_subject, &[("request_id", &request_id)]);

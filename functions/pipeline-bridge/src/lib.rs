@@ -343,10 +343,7 @@ async fn dispatch(state: &State, event: &CloudEvent) -> Result<Answer, HandlerEr
     match event.ty() {
         TRIGGER_TYPE => {
             let request: run::TriggerRequest = event.data()?;
-            let request_id = request
-                .request_id
-                .clone()
-                .unwrap_or_else(|| event.id().to_string());
+            let request_id = event.request_id(request.request_id.as_deref())?;
             let status = run::trigger(state, &request_id, &request).await?;
             Ok(Answer::Reply(event.reply(STATUS_TYPE, source, &status)?))
         }

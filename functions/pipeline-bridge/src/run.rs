@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use handler_kit::HandlerError;
+use handler_kit::event::check_token;
 use handler_kit::nats::subject;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -72,11 +73,7 @@ pub async fn trigger(
     request_id: &str,
     request: &TriggerRequest,
 ) -> Result<RunStatus, HandlerError> {
-    if request_id.is_empty() || request_id.len() > 256 {
-        return Err(HandlerError::Unprocessable(
-            "request_id must be 1 to 256 characters".into(),
-        ));
-    }
+    check_token("request_id", request_id)?;
     // Its status subject must not be the status-request subject (`{request_id}` = "request").
     if subject(&state.config.status_subject, &[("request_id", request_id)])
         == crate::STATUS_REQUEST_TYPE
@@ -298,6 +295,7 @@ async fn publish(state: &State, status: &RunStatus) -> Result<(), HandlerError> 
 /// Answers `ai.pipeline.status.request` from the API (publishing what it found), and frees
 /// the lock of a run found finished.
 pub async fn status(state: &State, request: &StatusRequest) -> Result<RunStatus, HandlerError> {
+    check_token("request_id", &request.request_id)?;
     let entry = entry(state, &request.pipeline)?;
     let name = run_name(&entry.name, &request.request_id);
     let kind = entry.kind();
@@ -379,6 +377,8 @@ pub async fn observed(
     let Some(request_id) = metadata["annotations"][REQUEST_ID_ANNOTATION].as_str() else {
         return ignore("no request id annotation");
     };
+    // Written by a trigger, which checked it; anyone can label an object, though.
+    check_token(REQUEST_ID_ANNOTATION, request_id)?;
     let kind = match (object["apiVersion"].as_str(), object["kind"].as_str()) {
         (Some("argoproj.io/v1alpha1"), Some("Workflow")) => Kind::Argo,
         (Some("batch/v1"), Some("Job")) => Kind::Job,

@@ -273,6 +273,8 @@ pub async fn handle(
             provider.delivery_header()
         )));
     }
+    // A header value can still hold a tab; the id names runs, subjects and `Nats-Msg-Id`s.
+    handler_kit::event::check_token(provider.delivery_header(), &delivery)?;
     let mut answer = Answer {
         delivery: delivery.clone(),
         duplicate: false,

@@ -158,10 +158,7 @@ async fn handle(
 
 async fn recording(state: &State, event: &CloudEvent) -> Result<handler_kit::Reply, HandlerError> {
     let request: SttRequest = event.data()?;
-    let request_id = request
-        .request_id
-        .clone()
-        .unwrap_or_else(|| event.id().to_string());
+    let request_id = event.request_id(request.request_id.as_deref())?;
     // Learn that NATS is up before spending backend time on a transcript it must carry.
     state.nats.max_payload().await?;
     let transcript = state

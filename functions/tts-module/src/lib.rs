@@ -157,6 +157,7 @@ impl AudioReply for TtsResponse {
 async fn handle(Extract(state): Extract<State>, event: CloudEvent) -> Result<Reply, HandlerError> {
     event.expect_type(&[REQUEST_TYPE])?;
     let request: TtsRequest = event.data()?;
+    let request_id = event.request_id(request.request_id.as_deref())?;
     let config = &state.config;
     let chars = request.text.chars().count();
     if request.text.trim().is_empty() {
@@ -168,10 +169,6 @@ async fn handle(Extract(state): Extract<State>, event: CloudEvent) -> Result<Rep
             config.max_text_chars
         )));
     }
-    let request_id = request
-        .request_id
-        .clone()
-        .unwrap_or_else(|| event.id().to_string());
     let deadline = config.base.event_timeout;
     let response = tokio::time::timeout(deadline, synthesize(&state, &request, &request_id))
         .await

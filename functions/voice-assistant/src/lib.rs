@@ -179,8 +179,9 @@ fn ms(d: Duration) -> u64 {
 async fn handle(Extract(state): Extract<State>, event: CloudEvent) -> Result<Reply, HandlerError> {
     event.expect_type(&[REQUEST_TYPE])?;
     let request: VoiceRequest = event.data()?;
+    let request_id = event.request_id(request.chat.request_id.as_deref())?;
     let deadline = EventDeadline::starting_now(state.config.base.event_timeout);
-    let response = answer(&state, &event, request, deadline).await?;
+    let response = answer(&state, request, request_id, deadline).await?;
     event.reply(RESPONSE_TYPE, &state.config.base.source, &response)
 }
 
@@ -224,17 +225,12 @@ fn after_audio(published: usize, error: HandlerError) -> HandlerError {
 
 async fn answer(
     state: &State,
-    event: &CloudEvent,
     request: VoiceRequest,
+    request_id: String,
     deadline: EventDeadline,
 ) -> Result<VoiceResponse, HandlerError> {
     let config = &state.config;
     let started = Instant::now();
-    let request_id = request
-        .chat
-        .request_id
-        .clone()
-        .unwrap_or_else(|| event.id().to_string());
     // Learn NATS' limit (and that NATS is up) before spending backend time.
     let max_payload = deadline.bound(state.nats.max_payload()).await?;
 

@@ -6,6 +6,10 @@
 //! `application/cloudevents+json`). `data` is decoded by `datacontenttype`: MessagePack, JSON, or
 //! handed over as raw bytes. The reply uses the request's mode and data format, so a msgpack
 //! caller gets msgpack back and a curl user gets JSON, unless `Accept` asks for something else.
+//!
+//! Request values that become NATS subject tokens, header values or KV keys (ids) are checked
+//! by [`check_token`] where the request is decoded, before any work; [`CloudEvent::request_id`]
+//! does it for the usual `request_id`-else-event-`id`.
 
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, HeaderValue, header};
@@ -25,6 +29,44 @@ pub struct BodyLimit(pub usize);
 
 /// Used when no [`BodyLimit`] is set: large enough for text events, small enough to be safe.
 pub const DEFAULT_BODY_LIMIT: usize = 256 * 1024;
+
+/// The longest request value, in bytes, that may become part of a NATS subject, a header value
+/// (`Nats-Msg-Id`) or a JetStream KV key: in practice, ids.
+///
+/// Ids are short (a UUID is 36 bytes; the longest this product builds itself, pipeline-bridge's
+/// `git-{delivery}-{pipeline}`, is at most 196), so 256 refuses no sane id. The cap protects the
+/// NATS connection every event in flight on a replica shares: a subject carries the id plus its
+/// template and suffixes (`.reply`), and nats-server limits a protocol line to 4096 bytes.
+/// Measured on nats-server 2.15.1: publishing to a 6,016-byte subject is answered
+/// `-ERR 'maximum control line exceeded'` and the connection is closed. JetStream also keeps
+/// each `Nats-Msg-Id` of its duplicate window in memory.
+pub const MAX_ID_LEN: usize = 256;
+
+/// Checks a request value that will become a NATS subject token, a header value or a KV key:
+/// not empty, at most [`MAX_ID_LEN`] bytes, and without control characters (CR or LF in a
+/// header value makes the NATS client panic; NUL, tab and DEL have no place in an id either).
+///
+/// Call it where the request is decoded, before any work: such a request can never succeed,
+/// so it is refused with a final 422 naming `field`, instead of failing half-way (a 500 the
+/// source would retry until its attempts run out).
+pub fn check_token(field: &str, value: &str) -> Result<(), HandlerError> {
+    if value.is_empty() {
+        return Err(HandlerError::Unprocessable(format!("{field} is empty")));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(HandlerError::Unprocessable(format!(
+            "{field} is {} bytes long; the limit is {MAX_ID_LEN}",
+            value.len()
+        )));
+    }
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(HandlerError::Unprocessable(format!(
+            "{field} contains the control character U+{:04X}",
+            u32::from(c)
+        )));
+    }
+    Ok(())
+}
 
 /// How the CloudEvent was carried over HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +156,18 @@ impl CloudEvent {
     /// The event's `id`.
     pub fn id(&self) -> &str {
         self.event.id()
+    }
+
+    /// The id a function names its outputs by (subjects, `Nats-Msg-Id`): the payload's
+    /// `request_id` when it has one, else the event's `id`. Either is checked with
+    /// [`check_token`], so a bad one is refused before any work.
+    pub fn request_id(&self, given: Option<&str>) -> Result<String, HandlerError> {
+        let (field, id) = match given {
+            Some(id) => ("request_id", id),
+            None => ("the event id (used as request_id)", self.id()),
+        };
+        check_token(field, id)?;
+        Ok(id.to_string())
     }
 
     /// The event's `type`.
@@ -528,6 +582,57 @@ mod tests {
             .to_bytes();
         let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
         assert_eq!(json["error"], "body_incomplete");
+    }
+
+    #[test]
+    fn ids_with_control_characters_or_over_the_cap_are_refused_naming_the_field() {
+        for bad in [
+            "a\nb",
+            "a\rb",
+            "nul\0",
+            "tab\there",
+            "del\u{7f}",
+            "c1\u{85}",
+            "",
+        ] {
+            let err = check_token("request_id", bad).expect_err(bad);
+            assert!(matches!(err, HandlerError::Unprocessable(_)), "{bad:?}");
+            assert!(err.to_string().contains("request_id"), "{err}");
+            assert!(!err.class().is_retryable());
+        }
+        let long = "x".repeat(6000);
+        let err = check_token("session_id", &long).expect_err("long");
+        assert!(
+            err.to_string().contains("session_id is 6000 bytes"),
+            "{err}"
+        );
+        // The cap counts bytes: 129 two-byte characters are over it.
+        assert!(check_token("request_id", &"é".repeat(129)).is_err());
+        for good in [
+            "r-1",
+            "AI:42",
+            "Ünïcödé id with spaces/and.dots",
+            &"x".repeat(MAX_ID_LEN),
+        ] {
+            assert!(check_token("request_id", good).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn the_request_id_falls_back_to_the_event_id_and_both_are_checked() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/cloudevents+json"),
+        );
+        // Structured mode is where an id can carry a newline: JSON escapes it.
+        let body = br#"{"specversion":"1.0","id":"e\n1","source":"/t","type":"t"}"#;
+        let ce = CloudEvent::parse(&headers, body.to_vec()).expect("structured event");
+        assert_eq!(ce.request_id(Some("r-1")).expect("given"), "r-1");
+        let err = ce.request_id(None).expect_err("the event id has a newline");
+        assert!(err.to_string().contains("event id"), "{err}");
+        let err = ce.request_id(Some("a\nb")).expect_err("newline");
+        assert!(err.to_string().contains("request_id"), "{err}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod bad_input;
 mod milvus;
 mod paths;
+mod request_values;
 mod resilience;
 mod streaming;
 mod support;

@@ -4,6 +4,7 @@
 
 mod binary;
 mod credentials;
+mod request_values;
 mod status;
 mod support;
 mod trigger;

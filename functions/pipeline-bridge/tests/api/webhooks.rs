@@ -4,9 +4,9 @@ use serde_json::json;
 
 use crate::support::{Harness, assert_error, push, run_name, sign, webhook, writes};
 
-const AFTER: &str = "0123456789abcdef0123456789abcdef01234567";
+pub(crate) const AFTER: &str = "0123456789abcdef0123456789abcdef01234567";
 
-fn github(
+pub(crate) fn github(
     delivery: &str,
     event: &str,
     body: &[u8],

@@ -2,5 +2,6 @@
 //! the simulator or wiremock as the Whisper-style backend.
 
 mod recording;
+mod request_values;
 mod sessions;
 mod support;

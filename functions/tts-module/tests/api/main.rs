@@ -4,6 +4,7 @@
 mod bad_input;
 mod events;
 mod nats;
+mod request_values;
 mod resilience;
 mod shutdown;
 mod support;

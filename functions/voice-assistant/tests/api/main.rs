@@ -1,4 +1,5 @@
 //! voice-assistant end to end: real speech in, the simulator as STT, LLM and TTS, audio out in
 //! order on a real nats-server.
 
+mod request_values;
 mod voice;

@@ -11,12 +11,12 @@ use testkit::nats_server::NatsServer;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tower::ServiceExt as _;
 
-fn b64(bytes: &[u8]) -> String {
+pub(crate) fn b64(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-async fn app(sim: &str, llm: &str, nats: Option<&str>) -> Router {
+pub(crate) async fn app(sim: &str, llm: &str, nats: Option<&str>) -> Router {
     app_with(sim, llm, nats, &[]).await
 }
 
@@ -37,7 +37,7 @@ async fn app_with(sim: &str, llm: &str, nats: Option<&str>, extra: &[(&str, &str
     voice_assistant::app(voice_assistant::State::new(config).await.expect("state"))
 }
 
-async fn post(app: &Router, data: Value) -> (u16, Value) {
+pub(crate) async fn post(app: &Router, data: Value) -> (u16, Value) {
     let request = testkit::cloudevent::event("ai.voice.request")
         .json(&data)
         .binary();
@@ -55,7 +55,7 @@ async fn post(app: &Router, data: Value) -> (u16, Value) {
     )
 }
 
-async fn simulator() -> String {
+pub(crate) async fn simulator() -> String {
     let (addr, _task) = testkit::sim::spawn(testkit::sim::SimConfig::default())
         .await
         .expect("sim");
@@ -233,7 +233,7 @@ async fn slow_llm() -> String {
 }
 
 /// The next message on `stream` is one the test publishes now: nothing else was there.
-async fn assert_stream_is_silent(
+pub(crate) async fn assert_stream_is_silent(
     client: &async_nats::Client,
     subject: &'static str,
     stream: &mut async_nats::Subscriber,
