@@ -409,10 +409,13 @@ impl Cluster {
     ///
     /// Re-entrant (a redelivery of the holder's own request passes), and a Lease that is free
     /// or whose holder stopped renewing it for longer than its duration is taken over. Held by
-    /// another: 503 with `Retry-After` (the time left, at most `max_retry_after`), so the
-    /// source tries again later. Races between replicas are settled by the API server's
-    /// optimistic concurrency (`resourceVersion`): the loser reads again. Whatever else the
-    /// Lease carries is kept: it is replaced as read, with only the holder's fields changed.
+    /// another: [`HandlerError::Held`], 409 with `Retry-After` (the time left, at most
+    /// `max_retry_after`), so the source tries this trigger again then, counted against its
+    /// `MAX_DELIVER`. Not a 503: that is backpressure, and would hold back every other
+    /// pipeline's triggers too while one lock is held. Races between replicas are settled by
+    /// the API server's optimistic concurrency (`resourceVersion`): the loser reads again.
+    /// Whatever else the Lease carries is kept: it is replaced as read, with only the holder's
+    /// fields changed.
     pub async fn acquire(
         &self,
         namespace: &str,
@@ -471,9 +474,8 @@ impl Cluster {
             if let Some(other) = current {
                 let left = time_left(spec, now);
                 if !left.is_zero() {
-                    return Err(HandlerError::Unavailable {
-                        backend: "lock",
-                        reason: format!("lock Lease {name} is held by request {other}"),
+                    return Err(HandlerError::Held {
+                        what: format!("lock Lease {name} is held by request {other}"),
                         retry_after: left.min(max_retry_after),
                     });
                 }
@@ -493,9 +495,9 @@ impl Cluster {
                 return Ok(());
             }
         }
-        Err(HandlerError::Unavailable {
-            backend: "lock",
-            reason: format!("lock Lease {name} is contended"),
+        // Four races lost in a row: other replicas are taking and freeing it right now.
+        Err(HandlerError::Held {
+            what: format!("lock Lease {name} is contended"),
             retry_after: Duration::from_secs(1),
         })
     }

@@ -4,7 +4,7 @@
 //! Workflow from a WorkflowTemplate, a Kubeflow Pipelines run, or a `batch/v1` Job from a
 //! template. The request is validated against the catalog (422 when it does not fit, never
 //! retried), the entry's lock is taken (a `coordination.k8s.io/v1` Lease held by the
-//! `request_id`; held by another run: 503 with `Retry-After`), the run is created under a name
+//! `request_id`; held by another run: 409 with `Retry-After`), the run is created under a name
 //! derived from the `request_id` (`AlreadyExists` is success, so a redelivery never starts a
 //! second run), `ai.pipeline.status.{request_id}` gets `{state: "submitted", ...}`, and the
 //! reply is `ai.pipeline.status`.

@@ -371,9 +371,8 @@ pub async fn handle(
     }
     if let Some(error) = retry {
         // Not recorded: the sender's redelivery redoes it, and what was created is found again.
-        let class = error.class();
         tracing::warn!(delivery = %delivery, error = %error, "webhook delivery not finished; redeliver it");
-        return Ok(handler_kit::delivery::error_response(class, &answer));
+        return Ok(error.response(&answer));
     }
     state.deliveries.record(&state.nats, &key).await;
     Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response())

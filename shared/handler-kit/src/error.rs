@@ -82,6 +82,16 @@ pub enum HandlerError {
     /// succeed when retried later (409).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// Something this one event needs is held by another (a lock): 409 with `Retry-After` (when
+    /// it may be free), a failed attempt of this event only. Not `Unavailable`, whose 503
+    /// would shut the source's gate and stall every other event to the function.
+    #[error("{what}")]
+    Held {
+        /// What is held and by whom, e.g. `lock Lease deploy-prod is held by request r-1`.
+        what: String,
+        /// When it may be free.
+        retry_after: Duration,
+    },
     /// A backend failed after part of the answer was already streamed to the caller: retrying
     /// would stream it twice, so this is final.
     #[error("stream interrupted after it began: {0}")]
@@ -105,7 +115,7 @@ impl HandlerError {
             Self::UnsupportedMediaType(_) => Class::UnsupportedMediaType,
             Self::Unavailable { retry_after, .. } => Class::Unavailable(*retry_after),
             Self::Backend { .. } => Class::BadGateway,
-            Self::Conflict(_) => Class::Conflict,
+            Self::Conflict(_) | Self::Held { .. } => Class::Conflict,
             Self::Timeout { .. } | Self::Deadline(_) => Class::GatewayTimeout,
             Self::Internal(_) => Class::Internal,
         }
@@ -128,8 +138,24 @@ impl HandlerError {
             Self::Deadline(_) => "deadline_exceeded",
             Self::StreamInterrupted(_) => "stream_interrupted",
             Self::Conflict(_) => "conflict",
+            Self::Held { .. } => "held",
             Self::Internal(_) => "internal",
         }
+    }
+
+    /// Renders `body` with this error's status and, when it knows one, its `Retry-After`:
+    /// [`delivery::error_response`] adds it for `Unavailable` (its class carries the delay),
+    /// this for `Held` (a 409, whose class does not). For answers whose body is not
+    /// [`ErrorBody`] (a webhook's list of outcomes).
+    pub fn response(&self, body: &impl Serialize) -> Response {
+        let mut response = delivery::error_response(self.class(), body);
+        if let Self::Held { retry_after, .. } = self {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                delivery::retry_after_value(*retry_after),
+            );
+        }
+        response
     }
 }
 
@@ -150,13 +176,10 @@ impl IntoResponse for HandlerError {
         } else {
             tracing::info!(error = self.code(), detail = %self, "event rejected");
         }
-        delivery::error_response(
-            class,
-            &ErrorBody {
-                error: self.code(),
-                detail: self.to_string(),
-            },
-        )
+        self.response(&ErrorBody {
+            error: self.code(),
+            detail: self.to_string(),
+        })
     }
 }
 
@@ -172,5 +195,24 @@ mod tests {
         let response = error.into_response();
         assert_eq!(response.status(), axum::http::StatusCode::UNAUTHORIZED);
         assert!(response.headers().get("retry-after").is_none());
+    }
+
+    #[test]
+    fn a_held_lock_is_a_counted_409_with_retry_after_not_backpressure() {
+        let error = HandlerError::Held {
+            what: "lock Lease deploy-prod is held by request a".into(),
+            retry_after: Duration::from_millis(6500),
+        };
+        assert_eq!(error.code(), "held");
+        assert!(matches!(
+            delivery::disposition(error.class().status(), None),
+            delivery::Disposition::Retry { .. }
+        ));
+        let response = error.into_response();
+        assert_eq!(response.status(), axum::http::StatusCode::CONFLICT);
+        assert_eq!(response.headers()["retry-after"], "7");
+        // A plain conflict has no delay to offer.
+        let conflict = HandlerError::Conflict("gap".into()).into_response();
+        assert!(conflict.headers().get("retry-after").is_none());
     }
 }

@@ -296,13 +296,13 @@ async fn a_delivery_that_hit_a_held_lock_is_not_recorded_so_its_redelivery_runs(
     let (body, answer) = push_into_held_lock(&h, "l-1").await;
     assert_eq!(
         answer.status,
-        503,
+        409,
         "{}",
         String::from_utf8_lossy(&answer.body)
     );
     assert!(!answer.header("retry-after").is_empty());
     let reply = answer.json();
-    assert_eq!(reply["triggered"][0]["error"], "backend_unavailable");
+    assert_eq!(reply["triggered"][0]["error"], "held");
     assert_eq!(
         reply["triggered"][1]["state"], "submitted",
         "the other entry still ran: {reply}"
@@ -352,7 +352,7 @@ async fn a_trigger_that_hit_a_held_lock_is_queued_for_the_source_and_the_deliver
         String::from_utf8_lossy(&answer.body)
     );
     let reply = answer.json();
-    assert_eq!(reply["triggered"][0]["error"], "backend_unavailable");
+    assert_eq!(reply["triggered"][0]["error"], "held");
     assert_eq!(reply["triggered"][0]["deferred"], "ai.pipeline.trigger");
     assert_eq!(reply["triggered"][1]["state"], "submitted");
 
@@ -375,14 +375,17 @@ async fn a_trigger_that_hit_a_held_lock_is_queued_for_the_source_and_the_deliver
     assert_eq!(replay.json()["duplicate"], true);
     assert_eq!(stream.info().await.expect("info").state.messages, 1);
 
-    // While the lock is held, the source's delivery of it is 503 (retried later) ...
+    // While the lock is held, the source's delivery of it is a 409 with Retry-After (a
+    // counted attempt, retried then) ...
     let delivered = || {
         crate::support::event("ai.pipeline.trigger")
             .id("ai-pipeline-1")
             .msgpack(&data)
             .binary()
     };
-    assert_eq!(h.send(delivered()).await.status, 503);
+    let held = h.send(delivered()).await;
+    assert_error(&held, 409, "held");
+    assert!(!held.header("retry-after").is_empty());
     // ... and once the manual run finished, it runs.
     finish_manual_run(&h).await;
     let jobs = "/apis/batch/v1/namespaces/ops/jobs";
