@@ -7,11 +7,12 @@
 //! both ways) cost more CPU than the rest of the trigger together, and at 100 triggers in
 //! flight the CPU is the latency.
 //!
-//! Errors are sorted by what a retry can do. The API server unreachable or timing out, 429 and
-//! 5xx are retryable (503 with `Retry-After` for an unreachable or throttling server, so the
-//! source backs off); 401/403 (RBAC), 400/422 (an invalid object) and 404 on a create (a missing
-//! namespace or CRD) are final (422) with the API server's own message, because retrying a
-//! misconfiguration only delays the dead letter.
+//! Errors are sorted by what a retry can do. An API server that refuses everyone is an outage,
+//! not a verdict on the request: unreachable or timing out, 429 (503 with `Retry-After`, so
+//! the source backs off), 5xx, 401/403 (an expired token, RBAC being changed, a quota) and a
+//! create of a kind it does not serve (a CRD not installed) are retryable (502 but for the
+//! 503s). What is wrong with this request alone is final (422, with the API server's own
+//! message): 400/422 (an invalid object) and a create in a namespace that does not exist.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -170,6 +171,35 @@ impl std::fmt::Debug for Cluster {
 struct Status {
     reason: String,
     message: String,
+    details: StatusDetails,
+}
+
+/// What a `Status` is about: `kind` is the resource (plural) of the object it names.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct StatusDetails {
+    kind: String,
+}
+
+/// What a 404 says was not found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Missing {
+    /// The namespace the request is in: a `Status` naming a `namespaces` object, as the
+    /// NamespaceLifecycle admission answers a create in a namespace that does not exist.
+    Namespace,
+    /// Anything else: the object itself (a read), or the whole collection (a kind the API
+    /// server does not serve answers a plain-text `404 page not found`).
+    Other,
+}
+
+impl Missing {
+    fn of(status: &Status) -> Self {
+        if status.details.kind == "namespaces" {
+            Self::Namespace
+        } else {
+            Self::Other
+        }
+    }
 }
 
 /// What a request came to, short of an error.
@@ -177,7 +207,7 @@ enum Answer {
     /// 2xx, with the body.
     Done(Bytes),
     /// 404.
-    NotFound,
+    NotFound(Missing),
     /// 409 `AlreadyExists` (a create).
     AlreadyExists,
     /// 409 `Conflict` (a replace with a stale `resourceVersion`).
@@ -288,7 +318,7 @@ impl Cluster {
         }
         let status: Status = serde_json::from_slice(&body).unwrap_or_default();
         match (code, status.reason.as_str()) {
-            (StatusCode::NOT_FOUND, _) => return Ok(Answer::NotFound),
+            (StatusCode::NOT_FOUND, _) => return Ok(Answer::NotFound(Missing::of(&status))),
             (StatusCode::CONFLICT, "AlreadyExists") => return Ok(Answer::AlreadyExists),
             (StatusCode::CONFLICT, "Conflict") => return Ok(Answer::Stale),
             _ => {}
@@ -315,6 +345,16 @@ impl Cluster {
                 retry_after: retry_after.unwrap_or(THROTTLED_RETRY),
             },
             409 => HandlerError::Conflict(detail),
+            // Authentication, authorization and quota are decided before anything is stored,
+            // and alike for every request: until the token is renewed (a token file is read
+            // again every TOKEN_FILE_REFRESH), the RBAC fixed or the quota freed, every run is
+            // refused. An outage, retried (counted: a lasting one still ends in the dead
+            // letter, to be redriven), not a verdict on this request. Nothing was created, so
+            // a lock taken for it may be freed.
+            401 | 403 => HandlerError::Backend {
+                backend: "kubernetes",
+                detail,
+            },
             400..=499 => HandlerError::BackendRejected {
                 backend: "kubernetes",
                 detail,
@@ -350,11 +390,19 @@ impl Cluster {
                     ))
                 })
             }
-            Answer::NotFound => Err(HandlerError::BackendRejected {
+            Answer::NotFound(Missing::Namespace) => Err(HandlerError::BackendRejected {
+                backend: "kubernetes",
+                detail: format!("{}: the namespace {namespace} does not exist", what()),
+            }),
+            // The collection itself is missing: the kind is not served (its CRD not installed,
+            // or being reinstalled), which fails every run of it until it is.
+            Answer::NotFound(Missing::Other) => Err(HandlerError::Backend {
                 backend: "kubernetes",
                 detail: format!(
-                    "{}: the namespace or the resource kind does not exist",
-                    what()
+                    "{}: the API server does not serve {} {} (is its CRD installed?)",
+                    what(),
+                    resource.api_version,
+                    resource.plural
                 ),
             }),
             Answer::Stale => Err(HandlerError::Conflict(format!("{}: 409 Conflict", what()))),
@@ -398,7 +446,7 @@ impl Cluster {
         match self.send(Method::PUT, &path, Some(body), what).await? {
             Answer::Done(_) => Ok(true),
             Answer::Stale => Ok(false),
-            Answer::NotFound | Answer::AlreadyExists => Err(HandlerError::Conflict(format!(
+            Answer::NotFound(_) | Answer::AlreadyExists => Err(HandlerError::Conflict(format!(
                 "{}: it was deleted meanwhile",
                 what()
             ))),
@@ -455,7 +503,8 @@ impl Cluster {
                     Answer::Done(_) => return Ok(()),
                     // Another replica created it first: read it again.
                     Answer::AlreadyExists => continue,
-                    Answer::NotFound => {
+                    // Leases are always served: the namespace is what is missing.
+                    Answer::NotFound(_) => {
                         return Err(HandlerError::BackendRejected {
                             backend: "kubernetes",
                             detail: format!("{}: the namespace does not exist", what()),
@@ -652,6 +701,21 @@ mod tests {
             .expect("valid")
             .with_timezone(&Utc);
         assert_eq!(micro_time(at), "2026-11-30T23:15:00.123456Z");
+    }
+
+    #[test]
+    fn a_404_names_the_namespace_only_when_its_status_is_about_a_namespace() {
+        let parse = |body: &str| Missing::of(&serde_json::from_str(body).unwrap_or_default());
+        // What the API server answers a create in a namespace that does not exist.
+        let namespace = r#"{"kind":"Status","apiVersion":"v1","status":"Failure",
+            "message":"namespaces \"ops\" not found","reason":"NotFound",
+            "details":{"name":"ops","kind":"namespaces"},"code":404}"#;
+        assert_eq!(parse(namespace), Missing::Namespace);
+        // A kind it does not serve (no CRD): not even a Status.
+        assert_eq!(parse("404 page not found"), Missing::Other);
+        let object = r#"{"kind":"Status","reason":"NotFound",
+            "details":{"name":"train-1","group":"argoproj.io","kind":"workflows"},"code":404}"#;
+        assert_eq!(parse(object), Missing::Other);
     }
 
     #[test]

@@ -113,6 +113,9 @@ pub async fn trigger(
     let status = match created {
         Ok(status) => status,
         Err(error) => {
+            // Refusals (401/403, 400/422, a missing namespace or kind) come before the API
+            // server stores anything, so no run holds the lock: free it for the next request.
+            // The retryable ones among them are redelivered, and take it again.
             if let Some(lease) = &lock {
                 release(state, &entry.namespace, lease, request_id).await;
             }
