@@ -155,3 +155,29 @@ pub fn binary() -> PathBuf {
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
+
+/// Asserts that `subscription` has received nothing so far: publishes a sentinel on `subject`
+/// (one the subscription matches) and checks that the sentinel is the first message to
+/// arrive. Whatever the code under test published, and flushed, before reached the server
+/// first, so it would arrive first; it is shown when it does.
+pub async fn assert_nothing_published(
+    client: &async_nats::Client,
+    subscription: &mut async_nats::Subscriber,
+    subject: &str,
+) {
+    use futures::StreamExt as _;
+    const SENTINEL: &[u8] = b"testkit sentinel";
+    client
+        .publish(subject.to_string(), bytes::Bytes::from_static(SENTINEL))
+        .await
+        .expect("publish the sentinel");
+    client.flush().await.expect("flush the sentinel");
+    let first = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await
+        .expect("the sentinel in time")
+        .expect("the subscription is open");
+    assert!(
+        first.subject.as_str() == subject && first.payload == SENTINEL,
+        "published before the sentinel: {first:?}"
+    );
+}

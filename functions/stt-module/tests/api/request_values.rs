@@ -1,11 +1,8 @@
 //! Ids that name subjects, `Nats-Msg-Id`s and KV keys (`request_id`, `session_id`) are checked
 //! before the audio is decoded or NATS touched: a bad one is a final 422 naming it.
 
-use std::time::Duration;
-
-use futures::StreamExt as _;
 use serde_json::json;
-use testkit::nats_server::NatsServer;
+use testkit::nats_server::{NatsServer, assert_nothing_published};
 
 use crate::recording::b64;
 use crate::support::{app, assert_error, event, send, simulator};
@@ -40,18 +37,7 @@ async fn bad_request_and_session_ids_are_422_and_nothing_is_published() {
     }
     assert!(stt.received_requests().await.unwrap_or_default().is_empty());
     // Nothing reached NATS: no reply, no transcript, no session-bucket request.
-    client
-        .publish("test.sentinel", "".into())
-        .await
-        .expect("publish");
-    client.flush().await.expect("flush");
-    let first = tokio::time::timeout(Duration::from_secs(10), published.next()).await;
-    let first = first.expect("the sentinel in time").expect("open");
-    assert_eq!(
-        first.subject.as_str(),
-        "test.sentinel",
-        "published: {first:?}"
-    );
+    assert_nothing_published(&client, &mut published, "test.sentinel").await;
 }
 
 /// Published to `ai.stt.response.{request_id}` on the way: a failed publish would not be 200.

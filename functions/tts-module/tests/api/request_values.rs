@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use serde_json::json;
-use testkit::nats_server::NatsServer;
+use testkit::nats_server::{NatsServer, assert_nothing_published};
 use wiremock::MockServer;
 
 use crate::support::{app, assert_error, event, send, simulator};
@@ -19,29 +19,10 @@ async fn everything(nats: &NatsServer) -> (async_nats::Client, async_nats::Subsc
     (client, all)
 }
 
-/// The first message on every subject is the one the test sends now: the function sent none.
-async fn assert_nothing_published(watch: &mut (async_nats::Client, async_nats::Subscriber)) {
-    let (client, all) = watch;
-    client
-        .publish("test.sentinel", "".into())
-        .await
-        .expect("publish");
-    client.flush().await.expect("flush");
-    let first = tokio::time::timeout(Duration::from_secs(10), all.next())
-        .await
-        .expect("the sentinel in time")
-        .expect("open");
-    assert_eq!(
-        first.subject.as_str(),
-        "test.sentinel",
-        "published: {first:?}"
-    );
-}
-
 #[tokio::test]
 async fn a_request_id_with_a_newline_or_over_the_cap_is_422_and_nothing_is_published() {
     let nats = NatsServer::start().await.expect("nats-server");
-    let mut watch = everything(&nats).await;
+    let (client, mut all) = everything(&nats).await;
     // No mock is mounted: a call would show in received_requests.
     let tts = MockServer::start().await;
     let app = app(&tts.uri(), &[("NATS_URL", &nats.url())]).await;
@@ -72,7 +53,7 @@ async fn a_request_id_with_a_newline_or_over_the_cap_is_422_and_nothing_is_publi
     }
     let calls = tts.received_requests().await.unwrap_or_default();
     assert!(calls.is_empty(), "a bad id reached the backend: {calls:?}");
-    assert_nothing_published(&mut watch).await;
+    assert_nothing_published(&client, &mut all, "test.sentinel").await;
 }
 
 /// Without `request_id` the event's `id` names the outputs; in structured mode it can carry a
@@ -80,7 +61,7 @@ async fn a_request_id_with_a_newline_or_over_the_cap_is_422_and_nothing_is_publi
 #[tokio::test]
 async fn an_event_id_with_a_newline_is_422_when_it_stands_in_for_the_request_id() {
     let nats = NatsServer::start().await.expect("nats-server");
-    let mut watch = everything(&nats).await;
+    let (client, mut all) = everything(&nats).await;
     let app = app(&simulator().await, &[("NATS_URL", &nats.url())]).await;
     let request = event("ai.tts.request")
         .id("e\n1")
@@ -95,7 +76,7 @@ async fn an_event_id_with_a_newline_is_422_when_it_stands_in_for_the_request_id(
         "{}",
         answer.json()
     );
-    assert_nothing_published(&mut watch).await;
+    assert_nothing_published(&client, &mut all, "test.sentinel").await;
 }
 
 #[tokio::test]

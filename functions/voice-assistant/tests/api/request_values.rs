@@ -3,9 +3,9 @@
 //! spoken or published.
 
 use serde_json::json;
-use testkit::nats_server::NatsServer;
+use testkit::nats_server::{NatsServer, assert_nothing_published};
 
-use crate::voice::{app, assert_stream_is_silent, b64, post, simulator};
+use crate::voice::{app, b64, post, simulator};
 
 #[tokio::test]
 async fn a_request_id_with_a_newline_or_over_the_cap_is_422_before_any_backend_call() {
@@ -34,7 +34,7 @@ async fn a_request_id_with_a_newline_or_over_the_cap_is_422_before_any_backend_c
     }
     let calls = backends.received_requests().await.unwrap_or_default();
     assert!(calls.is_empty(), "a bad id reached a backend: {calls:?}");
-    assert_stream_is_silent(&client, "test.sentinel", &mut published).await;
+    assert_nothing_published(&client, &mut published, "test.sentinel").await;
 }
 
 /// Streamed and published under the id on the way: a failed publish would not be 200.

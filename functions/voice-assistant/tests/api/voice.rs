@@ -7,7 +7,7 @@ use futures::StreamExt as _;
 use handler_kit::audio::Wav;
 use http_body_util::BodyExt as _;
 use serde_json::{Value, json};
-use testkit::nats_server::NatsServer;
+use testkit::nats_server::{NatsServer, assert_nothing_published};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tower::ServiceExt as _;
 
@@ -232,28 +232,6 @@ async fn slow_llm() -> String {
     scripted_llm(script).await.0
 }
 
-/// The next message on `stream` is one the test publishes now: nothing else was there.
-pub(crate) async fn assert_stream_is_silent(
-    client: &async_nats::Client,
-    subject: &'static str,
-    stream: &mut async_nats::Subscriber,
-) {
-    client
-        .publish(subject, "sentinel".into())
-        .await
-        .expect("publish");
-    client.flush().await.expect("flush");
-    let next = tokio::time::timeout(Duration::from_secs(10), stream.next())
-        .await
-        .expect("sentinel in time")
-        .expect("open");
-    assert_eq!(
-        &next.payload[..],
-        b"sentinel",
-        "the function published on the stream"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_sentence_is_heard_before_the_llm_finishes() {
     let nats = NatsServer::start().await.expect("nats");
@@ -385,7 +363,7 @@ async fn a_deadline_before_any_audio_is_retryable_and_silent() {
         1,
         "the deadline fired while the LLM was answering"
     );
-    assert_stream_is_silent(&client, "ai.voice.response.stream.early", &mut stream).await;
+    assert_nothing_published(&client, &mut stream, "ai.voice.response.stream.early").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,5 +389,5 @@ async fn an_llm_failure_before_any_sentence_is_spoken_is_retryable_and_silent() 
     assert_eq!(status, 502, "{data}");
     assert_eq!(data["error"], "backend_error", "{data}");
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
-    assert_stream_is_silent(&client, "ai.voice.response.stream.broken", &mut stream).await;
+    assert_nothing_published(&client, &mut stream, "ai.voice.response.stream.broken").await;
 }
