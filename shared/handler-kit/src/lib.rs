@@ -9,7 +9,9 @@
 //! - [`error`]: [`HandlerError`], the one error type; it renders as a JSON 4xx/5xx.
 //! - [`delivery`]: the single table that maps outcomes to HTTP statuses, and statuses back to
 //!   what the source does with the message (ack, term, retry).
-//! - [`event`]: the body-capped CloudEvent extractor ([`CloudEvent`]) and the reply responder.
+//! - [`event`]: the body-capped CloudEvent extractor ([`CloudEvent`]), the reply responder, and
+//!   the check of ids that become subject tokens and headers ([`event::check_token`]: not
+//!   empty, at most [`event::MAX_ID_LEN`] bytes, no control characters).
 //! - [`config`]: typed configuration from the environment; every problem reported at once.
 //! - [`telemetry`]: JSON logs, metrics (served at `/metrics`, exported over OTLP when asked),
 //!   traces that continue the caller's `traceparent`.
