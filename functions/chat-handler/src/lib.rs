@@ -22,7 +22,7 @@ use axum::extract::State as Extract;
 use axum::routing::post;
 use handler_kit::chat::{Chat, ChatConfig, ChatRequest, DeltaSink};
 use handler_kit::config::{BaseConfig, ConfigReader};
-use handler_kit::nats::{Nats, subject};
+use handler_kit::nats::{Nats, Outbox, subject};
 use handler_kit::serve::{Health, function_router};
 use handler_kit::{CloudEvent, HandlerError, Reply};
 use serde::{Deserialize, Serialize};
@@ -112,7 +112,7 @@ async fn handle(Extract(state): Extract<State>, event: CloudEvent) -> Result<Rep
     state.nats.max_payload().await?;
     let stream_subject = subject(&config.stream_subject, &[("request_id", &request_id)]);
     let mut chunks = ChunkPublisher {
-        nats: &state.nats,
+        outbox: state.nats.outbox(),
         subject: stream_subject,
         request_id: &request_id,
         seq: 0,
@@ -133,11 +133,12 @@ async fn handle(Extract(state): Extract<State>, event: CloudEvent) -> Result<Rep
     if state.nats.is_enabled() {
         let reply_subject = subject(&config.reply_subject, &[("request_id", &request_id)]);
         let msg_id = format!("{request_id}.reply");
-        state
-            .nats
+        // One wait for the reply and every chunk before it: stored, or flushed.
+        chunks
+            .outbox
             .publish(reply_subject, &response, Some(&msg_id))
             .await?;
-        state.nats.flush().await?;
+        chunks.outbox.kept().await?;
     }
     event.reply(RESPONSE_TYPE, &config.base.source, &response)
 }
@@ -165,7 +166,7 @@ struct TextChunk<'a> {
 
 /// Publishes answer text to the stream subject as it arrives; `seq` counts from 0.
 struct ChunkPublisher<'a> {
-    nats: &'a Nats,
+    outbox: Outbox<'a>,
     subject: String,
     request_id: &'a str,
     seq: u64,
@@ -188,7 +189,7 @@ impl ChunkPublisher<'_> {
         };
         // Same id on a redelivery: a JetStream stream drops the copy.
         let msg_id = format!("{}.{}", self.request_id, self.seq);
-        self.nats
+        self.outbox
             .publish(self.subject.clone(), &chunk, Some(&msg_id))
             .await?;
         self.seq += 1;

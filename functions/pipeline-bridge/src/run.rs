@@ -291,8 +291,7 @@ async fn publish(state: &State, status: &RunStatus) -> Result<(), HandlerError> 
         &[("request_id", &status.request_id)],
     );
     let msg_id = format!("{}.{}", status.request_id, status.state.as_str());
-    state.nats.publish(subject, status, Some(&msg_id)).await?;
-    state.nats.flush().await
+    state.nats.publish(subject, status, Some(&msg_id)).await
 }
 
 /// Answers `ai.pipeline.status.request` from the API (publishing what it found), and frees

@@ -183,7 +183,6 @@ async fn recording(state: &State, event: &CloudEvent) -> Result<handler_kit::Rep
             .nats
             .publish(reply_subject, &response, Some(&msg_id))
             .await?;
-        state.nats.flush().await?;
     }
     event.reply(RESPONSE_TYPE, &state.config.base.source, &response)
 }

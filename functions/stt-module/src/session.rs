@@ -215,6 +215,8 @@ pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted
         spans.extend(session.segmenter.finish(vad));
     }
     let transcript_subject = subject(&state.config.transcript_subject, &[("session_id", key)]);
+    // Sent as they are transcribed; one wait for all of them before the state is written.
+    let mut transcripts = state.nats.outbox();
     for span in spans {
         // Every utterance gets a number, even one with no words (not published), so a retried
         // chunk numbers its utterances the same way whatever the backend answered.
@@ -247,12 +249,11 @@ pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted
         // fixes: a retry of this chunk republishes each utterance under the same id, so the
         // stream's dedupe drops copies and never a different utterance.
         let msg_id = format!("{key}.{}", span.start_ms);
-        state
-            .nats
+        transcripts
             .publish(transcript_subject.clone(), &message, Some(&msg_id))
             .await?;
     }
-    state.nats.flush().await?;
+    transcripts.kept().await?;
 
     // Keep only audio a future utterance can still need.
     let keep_from = session.segmenter.keep_from_ms(vad).max(session.offset_ms);

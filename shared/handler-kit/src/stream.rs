@@ -5,13 +5,16 @@
 //! on frame boundaries. `seq` counts messages from 0; `done` marks the last. Each message's
 //! `Nats-Msg-Id` is `{request_id}.{seq}`, so a redelivered event publishing the same stream
 //! again is deduplicated by a JetStream stream.
+//!
+//! Pieces go out as they are ready, through one [`Outbox`]: none waits for its PubAck, and
+//! [`AudioStream::publish_reply`] waits for all of them and the reply together.
 
 use serde::Serialize;
 
 use crate::HandlerError;
 use crate::audio::Wav;
 use crate::event::bytes_field;
-use crate::nats::Nats;
+use crate::nats::{Nats, Outbox};
 
 /// Room for the msgpack envelope (ids, keys, numbers, a sentence) around the audio bytes.
 pub const ENVELOPE_ROOM: usize = 4 * 1024;
@@ -40,6 +43,7 @@ pub trait AudioReply: Serialize {
 #[derive(Debug)]
 pub struct AudioStream<'a> {
     nats: &'a Nats,
+    outbox: Outbox<'a>,
     max_payload: usize,
     subject: String,
     request_id: String,
@@ -51,6 +55,7 @@ impl<'a> AudioStream<'a> {
     pub fn new(nats: &'a Nats, max_payload: usize, subject: String, request_id: &str) -> Self {
         Self {
             nats,
+            outbox: nats.outbox(),
             max_payload,
             subject,
             request_id: request_id.to_string(),
@@ -68,26 +73,27 @@ impl<'a> AudioStream<'a> {
         audio_bytes + ENVELOPE_ROOM <= self.max_payload
     }
 
-    /// Publishes `reply` to `subject` with `Nats-Msg-Id` `msg_id`, and flushes. When its audio
+    /// Publishes `reply` to `subject` with `Nats-Msg-Id` `msg_id`, then waits until it and
+    /// every piece of the stream are kept (stored by a stream, or flushed). When its audio
     /// does not fit in one message it goes without it, pointing to this stream's subject
     /// instead: the caller has put the audio there. `reply` is left as it was.
     pub async fn publish_reply<R: AudioReply>(
-        &self,
+        &mut self,
         subject: String,
         msg_id: &str,
         reply: &mut R,
     ) -> Result<(), HandlerError> {
         if self.fits(reply.audio_mut().len()) {
-            self.nats.publish(subject, &*reply, Some(msg_id)).await?;
+            self.outbox.publish(subject, &*reply, Some(msg_id)).await?;
         } else {
             let audio = std::mem::take(reply.audio_mut());
             *reply.audio_subject_mut() = Some(self.subject.clone());
-            let published = self.nats.publish(subject, &*reply, Some(msg_id)).await;
+            let published = self.outbox.publish(subject, &*reply, Some(msg_id)).await;
             *reply.audio_mut() = audio;
             *reply.audio_subject_mut() = None;
             published?;
         }
-        self.nats.flush().await
+        self.outbox.kept().await
     }
 
     /// Messages published so far.
@@ -110,7 +116,7 @@ impl<'a> AudioStream<'a> {
             done: true,
         };
         let msg_id = format!("{}.{}", self.request_id, self.seq);
-        self.nats
+        self.outbox
             .publish(self.subject.clone(), &chunk, Some(&msg_id))
             .await?;
         self.seq += 1;
@@ -140,7 +146,7 @@ impl<'a> AudioStream<'a> {
                 done: last && i + 1 == count,
             };
             let msg_id = format!("{}.{}", self.request_id, self.seq);
-            self.nats
+            self.outbox
                 .publish(self.subject.clone(), &chunk, Some(&msg_id))
                 .await?;
             self.seq += 1;

@@ -1,11 +1,10 @@
 //! `NATS_URL` as a comma-separated list of servers.
 
-use std::time::Duration;
-
-use futures::StreamExt as _;
 use handler_kit::HandlerError;
 use handler_kit::nats::Nats;
 use testkit::nats_server::{NatsServer, free_port};
+
+use crate::next_message;
 
 #[tokio::test]
 async fn a_list_whose_first_server_is_down_still_connects_and_publishes() {
@@ -24,10 +23,7 @@ async fn a_list_whose_first_server_is_down_still_connects_and_publishes() {
         .await
         .expect("published through the server that is up");
 
-    let msg = tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .expect("message in time")
-        .expect("subscription open");
+    let msg = next_message(&mut sub).await;
     let body: String = rmp_serde::from_slice(&msg.payload).expect("msgpack");
     assert_eq!(body, "hello");
 }
