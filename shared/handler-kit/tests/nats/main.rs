@@ -2,6 +2,7 @@
 //! publishing that keeps a message (stored with its PubAck, or flushed) across failures: a
 //! server restart, and a stream leader killed in a 3-node cluster.
 
+mod cluster;
 mod publish;
 mod servers;
 
