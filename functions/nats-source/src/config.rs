@@ -19,8 +19,9 @@ pub enum Ordering {
 pub struct Config {
     /// `PORT` (default 8080): health and metrics.
     pub port: u16,
-    /// `NATS_URL` (required): the NATS server.
-    pub nats_url: String,
+    /// `NATS_URL` (required): the NATS server, or a comma-separated list of a cluster's
+    /// servers (`nats://a:4222,nats://b:4222`); the client moves to another when one is down.
+    pub nats_servers: Vec<async_nats::ServerAddr>,
     /// `K_SINK` (required; a SinkBinding sets it): where events are POSTed.
     pub sink: String,
     /// `STREAM` (required): the JetStream stream to consume.
@@ -38,25 +39,39 @@ pub struct Config {
     pub max_in_flight: usize,
     /// `FETCH_BATCH` (default `MAX_IN_FLIGHT`, at most 256): messages per pull request.
     pub fetch_batch: usize,
-    /// `MAX_DELIVER` (default 5): attempts before a retryable failure is dead-lettered.
+    /// `MAX_DELIVER` (default 5): failed attempts before a message is dead-lettered. Only an
+    /// attempt the sink took and failed counts (500, 502, 504, 404, 408, 409, no answer
+    /// within `SINK_TIMEOUT_MS`); backpressure (503, 429, refused connections), shutdown
+    /// hand-backs and redeliveries after a crash do not. The count is kept in a JetStream
+    /// key-value bucket, so it survives restarts and moves with the message between replicas.
     pub max_deliver: i64,
+    /// `RETRY_TIMEOUT` (default `24h`; units ms, s, m, h, d): the absolute bound. A message
+    /// older than this (since the stream stored it) that would be tried again is
+    /// dead-lettered instead, whatever stopped it, backpressure included. A day rides out a
+    /// long outage; the dead letters can be redriven.
+    pub retry_timeout: Duration,
     /// `ACK_WAIT_MS` (default 30000): ack wait of a created consumer; a bound consumer's own is
     /// used. In-progress acks go out every third of it while the sink works.
     pub ack_wait: Duration,
     /// `SINK_TIMEOUT_MS` (default 300000, Knative's request timeout): one POST's deadline.
     pub sink_timeout: Duration,
-    /// `BACKOFF_BASE_MS` (default 1000): first retry delay; doubles per delivery.
+    /// `BACKOFF_BASE_MS` (default 1000): first retry delay; doubles per failed attempt. Also
+    /// how long the sink's gate first stays shut on backpressure without `Retry-After`
+    /// (doubling while it stays unavailable).
     pub backoff_base: Duration,
-    /// `BACKOFF_MAX_MS` (default 60000): longest retry delay (also caps `Retry-After`).
+    /// `BACKOFF_MAX_MS` (default 60000): longest retry delay and longest the gate stays
+    /// shut (also caps `Retry-After`).
     pub backoff_max: Duration,
     /// `DLQ_SUBJECT` (default `dlq.{stream}.{subject}`): where dead letters go.
     pub dlq_subject: String,
     /// `REPLY_SUBJECT` (default unset): where a 200's CloudEvent is published when the message
     /// names no `reply-subject`; `{subject}` and `{stream}` are filled in.
     pub reply_subject: Option<String>,
-    /// `REPLY_TIMEOUT_MS` (default 10000): how long publishing a reply may take (JetStream's
-    /// PubAck when a stream stores the reply subject, else the flush); past it the message is
-    /// retried rather than acked.
+    /// `REPLY_TIMEOUT_MS` (default 15000, above nats-server's 4-9 s election timeout): how
+    /// long publishing a reply or a dead letter may take, retries included (JetStream's PubAck when a stream stores the subject, else the
+    /// flush). Within it, a stream lookup or publish that fails during a leader election is
+    /// tried again with the same `Nats-Msg-Id`; past it the message is handed back (the reply
+    /// path is down: not the message's fault, so not a failed attempt) rather than acked.
     pub reply_timeout: Duration,
     /// `TYPE_MAP` (default: the subject is the type): `pattern=type` pairs separated by `;`,
     /// patterns with NATS wildcards, first match wins, e.g. `ai.stt.stream.*=ai.stt.chunk`.
@@ -114,7 +129,7 @@ impl Config {
         }
         Self {
             port: r.parse("PORT", 8080),
-            nats_url: r.required("NATS_URL", "the NATS server"),
+            nats_servers: nats_servers(r),
             sink: r.http_url("K_SINK", "where events are delivered"),
             consumer: r.required("CONSUMER", "the durable consumer's name"),
             subjects,
@@ -122,13 +137,14 @@ impl Config {
             max_in_flight,
             fetch_batch: r.positive("FETCH_BATCH", max_in_flight.min(256)),
             max_deliver,
+            retry_timeout: r.duration("RETRY_TIMEOUT", Duration::from_secs(24 * 3600)),
             ack_wait: r.millis("ACK_WAIT_MS", 30_000),
             sink_timeout: r.millis("SINK_TIMEOUT_MS", 300_000),
             backoff_base: r.millis("BACKOFF_BASE_MS", 1000),
             backoff_max: r.millis("BACKOFF_MAX_MS", 60_000),
             dlq_subject: r.string("DLQ_SUBJECT", "dlq.{stream}.{subject}"),
             reply_subject: r.optional("REPLY_SUBJECT"),
-            reply_timeout: r.millis("REPLY_TIMEOUT_MS", 10_000),
+            reply_timeout: r.millis("REPLY_TIMEOUT_MS", 15_000),
             type_map,
             source: r.string("CE_SOURCE", &format!("/nats/{stream}")),
             default_content_type: r.string("DEFAULT_CONTENT_TYPE", "application/msgpack"),
@@ -158,6 +174,17 @@ impl Config {
             .find(|(pattern, _)| subject_matches(pattern, subject))
             .map_or_else(|| subject.to_string(), |(_, ty)| ty.clone())
     }
+}
+
+fn nats_servers(r: &mut ConfigReader) -> Vec<async_nats::ServerAddr> {
+    let url = r.required("NATS_URL", "the NATS server");
+    if url.is_empty() {
+        return Vec::new();
+    }
+    handler_kit::nats::servers(&url).unwrap_or_else(|e| {
+        r.problem(format!("NATS_URL: {e}"));
+        Vec::new()
+    })
 }
 
 fn parse_type_map(r: &mut ConfigReader) -> Vec<(String, String)> {
@@ -250,6 +277,28 @@ mod tests {
         assert!(!c.is_ordered("ai.stt.request"));
         let unordered = handler_kit::config::load(&base.to_vec(), Config::read).expect("valid");
         assert!(!unordered.is_ordered("ai.stt.stream.s1"));
+    }
+
+    #[test]
+    fn a_bad_server_list_is_a_problem_that_hides_credentials() {
+        let env = [
+            ("NATS_URL", "nats://a:4222,nats://user:s3cret@b:notaport"),
+            ("K_SINK", "http://s"),
+            ("STREAM", "S"),
+            ("CONSUMER", "c"),
+        ];
+        let err = handler_kit::config::load(&env, Config::read).expect_err("invalid");
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(err.0[0].starts_with("NATS_URL"), "{err}");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        let env = [
+            ("NATS_URL", "nats://a:4222, nats://b:4223"),
+            ("K_SINK", "http://s"),
+            ("STREAM", "S"),
+            ("CONSUMER", "c"),
+        ];
+        let c = handler_kit::config::load(&env, Config::read).expect("valid");
+        assert_eq!(c.nats_servers.len(), 2);
     }
 
     #[test]

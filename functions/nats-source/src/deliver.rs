@@ -1,19 +1,34 @@
 //! One message's life: POST it, keep it alive while the sink works, then ack, term or retry.
 //!
 //! Every message ends in exactly one of: acked after a 2xx (the reply published first when
-//! there is one), dead-lettered then terminated (4xx, or retries exhausted), or nak'ed for
-//! redelivery (retryable failure, or shutdown). The DLQ publish is acknowledged by JetStream
-//! before the message is terminated, so a dead letter is never lost between the two.
+//! there is one), dead-lettered then terminated, or handed back to JetStream for later. The DLQ
+//! publish is acknowledged by JetStream before the message is terminated, so a dead letter is
+//! never lost between the two.
 //!
-//! A message of an ordered subject is never nak'ed except at shutdown: a retryable failure (of
-//! the sink, the reply publish or the DLQ publish) is retried in place, kept alive, so the next
-//! message of its subject cannot overtake it.
+//! | the sink | the source | counts against `MAX_DELIVER` |
+//! |---|---|---|
+//! | 2xx | ack (200: publish the reply first) | - |
+//! | 400, 401, 403, 413, 415, 422, other 4xx | dead-letter at once | - |
+//! | 500, 502, 504, 404, 408, 409; no answer within `SINK_TIMEOUT_MS`; a body cut off | nak with exponential backoff (or `Retry-After`) | yes |
+//! | 503, 429; connection refused or reset; no answer before the headers | shut the gate to the sink ([`crate::gate`]), nak with its delay | no |
+//! | reply not stored within `REPLY_TIMEOUT_MS` | shut the gate, nak | no |
+//! | id, reply subject or headers that cannot be carried | dead-letter at once | - |
+//! | older than `RETRY_TIMEOUT` when it would be retried | dead-letter | - |
+//! | shutdown | nak, no delay | no |
+//!
+//! Failed attempts are counted in the ledger ([`crate::budget`]), so the count survives a
+//! restart and moves with the message to another replica.
+//!
+//! A message of an ordered subject is never nak'ed except at shutdown: a retry (of the sink,
+//! the reply publish or the DLQ publish) waits in place, kept alive, so the next message of
+//! its subject cannot overtake it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 use handler_kit::delivery::{Disposition, disposition, parse_retry_after};
+use handler_kit::nats::PublishError;
 use opentelemetry::KeyValue;
 use tokio_util::sync::CancellationToken;
 
@@ -30,8 +45,11 @@ enum Attempt {
         headers: reqwest::header::HeaderMap,
         body: bytes::Bytes,
     },
-    /// No answer: connection refused, reset, timeout.
-    Failed(String),
+    /// The request never reached a sink that took it: refused, reset or closed before the
+    /// headers of an answer (a restarting or overloaded function).
+    Unreached(String),
+    /// Sent, but no whole answer: `SINK_TIMEOUT_MS` passed, or the body broke off.
+    Lost(String),
 }
 
 /// How a message left the source.
@@ -43,24 +61,34 @@ pub(crate) enum Settled {
     HandedBack,
 }
 
-/// What to do after one attempt.
-enum Next {
-    Settled(Settled),
-    /// A retryable failure (sink, or publishing the reply).
-    Retry {
-        after: Option<Duration>,
-        detail: String,
-    },
+/// Why a message is tried again.
+struct Retry {
+    delay: Duration,
+    detail: String,
+    /// `retried` (a failed attempt) or `held_off` (backpressure).
+    outcome: &'static str,
 }
 
-/// Delivers `msg` until it is settled (or shutdown cancels it, which naks it). `discount` is
-/// how many of JetStream's deliveries were not attempts (hand-backs for lack of room in an
-/// ordered subject), so they do not count against `MAX_DELIVER`.
+/// One message being delivered: what every step needs.
+struct Delivery<'a> {
+    shared: &'a Shared,
+    msg: &'a jetstream::Message,
+    position: Position,
+    /// The event id, for logs and the reply's dedup id.
+    id: String,
+    ordered: bool,
+    cancel: &'a CancellationToken,
+    /// Failed attempts so far, this delivery's included.
+    failures: u32,
+    /// JetStream's delivery count (attempts, hand-backs and redeliveries after a crash).
+    delivered: i64,
+}
+
+/// Delivers `msg` until it is settled (or shutdown cancels it, which naks it).
 pub(crate) async fn deliver(
     shared: Arc<Shared>,
     msg: jetstream::Message,
     cancel: CancellationToken,
-    discount: i64,
 ) -> Settled {
     let config = &shared.config;
     let Ok(info) = msg.info() else {
@@ -68,108 +96,243 @@ pub(crate) async fn deliver(
         let _ = msg.ack_with(AckKind::Term).await;
         return Settled::Done;
     };
-    let position = Position {
-        stream: info.stream.to_string(),
-        sequence: info.stream_sequence,
-        published: info.published,
+    let delivered = info.delivered;
+    let mut d = Delivery {
+        shared: &shared,
+        msg: &msg,
+        position: Position {
+            stream: info.stream.to_string(),
+            sequence: info.stream_sequence,
+            published: info.published,
+        },
+        id: format!("{}:{}", info.stream, info.stream_sequence),
+        ordered: config.is_ordered(msg.subject.as_str()),
+        cancel: &cancel,
+        failures: 0,
+        delivered,
     };
-    let ordered = config.is_ordered(msg.subject.as_str());
-    let mut deliveries = (info.delivered - discount).max(1);
-    let outbound = event::to_http(config, &msg, &position);
+    if !d.ordered
+        && let Some(left) = shared.gate.shut_for()
+    {
+        // Pulled before the gate shut: not an attempt, back it goes.
+        return d.hand_back_after(gate_delay(left), "held_off").await;
+    }
+    let checked = event::to_http(config, &msg, &d.position)
+        .and_then(|o| event::reply_subject(config, &msg).map(|reply| (o, reply)));
+    let (outbound, reply_to) = match checked {
+        Ok(checked) => checked,
+        Err(poison) => return d.dead_letter_or_hold(&poison.to_string(), None).await,
+    };
+    d.id.clone_from(&outbound.id);
+    d.failures = shared.ledger.failures(d.position.sequence, delivered).await;
     let m = &shared.metrics;
     loop {
+        if d.ordered
+            && let Some(left) = shared.gate.shut_for()
+            && d.wait_in_place(left).await.is_err()
+        {
+            return d.hand_back().await;
+        }
         let started = Instant::now();
         let attempt = tokio::select! {
             a = keep_alive(&msg, shared.ack_wait, post(&shared, &outbound)) => a,
-            () = cancel.cancelled() => return hand_back(&shared, &msg).await,
+            () = cancel.cancelled() => return d.hand_back().await,
         };
         m.sink_duration.record(started.elapsed().as_secs_f64(), &[]);
-        let (action, detail) = match &attempt {
-            Attempt::Answered {
-                status,
-                retry_after,
-                ..
-            } => (disposition(*status, *retry_after), format!("HTTP {status}")),
-            Attempt::Failed(e) => (Disposition::Retry { after: None }, e.clone()),
-        };
-        let next = match action {
-            Disposition::Ack { reply } => {
-                let published = match (reply, &attempt) {
-                    (true, Attempt::Answered { headers, body, .. }) => {
+        let retry = match judge(&attempt) {
+            (Disposition::Ack { reply }, _) => {
+                shared.gate.answered();
+                let published = match (reply, &attempt, &reply_to) {
+                    (true, Attempt::Answered { headers, body, .. }, Some(subject)) => {
                         let publish =
-                            publish_reply(&shared, &msg, &outbound.id, headers, body.clone());
+                            publish_reply(&shared, subject, &outbound.id, headers, body.clone());
                         tokio::select! {
                             p = keep_alive(&msg, shared.ack_wait, publish) => p,
                             // A reply stored meanwhile is deduplicated on redelivery.
-                            () = cancel.cancelled() => return hand_back(&shared, &msg).await,
+                            () = cancel.cancelled() => return d.hand_back().await,
                         }
                     }
                     _ => Ok(()),
                 };
+                // Never ack without the reply. The retry POSTs again; the reply's Nats-Msg-Id
+                // keeps a stream from storing it twice.
                 match published {
-                    Ok(()) => {
-                        let _ = msg.ack().await;
-                        m.settled.add(1, &[KeyValue::new("outcome", "delivered")]);
-                        record_latency(&shared, &position);
-                        Next::Settled(Settled::Done)
-                    }
-                    // Never ack without the reply: retried (POSTed again; the reply's
-                    // Nats-Msg-Id keeps a stream from storing it twice).
-                    Err(e) => Next::Retry {
-                        after: None,
+                    Ok(()) => return d.delivered().await,
+                    // The reply path is down, which is no fault of the message: hold the
+                    // source back as for backpressure.
+                    Err(ReplyFailure::Unavailable(e)) => Retry {
+                        delay: gate_delay(shared.gate.backpressure(None)),
                         detail: format!("reply not published: {e}"),
+                        outcome: "held_off",
                     },
+                    Err(ReplyFailure::Refused(e)) => {
+                        match d
+                            .failed(format!("reply refused: {e}"), None, &attempt)
+                            .await
+                        {
+                            Ok(retry) => retry,
+                            Err(settled) => return settled,
+                        }
+                    }
                 }
             }
-            Disposition::Reject => Next::Settled(
-                dead_letter_or_hold(
-                    &shared,
-                    &msg,
-                    &position,
-                    &outbound.id,
-                    deliveries,
-                    &detail,
-                    &attempt,
-                    ordered,
-                    &cancel,
-                )
-                .await,
-            ),
-            Disposition::Retry { after } => Next::Retry { after, detail },
+            (Disposition::Reject, detail) => {
+                shared.gate.answered();
+                return d.dead_letter_or_hold(&detail, Some(&attempt)).await;
+            }
+            (Disposition::Retry { after }, detail) => {
+                if matches!(attempt, Attempt::Answered { .. }) {
+                    shared.gate.answered();
+                }
+                match d.failed(detail, after, &attempt).await {
+                    Ok(retry) => retry,
+                    Err(settled) => return settled,
+                }
+            }
+            (Disposition::Backpressure { after }, detail) => Retry {
+                delay: gate_delay(shared.gate.backpressure(after)),
+                detail,
+                outcome: "held_off",
+            },
         };
-        let (after, detail) = match next {
-            Next::Settled(settled) => return settled,
-            Next::Retry { after, detail } => (after, detail),
-        };
-        if deliveries >= config.max_deliver {
-            let reason = format!("{detail}; gave up after {deliveries} deliveries");
-            return dead_letter_or_hold(
-                &shared,
-                &msg,
-                &position,
-                &outbound.id,
-                deliveries,
-                &reason,
-                &attempt,
-                ordered,
-                &cancel,
-            )
-            .await;
+        if d.age() >= config.retry_timeout {
+            let reason = format!(
+                "{}; older than RETRY_TIMEOUT ({:?})",
+                retry.detail, config.retry_timeout
+            );
+            return d.dead_letter_or_hold(&reason, Some(&attempt)).await;
         }
-        tracing::debug!(id = %outbound.id, deliveries, %detail, "retryable failure");
-        if !ordered {
-            retry_later(&shared, &msg, deliveries, after).await;
-            return Settled::HandedBack;
+        tracing::debug!(id = %d.id, failures = d.failures, detail = %retry.detail, "tried again later");
+        if !d.ordered {
+            return d.hand_back_after(retry.delay, retry.outcome).await;
         }
         // Per-subject order: wait here, holding the message (kept alive), so nothing
-        // overtakes it; the wait counts as a delivery.
-        m.settled.add(1, &[KeyValue::new("outcome", "retried")]);
-        let wait = backoff(&shared, deliveries, after);
-        tokio::select! {
-            _ = keep_alive(&msg, shared.ack_wait, tokio::time::sleep(wait)) => {}
-            () = cancel.cancelled() => return hand_back(&shared, &msg).await,
+        // overtakes it.
+        m.settled.add(1, &[KeyValue::new("outcome", retry.outcome)]);
+        if d.wait_in_place(retry.delay).await.is_err() {
+            return d.hand_back().await;
         }
-        deliveries += 1;
+    }
+}
+
+/// The source's reading of an attempt: what the contract says, and a line for the reason.
+fn judge(attempt: &Attempt) -> (Disposition, String) {
+    match attempt {
+        Attempt::Answered {
+            status,
+            retry_after,
+            ..
+        } => (disposition(*status, *retry_after), format!("HTTP {status}")),
+        Attempt::Unreached(e) => (Disposition::Backpressure { after: None }, e.clone()),
+        Attempt::Lost(e) => (Disposition::Retry { after: None }, e.clone()),
+    }
+}
+
+/// A hand-back delay for a shut gate: its remaining time and up to a quarter more, so the
+/// messages it held do not all come back in the same instant.
+fn gate_delay(shut: Duration) -> Duration {
+    shut + shut.mul_f64(fastrand::f64() * 0.25)
+}
+
+impl Delivery<'_> {
+    /// How long ago the stream stored the message.
+    fn age(&self) -> Duration {
+        chrono::Utc::now()
+            .signed_duration_since(self.position.published)
+            .to_std()
+            .unwrap_or_default()
+    }
+
+    /// Counts a failed attempt: the retry to make, or (`Err`) how the message was settled
+    /// because its budget ran out.
+    async fn failed(
+        &mut self,
+        detail: String,
+        after: Option<Duration>,
+        attempt: &Attempt,
+    ) -> Result<Retry, Settled> {
+        let config = &self.shared.config;
+        self.failures = self.failures.saturating_add(1);
+        if i64::from(self.failures) >= config.max_deliver {
+            let reason = format!("{detail}; gave up after {} failed attempts", self.failures);
+            return Err(self.dead_letter_or_hold(&reason, Some(attempt)).await);
+        }
+        self.shared
+            .ledger
+            .record(self.position.sequence, self.failures)
+            .await;
+        Ok(Retry {
+            delay: backoff(config, self.failures, after),
+            detail,
+            outcome: "retried",
+        })
+    }
+
+    /// Acks a delivered message and forgets its failed attempts.
+    async fn delivered(&self) -> Settled {
+        let _ = self.msg.ack().await;
+        self.shared
+            .ledger
+            .forget(self.position.sequence, self.failures)
+            .await;
+        self.shared
+            .metrics
+            .settled
+            .add(1, &[KeyValue::new("outcome", "delivered")]);
+        record_latency(self.shared, &self.position);
+        Settled::Done
+    }
+
+    /// Shutdown: hand the message back now rather than after ack-wait.
+    async fn hand_back(&self) -> Settled {
+        hand_back(self.shared, self.msg).await
+    }
+
+    /// Naks the message for redelivery after `delay`.
+    async fn hand_back_after(&self, delay: Duration, outcome: &'static str) -> Settled {
+        let _ = self.msg.ack_with(AckKind::Nak(Some(delay))).await;
+        self.shared
+            .metrics
+            .settled
+            .add(1, &[KeyValue::new("outcome", outcome)]);
+        Settled::HandedBack
+    }
+
+    /// Waits `delay` holding the message (kept alive); Err when shutdown cut it short.
+    async fn wait_in_place(&self, delay: Duration) -> Result<(), ()> {
+        tokio::select! {
+            () = keep_alive(self.msg, self.shared.ack_wait, tokio::time::sleep(delay)) => Ok(()),
+            () = self.cancel.cancelled() => Err(()),
+        }
+    }
+
+    /// Dead-letters the message. If the DLQ publish fails, an unordered message is nak'ed for
+    /// a later try; an ordered one is held (kept alive) and the publish retried in place, so
+    /// the next message of its subject cannot overtake it.
+    async fn dead_letter_or_hold(&self, reason: &str, attempt: Option<&Attempt>) -> Settled {
+        loop {
+            let Err(e) = dead_letter(self, reason, attempt).await else {
+                self.shared
+                    .ledger
+                    .forget(self.position.sequence, self.failures)
+                    .await;
+                return Settled::Done;
+            };
+            // No stream took it: keep the message rather than lose it.
+            tracing::error!(id = %self.id, error = %e, "dead-letter publish failed; message kept");
+            if !self.ordered {
+                return self
+                    .hand_back_after(self.shared.config.backoff_max, "held_off")
+                    .await;
+            }
+            if self
+                .wait_in_place(self.shared.config.backoff_max)
+                .await
+                .is_err()
+            {
+                return self.hand_back().await;
+            }
+        }
     }
 }
 
@@ -183,40 +346,35 @@ pub(crate) async fn hand_back(shared: &Shared, msg: &jetstream::Message) -> Sett
     Settled::HandedBack
 }
 
-/// Dead-letters the message. If the DLQ publish fails, an unordered message is nak'ed for a
-/// later try; an ordered one is held (kept alive) and the publish retried in place, so the
-/// next message of its subject cannot overtake it.
-#[allow(clippy::too_many_arguments)]
-async fn dead_letter_or_hold(
-    shared: &Shared,
-    msg: &jetstream::Message,
-    position: &Position,
-    id: &str,
-    deliveries: i64,
-    reason: &str,
-    attempt: &Attempt,
-    ordered: bool,
-    cancel: &CancellationToken,
-) -> Settled {
-    loop {
-        let Err(e) = dead_letter(shared, msg, position, id, deliveries, reason, attempt).await
-        else {
-            return Settled::Done;
-        };
-        // No stream took it: keep the message rather than lose it.
-        tracing::error!(id, error = %e, "dead-letter publish failed; message kept");
-        if !ordered {
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(shared.config.backoff_max)))
-                .await;
-            return Settled::HandedBack;
-        }
-        let wait = tokio::time::sleep(shared.config.backoff_max);
-        tokio::select! {
-            () = keep_alive(msg, shared.ack_wait, wait) => {}
-            () = cancel.cancelled() => return hand_back(shared, msg).await,
-        }
-    }
+/// A delivery that panicked: the message is poison for this source (the same input would
+/// panic again), so it is dead-lettered with the panic's message, never left unsettled.
+pub(crate) async fn after_panic(shared: &Shared, msg: &jetstream::Message, panic: &str) -> Settled {
+    shared
+        .metrics
+        .settled
+        .add(1, &[KeyValue::new("outcome", "panicked")]);
+    tracing::error!(subject = %msg.subject, panic, "delivery panicked");
+    let Ok(info) = msg.info() else {
+        let _ = msg.ack_with(AckKind::Term).await;
+        return Settled::Done;
+    };
+    let cancel = CancellationToken::new();
+    let d = Delivery {
+        shared,
+        msg,
+        position: Position {
+            stream: info.stream.to_string(),
+            sequence: info.stream_sequence,
+            published: info.published,
+        },
+        id: format!("{}:{}", info.stream, info.stream_sequence),
+        ordered: false,
+        cancel: &cancel,
+        failures: 0,
+        delivered: info.delivered,
+    };
+    d.dead_letter_or_hold(&format!("delivery panicked: {panic}"), None)
+        .await
 }
 
 async fn post(shared: &Shared, outbound: &event::Outbound) -> Attempt {
@@ -239,15 +397,22 @@ async fn post(shared: &Shared, outbound: &event::Outbound) -> Attempt {
                     headers,
                     body,
                 },
-                Err(e) => Attempt::Failed(handler_kit::http::describe(&e)),
+                // Headers came, the body did not: the sink took the event and failed.
+                Err(e) => Attempt::Lost(handler_kit::http::describe(&e)),
             }
         }
-        Err(e) => Attempt::Failed(handler_kit::http::describe(&e)),
+        // SINK_TIMEOUT_MS passed after the request was sent (a connect timeout is a connect
+        // error first): the sink may have worked on it, so it counts.
+        Err(e) if e.is_timeout() && !e.is_connect() => {
+            Attempt::Lost(handler_kit::http::describe(&e))
+        }
+        // Refused, reset, closed before an answer: nobody took the event.
+        Err(e) => Attempt::Unreached(handler_kit::http::describe(&e)),
     }
 }
 
 /// Runs `work` while telling JetStream every third of ack-wait that the message is in progress.
-async fn keep_alive<T>(
+pub(crate) async fn keep_alive<T>(
     msg: &jetstream::Message,
     ack_wait: Duration,
     work: impl Future<Output = T>,
@@ -263,146 +428,84 @@ async fn keep_alive<T>(
     }
 }
 
-/// Exponential backoff with equal jitter, or the sink's `Retry-After` (capped) with a little.
-fn backoff(shared: &Shared, deliveries: i64, retry_after: Option<Duration>) -> Duration {
-    let config = &shared.config;
+/// `BACKOFF_BASE_MS` doubled `n - 1` times, at most `BACKOFF_MAX_MS`.
+pub(crate) fn exponential(config: &crate::Config, n: u32) -> Duration {
+    config
+        .backoff_base
+        .saturating_mul(1 << n.saturating_sub(1).min(30))
+        .min(config.backoff_max)
+}
+
+/// The delay before a message's next try after `failures` failed attempts: exponential from
+/// `BACKOFF_BASE_MS` with equal jitter up to `BACKOFF_MAX_MS`, or the sink's `Retry-After`
+/// (capped) with a little added. The one backoff of the source (ordered deferrals use it too).
+pub(crate) fn backoff(
+    config: &crate::Config,
+    failures: u32,
+    retry_after: Option<Duration>,
+) -> Duration {
     let base = match retry_after {
         Some(after) => after.min(config.backoff_max),
-        None => {
-            let exp = u32::try_from(deliveries.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
-            config
-                .backoff_base
-                .saturating_mul(1 << exp)
-                .min(config.backoff_max)
-        }
+        None => exponential(config, failures),
     };
     // Equal jitter for computed delays spreads a burst of failures; Retry-After is respected
     // as a floor with up to 10% added.
-    let jitter = if retry_after.is_some() {
-        base.mul_f64(fastrand::f64() * 0.1)
-    } else {
-        base.mul_f64(fastrand::f64() * 0.5)
-    };
     if retry_after.is_some() {
-        base + jitter
+        base + base.mul_f64(fastrand::f64() * 0.1)
     } else {
-        base / 2 + jitter
+        base / 2 + base.mul_f64(fastrand::f64() * 0.5)
     }
 }
 
-async fn retry_later(
-    shared: &Shared,
-    msg: &jetstream::Message,
-    deliveries: i64,
-    after: Option<Duration>,
-) {
-    let delay = backoff(shared, deliveries, after);
-    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
-    shared
-        .metrics
-        .settled
-        .add(1, &[KeyValue::new("outcome", "retried")]);
+/// Why a reply was not kept.
+enum ReplyFailure {
+    /// The reply path is down (no PubAck, no flush within `REPLY_TIMEOUT_MS`): no fault of
+    /// the message.
+    Unavailable(String),
+    /// The server refused it for good (a stream limit, say): the message's attempt failed.
+    Refused(String),
 }
 
+/// Publishes a 200's reply CloudEvent to `subject`: stored when a stream stores the subject
+/// (PubAck), else flushed, retried across leader elections within `REPLY_TIMEOUT_MS`.
 async fn publish_reply(
     shared: &Shared,
-    msg: &jetstream::Message,
+    subject: &str,
     id: &str,
     headers: &reqwest::header::HeaderMap,
     body: bytes::Bytes,
-) -> Result<(), String> {
-    let Some(subject) = event::reply_subject(&shared.config, msg) else {
-        return Ok(());
-    };
+) -> Result<(), ReplyFailure> {
     if body.is_empty() {
         return Ok(());
     }
     let (nats_headers, payload) = event::reply_message(headers, body, id);
-    let max = shared.client.server_info().max_payload;
-    if max > 0 && payload.len() + 4096 > max {
-        // The event was handled; retrying cannot make the reply smaller. Functions whose
-        // replies can be large (audio) publish them in pieces themselves.
-        tracing::warn!(id, %subject, bytes = payload.len(), max, "reply exceeds NATS max payload, not published");
-        shared
-            .metrics
-            .settled
-            .add(1, &[KeyValue::new("outcome", "reply_too_large")]);
-        return Ok(());
-    }
-    let timeout = shared.config.reply_timeout;
-    let publish = async {
-        if captured_by_stream(shared, &subject).await? {
-            // Stored only once JetStream says so; there, Nats-Msg-Id dedupes a retry's copy.
-            let ack = shared
-                .jetstream
-                .publish_with_headers(subject.clone(), nats_headers, payload)
-                .await
-                .map_err(|e| e.to_string())?;
-            ack.await.map(|_| ()).map_err(|e| {
-                // Maybe the stream is gone: look again next time.
-                forget_stream(shared, &subject);
-                format!("not stored: {e}")
-            })
-        } else {
+    let published = shared
+        .publisher
+        .publish(subject, nats_headers, payload, shared.config.reply_timeout)
+        .await;
+    match published {
+        Ok(_) => Ok(()),
+        Err(PublishError::TooLarge { size, max, .. }) => {
+            // The event was handled; retrying cannot make the reply smaller. Functions whose
+            // replies can be large (audio) publish them in pieces themselves.
+            tracing::warn!(id, %subject, bytes = size, max, "reply exceeds NATS max payload, not published");
             shared
-                .client
-                .publish_with_headers(subject.clone(), nats_headers, payload)
-                .await
-                .map_err(|e| e.to_string())?;
-            shared.client.flush().await.map_err(|e| e.to_string())
+                .metrics
+                .settled
+                .add(1, &[KeyValue::new("outcome", "reply_too_large")]);
+            Ok(())
         }
-    };
-    tokio::time::timeout(timeout, publish)
-        .await
-        .map_err(|_| format!("no confirmation within {timeout:?}"))?
-}
-
-/// How long whether a subject is captured by a stream is remembered.
-const STREAM_LOOKUP_TTL: Duration = Duration::from_secs(10);
-
-/// Whether a JetStream stream stores `subject` (asked of the server, remembered for a while).
-async fn captured_by_stream(shared: &Shared, subject: &str) -> Result<bool, String> {
-    if let Some((at, captured)) = shared
-        .reply_streams
-        .lock()
-        .expect("reply streams lock")
-        .get(subject)
-        && at.elapsed() < STREAM_LOOKUP_TTL
-    {
-        return Ok(*captured);
+        Err(e @ PublishError::Refused { .. }) => Err(ReplyFailure::Refused(e.to_string())),
+        Err(e) => Err(ReplyFailure::Unavailable(e.to_string())),
     }
-    use async_nats::jetstream::context::GetStreamByNameErrorKind as K;
-    let captured = match shared.jetstream.stream_by_subject(subject).await {
-        Ok(_) => true,
-        Err(e) if e.kind() == K::NotFound => false,
-        Err(e) => return Err(format!("stream lookup: {e}")),
-    };
-    let mut cache = shared.reply_streams.lock().expect("reply streams lock");
-    if cache.len() >= 4096 {
-        // Per-request reply subjects: keep the map bounded.
-        cache.clear();
-    }
-    cache.insert(subject.to_string(), (Instant::now(), captured));
-    Ok(captured)
-}
-
-fn forget_stream(shared: &Shared, subject: &str) {
-    shared
-        .reply_streams
-        .lock()
-        .expect("reply streams lock")
-        .remove(subject);
 }
 
 async fn dead_letter(
-    shared: &Shared,
-    msg: &jetstream::Message,
-    position: &Position,
-    id: &str,
-    deliveries: i64,
+    d: &Delivery<'_>,
     reason: &str,
-    attempt: &Attempt,
+    attempt: Option<&Attempt>,
 ) -> Result<(), String> {
+    let (shared, msg, position) = (d.shared, d.msg, &d.position);
     let config = &shared.config;
     let subject = config
         .dlq_subject
@@ -415,30 +518,41 @@ async fn dead_letter(
         "Nats-Msg-Id",
         format!("dlq:{}:{}", position.stream, position.sequence).as_str(),
     );
-    headers.insert("Dlq-Reason", reason);
-    headers.insert("Dlq-Deliveries", deliveries.to_string().as_str());
+    headers.insert("Dlq-Reason", header_text(reason, 512).as_str());
+    headers.insert("Dlq-Failed-Attempts", d.failures.to_string().as_str());
+    headers.insert("Dlq-Deliveries", d.delivered.to_string().as_str());
     headers.insert("Dlq-Original-Subject", msg.subject.as_str());
-    if let Attempt::Answered { body, .. } = attempt {
+    headers.insert("Dlq-Original-Stream", position.stream.as_str());
+    headers.insert(
+        "Dlq-Original-Sequence",
+        position.sequence.to_string().as_str(),
+    );
+    if let Some(Attempt::Answered { body, .. }) = attempt {
         // The function's JSON error says why; keep a bounded copy.
-        let detail: String = String::from_utf8_lossy(body).chars().take(512).collect();
-        headers.insert("Dlq-Response", detail.replace(['\r', '\n'], " ").as_str());
+        let detail = header_text(&String::from_utf8_lossy(body), 512);
+        headers.insert("Dlq-Response", detail.as_str());
     }
-    let published = match shared
-        .jetstream
-        .publish_with_headers(subject.clone(), headers, msg.payload.clone())
+    shared
+        .publisher
+        .publish_stored(&subject, headers, msg.payload.clone(), config.reply_timeout)
         .await
-    {
-        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    published?;
+        .map_err(|e| e.to_string())?;
     let _ = msg.ack_with(AckKind::Term).await;
     shared
         .metrics
         .settled
         .add(1, &[KeyValue::new("outcome", "dead_lettered")]);
-    tracing::warn!(id, %subject, reason, "dead-lettered");
+    tracing::warn!(id = %d.id, %subject, reason, "dead-lettered");
     Ok(())
+}
+
+/// Free text made fit for a NATS header value: control characters (CR and LF would be
+/// refused, the rest are unreadable) become spaces, and it is cut at `max` characters.
+fn header_text(text: &str, max: usize) -> String {
+    text.chars()
+        .take(max)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// The original headers for the dead letter, with JetStream's `Nats-*` control headers
@@ -495,5 +609,11 @@ mod tests {
         );
         assert_eq!(get("X-Original-nats-msg-id").as_deref(), Some("m-1"));
         assert_eq!(get("Content-Type").as_deref(), Some("application/msgpack"));
+    }
+
+    #[test]
+    fn reasons_become_valid_header_values() {
+        assert_eq!(header_text("a\r\nb\0c", 100), "a  b c");
+        assert_eq!(header_text(&"x".repeat(1000), 512).len(), 512);
     }
 }

@@ -41,8 +41,71 @@ fn nats_header<'a>(headers: Option<&'a NatsHeaders>, name: &str) -> Option<&'a s
         .map(|v| v.as_str())
 }
 
-/// Builds the HTTP CloudEvent for one message.
-pub fn to_http(config: &Config, msg: &async_nats::Message, position: &Position) -> Outbound {
+/// The longest event id the source carries, in bytes. An id becomes a header value (`ce-id`,
+/// the reply's `Nats-Msg-Id`), a subject token and a key in functions' stores; 256 is well
+/// above a UUID with a prefix, and keeps a hostile 10 KB id from travelling anywhere.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Why a message cannot be carried into a CloudEvent, a reply or a NATS header. Such a
+/// message can never succeed: it is dead-lettered at once, with this as the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Poison {
+    /// The event id has control characters (CR, LF, NUL, ...) or is too long.
+    #[error("event id {0} cannot be carried in a header")]
+    Id(String),
+    /// The reply subject named by the message is not a subject one can publish to.
+    #[error("reply subject {0} is not a valid NATS subject")]
+    ReplySubject(String),
+}
+
+/// A bounded, printable preview of a hostile value for a reason or a log line.
+fn preview(value: &str) -> String {
+    let shown: String = value
+        .chars()
+        .take(64)
+        .collect::<String>()
+        .escape_debug()
+        .to_string();
+    if value.len() > 64 {
+        format!("\"{shown}...\" ({} bytes)", value.len())
+    } else {
+        format!("\"{shown}\"")
+    }
+}
+
+/// Checks an event id: printable, at most [`MAX_ID_BYTES`].
+fn check_id(id: &str) -> Result<(), Poison> {
+    if id.len() > MAX_ID_BYTES || id.chars().any(char::is_control) {
+        return Err(Poison::Id(preview(id)));
+    }
+    Ok(())
+}
+
+/// Whether `subject` can be published to: tokens of printable characters without
+/// whitespace or wildcards, none empty, at most 1024 bytes in all.
+fn is_publishable(subject: &str) -> bool {
+    !subject.is_empty()
+        && subject.len() <= 1024
+        && subject.split('.').all(|token| {
+            !token.is_empty()
+                && token != "*"
+                && token != ">"
+                && !token.chars().any(|c| c.is_whitespace() || c.is_control())
+        })
+}
+
+/// Builds the HTTP CloudEvent for one message, or says why it cannot be built.
+pub fn to_http(
+    config: &Config,
+    msg: &async_nats::Message,
+    position: &Position,
+) -> Result<Outbound, Poison> {
+    let outbound = build(config, msg, position);
+    check_id(&outbound.id)?;
+    Ok(outbound)
+}
+
+fn build(config: &Config, msg: &async_nats::Message, position: &Position) -> Outbound {
     let headers = msg.headers.as_ref();
     let content_type = nats_header(headers, "content-type");
     let mut out = HeaderMap::new();
@@ -155,10 +218,10 @@ fn structured_id(content_type: Option<&str>, payload: &[u8]) -> Option<String> {
 }
 
 /// Where a 200's reply goes: the message's `reply-subject` header, its `replysubject`
-/// extension, else the configured template.
-pub fn reply_subject(config: &Config, msg: &async_nats::Message) -> Option<String> {
+/// extension, else the configured template. A subject one cannot publish to is poison.
+pub fn reply_subject(config: &Config, msg: &async_nats::Message) -> Result<Option<String>, Poison> {
     let headers = msg.headers.as_ref();
-    nats_header(headers, "reply-subject")
+    let subject = nats_header(headers, "reply-subject")
         .or_else(|| nats_header(headers, "ce-replysubject"))
         .map(str::to_string)
         .or_else(|| {
@@ -166,7 +229,11 @@ pub fn reply_subject(config: &Config, msg: &async_nats::Message) -> Option<Strin
                 t.replace("{subject}", msg.subject.as_str())
                     .replace("{stream}", &config.stream)
             })
-        })
+        });
+    match subject {
+        Some(s) if !is_publishable(&s) => Err(Poison::ReplySubject(preview(&s))),
+        other => Ok(other),
+    }
 }
 
 /// The reply CloudEvent as a NATS message (binary mode per the NATS protocol binding).
@@ -188,6 +255,8 @@ pub fn reply_message(
         }
     }
     // Same reply id on a redelivery -> the same Nats-Msg-Id -> JetStream drops the copy.
+    // (HTTP header values never hold CR or LF, and the fallback id was checked, so this
+    // value is always a valid NATS header value.)
     headers.insert(
         "Nats-Msg-Id",
         id.unwrap_or_else(|| format!("{fallback_id}.reply"))
@@ -253,7 +322,7 @@ mod tests {
             ],
             b"\x81",
         );
-        let o = to_http(&config(), &msg, &position());
+        let o = to_http(&config(), &msg, &position()).expect("deliverable");
         assert_eq!(o.id, "AI:42");
         assert_eq!(header(&o, "ce-id"), "AI:42");
         assert_eq!(header(&o, "ce-type"), "ai.tts.request");
@@ -276,7 +345,7 @@ mod tests {
             ],
             b"{}",
         );
-        let o = to_http(&config(), &msg, &position());
+        let o = to_http(&config(), &msg, &position()).expect("deliverable");
         assert_eq!(o.id, "req-7");
         assert_eq!(header(&o, "content-type"), "application/json");
     }
@@ -293,7 +362,7 @@ mod tests {
             ],
             b"{}",
         );
-        let o = to_http(&config(), &binary, &position());
+        let o = to_http(&config(), &binary, &position()).expect("deliverable");
         assert_eq!(o.id, "e1");
         assert_eq!(header(&o, "ce-type"), "t");
         assert!(o.headers.get("ce-cluster").is_none() && o.headers.get("ce-subject").is_none());
@@ -302,9 +371,49 @@ mod tests {
             &[],
             br#"{"specversion":"1.0","id":"e2","type":"t","source":"/s"}"#,
         );
-        let o = to_http(&config(), &structured, &position());
+        let o = to_http(&config(), &structured, &position()).expect("deliverable");
         assert_eq!(o.id, "e2");
         assert_eq!(header(&o, "content-type"), "application/cloudevents+json");
         assert_eq!(&o.body[..], structured.payload.as_ref());
+    }
+
+    #[test]
+    fn ids_that_cannot_be_carried_are_poison() {
+        let newline = message(
+            &[],
+            b"{\"specversion\":\"1.0\",\"id\":\"a\\nb\",\"type\":\"t\",\"source\":\"/s\"}",
+        );
+        let err = to_http(&config(), &newline, &position()).expect_err("poison");
+        assert_eq!(err, Poison::Id("\"a\\nb\"".into()));
+        let long = format!(
+            "{{\"specversion\":\"1.0\",\"id\":\"{}\"}}",
+            "x".repeat(10_000)
+        );
+        let mut big = message(&[], b"");
+        big.payload = Bytes::from(long);
+        let err = to_http(&config(), &big, &position()).expect_err("poison");
+        assert!(err.to_string().contains("(10000 bytes)"), "{err}");
+        let nul = message(&[("Nats-Msg-Id", "a\0b")], b"\x80");
+        assert!(to_http(&config(), &nul, &position()).is_err());
+        let fine = format!(
+            "{{\"specversion\":\"1.0\",\"id\":\"{}\"}}",
+            "x".repeat(MAX_ID_BYTES)
+        );
+        big.payload = Bytes::from(fine);
+        assert!(to_http(&config(), &big, &position()).is_ok());
+    }
+
+    #[test]
+    fn reply_subjects_must_be_publishable() {
+        for bad in ["a b", "a..b", "a.*", "a.>", "", "a.\tb"] {
+            let msg = message(&[("reply-subject", bad)], b"");
+            assert!(reply_subject(&config(), &msg).is_err(), "{bad:?}");
+        }
+        let msg = message(&[("reply-subject", "ai.tts.response.r1")], b"");
+        assert_eq!(
+            reply_subject(&config(), &msg),
+            Ok(Some("ai.tts.response.r1".into()))
+        );
+        assert_eq!(reply_subject(&config(), &message(&[], b"")), Ok(None));
     }
 }

@@ -3,26 +3,33 @@
 //! A durable pull consumer feeds messages, at most `MAX_IN_FLIGHT` at a time, to `K_SINK` as
 //! binary-mode CloudEvents. The sink's HTTP status decides each message's fate through the
 //! shared delivery contract ([`handler_kit::delivery`]): 2xx acks (publishing a 200's reply
-//! CloudEvent first), a permanent 4xx dead-letters and terminates, anything else naks with
-//! exponential backoff and jitter (honouring `Retry-After`) until `MAX_DELIVER`, then
-//! dead-letters. Delivery is at least once: a message is acked only after the sink answered
+//! CloudEvent first), a permanent 4xx dead-letters and terminates, a failed attempt (5xx
+//! other than 503, a timeout) naks with exponential backoff and jitter until `MAX_DELIVER`
+//! failed attempts, then dead-letters; backpressure (503, 429, refused connections) shuts a
+//! gate to the sink for everyone instead of using up retries. `RETRY_TIMEOUT` bounds a
+//! message's age; a delivery that panics dead-letters its message. Delivery is at least once: a message is acked only after the sink answered
 //! and its reply is stored (PubAck) or, on a subject no stream stores, flushed. A pull asks for
 //! no more messages than there are free slots, so every message fetched is being kept alive.
 //!
 //! # Layout
 //! - [`config`]: every environment variable.
-//! - [`event`]: NATS message <-> HTTP CloudEvent.
-//! - `deliver`: one message from POST to ack / term / nak.
+//! - [`event`]: NATS message <-> HTTP CloudEvent, and what cannot be carried (poison).
+//! - `deliver`: one message from POST to ack / term / nak: the source's delivery table.
+//! - `gate`: backpressure: the sink says it cannot take work, the whole source holds off.
+//! - `budget`: failed attempts per message, kept in JetStream so restarts do not reset them.
 //! - `order`: per-subject lines for `ORDERING=subject`, and how many slots one subject may hold.
+//! - [`redrive`]: `nats-source redrive`, dead letters back to the subject they came from.
 //! - [`run`]: bind (or create) the consumer, fetch, dispatch (with per-subject ordering when
 //!   asked), and drain on shutdown.
 
+mod budget;
 pub mod config;
 mod deliver;
 pub mod event;
+mod gate;
 mod order;
+pub mod redrive;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,7 +38,7 @@ use futures::StreamExt as _;
 use handler_kit::serve::Health;
 use handler_kit::telemetry;
 use opentelemetry::metrics::{Counter, Histogram, UpDownCounter};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -49,21 +56,24 @@ const GATHER_SLOTS: Duration = Duration::from_millis(1);
 /// What every delivery task shares.
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) client: async_nats::Client,
-    pub(crate) jetstream: jetstream::Context,
+    /// Replies and dead letters: stored (PubAck) or flushed, retried across leader elections.
+    pub(crate) publisher: handler_kit::nats::Publisher,
     pub(crate) http: reqwest::Client,
     /// `K_SINK`, parsed once (parsing it per message was measurable at 20k messages/s).
     pub(crate) sink: reqwest::Url,
     pub(crate) ack_wait: Duration,
     pub(crate) metrics: Metrics,
-    /// Per reply subject: when it was looked up and whether a stream stores it.
-    pub(crate) reply_streams: Mutex<HashMap<String, (std::time::Instant, bool)>>,
+    /// Backpressure from the sink, for every delivery at once.
+    pub(crate) gate: gate::Gate,
+    /// Failed attempts per message.
+    pub(crate) ledger: budget::Ledger,
 }
 
 /// The source's own instruments (alongside the shared ones at `/metrics`).
 pub(crate) struct Metrics {
-    /// Messages settled by `outcome`: delivered, retried, dead_lettered, shutdown, deferred,
-    /// reply_too_large.
+    /// Messages settled by `outcome`: delivered, retried (a failed attempt), held_off
+    /// (backpressure: the gate was shut), dead_lettered, shutdown, deferred, reply_too_large,
+    /// panicked.
     pub(crate) settled: Counter<u64>,
     /// Messages being delivered.
     pub(crate) in_flight: UpDownCounter<i64>,
@@ -120,7 +130,7 @@ pub async fn run(
     let http = handler_kit::http::client(Duration::from_secs(5))?;
     let sink = reqwest::Url::parse(&config.sink)
         .map_err(|e| handler_kit::HandlerError::Internal(format!("K_SINK: {e}")))?;
-    let client = connect(&config.nats_url).await;
+    let client = connect(&config.nats_servers).await;
     let jetstream = jetstream::new(client.clone());
     let permits = Arc::new(Semaphore::new(config.max_in_flight));
     let tracker = TaskTracker::new();
@@ -145,43 +155,60 @@ pub async fn run(
                 }
             }
         };
-        let s = shared
-            .get_or_insert_with(|| {
-                Arc::new(Shared {
+        let s = match &shared {
+            Some(s) => s.clone(),
+            None => {
+                let bucket = budget::bucket_name(&config.stream, &config.consumer);
+                let ledger =
+                    budget::Ledger::open(&jetstream, &bucket, &config.stream, config.retry_timeout)
+                        .await;
+                let s = Arc::new(Shared {
                     config: config.clone(),
-                    client: client.clone(),
-                    jetstream: jetstream.clone(),
+                    publisher: handler_kit::nats::Publisher::new(client.clone()),
                     http: http.clone(),
                     sink: sink.clone(),
                     ack_wait,
                     metrics: Metrics::new(),
-                    reply_streams: Mutex::default(),
-                })
-            })
-            .clone();
+                    gate: gate::Gate::new(config.backoff_base, config.backoff_max),
+                    ledger,
+                });
+                shared = Some(s.clone());
+                s
+            }
+        };
         health.set_ready(true);
         tracing::info!(stream = %config.stream, consumer = %config.consumer, "consumer bound, delivering to {}", config.sink);
         loop {
-            // Slots first, then a pull for exactly that many messages: every message that
+            // The sink's gate first: shut, nothing is pulled; probing, one message at a time.
+            let admit = tokio::select! {
+                a = s.gate.admit() => a,
+                () = shutdown.cancelled() => break 'bind,
+            };
+            // Slots next, then a pull for exactly that many messages: every message that
             // arrives has a delivery task (and its in-progress acks) waiting for it, so nothing
             // sits in a client buffer while its ack wait runs out.
             let mut slots = tokio::select! {
                 p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
                 () = shutdown.cancelled() => break 'bind,
             };
+            let probe = admit == gate::Admit::Probe;
             // Under load slots free one by one: wait a moment for a few more rather than pull
             // one message at a time (a pull costs a round trip and a subscription).
             let low_water = (config.fetch_batch / 4).max(1);
-            if permits.available_permits() + 1 < low_water {
+            if !probe && permits.available_permits() + 1 < low_water {
                 let wanted = u32::try_from(low_water - 1).unwrap_or(u32::MAX);
                 let gather = permits.clone().acquire_many_owned(wanted);
                 if let Ok(Ok(extra)) = tokio::time::timeout(GATHER_SLOTS, gather).await {
                     slots.merge(extra);
                 }
             }
-            let more = permits
-                .available_permits()
-                .min(config.fetch_batch.saturating_sub(slots.num_permits()));
+            let more = if probe {
+                0
+            } else {
+                permits
+                    .available_permits()
+                    .min(config.fetch_batch.saturating_sub(slots.num_permits()))
+            };
             if more > 0
                 && let Ok(extra) = permits
                     .clone()
@@ -216,14 +243,22 @@ pub async fn run(
                 };
                 match next {
                     Some(Ok(msg)) => match slots.split(1) {
-                        Some(permit) => dispatch(&s, &lines, &tracker, &abandon, msg, permit),
+                        Some(permit) => {
+                            dispatch(&s, &lines, &tracker, &abandon, msg, permit, probe);
+                        }
                         // More than the pull asked for: never hold a message without a slot.
                         None => {
                             let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
                         }
                     },
-                    // Fulfilled or expired: ask again with the slots free by now.
-                    None => break,
+                    // Fulfilled or expired: ask again with the slots free by now. A probe pull
+                    // that brought nothing lets the next one go.
+                    None => {
+                        if probe && slots.num_permits() > 0 {
+                            s.gate.probe_done();
+                        }
+                        break;
+                    }
                     Some(Err(e)) => {
                         // A status from the server (consumer deleted, leadership change, ...).
                         tracing::warn!(error = %e, "pull error, rebinding");
@@ -260,7 +295,7 @@ pub async fn run(
 
 /// Starts one message's delivery task. A message of an ordered subject first takes its turn
 /// in the subject's line (waiting for the message before it), or is deferred when the line is
-/// full.
+/// full. `probe`: the gate is probing and this message is the probe.
 fn dispatch(
     s: &Arc<Shared>,
     lines: &Arc<Mutex<order::Lines>>,
@@ -268,6 +303,7 @@ fn dispatch(
     abandon: &CancellationToken,
     msg: jetstream::Message,
     permit: OwnedSemaphorePermit,
+    probe: bool,
 ) {
     let sequence = msg.info().map(|i| i.stream_sequence);
     let turn = match sequence {
@@ -281,6 +317,9 @@ fn dispatch(
                 order::Admission::Admitted(turn) => Some(turn),
                 order::Admission::Deferred { times } => {
                     drop(permit);
+                    if probe {
+                        s.gate.probe_done();
+                    }
                     tracker.spawn(defer(s.clone(), msg, times));
                     return;
                 }
@@ -292,37 +331,61 @@ fn dispatch(
     s.metrics.in_flight.add(1, &[]);
     tracker.spawn(async move {
         let Some(mut turn) = turn else {
-            deliver::deliver(s.clone(), msg, cancel, 0).await;
-            s.metrics.in_flight.add(-1, &[]);
-            drop(permit);
+            guarded(&s, msg, cancel).await;
+            finish(&s, probe, permit);
             return;
         };
         // Earlier message of this subject still running: wait, keeping ours alive.
         let previous = match turn.previous.take() {
-            Some(previous) => deliver_wait(&s, &msg, previous).await,
+            Some(previous) => deliver::keep_alive(&msg, s.ack_wait, previous).await,
             None => Ok(Settled::Done),
         };
         let settled = match previous {
-            Ok(Settled::Done) => deliver::deliver(s.clone(), msg, cancel, turn.discount).await,
+            Ok(Settled::Done) => guarded(&s, msg, cancel).await,
             // The one before was handed back (shutdown): going now would overtake it.
             Ok(Settled::HandedBack) | Err(_) => deliver::hand_back(&s, &msg).await,
         };
         lines.lock().expect("lines lock").finish(&turn);
         let _ = turn.done.send(settled);
-        s.metrics.in_flight.add(-1, &[]);
-        drop(permit);
+        finish(&s, probe, permit);
     });
+}
+
+/// Delivers `msg`, catching a panic anywhere in the delivery: the message is then settled by
+/// the rules (dead-lettered with the panic's message), never left for ack-wait to expire over
+/// and over.
+async fn guarded(s: &Arc<Shared>, msg: jetstream::Message, cancel: CancellationToken) -> Settled {
+    use futures::FutureExt as _;
+    let kept = msg.clone();
+    match std::panic::AssertUnwindSafe(deliver::deliver(s.clone(), msg, cancel))
+        .catch_unwind()
+        .await
+    {
+        Ok(settled) => settled,
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|p| (*p).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            deliver::after_panic(s, &kept, &text).await
+        }
+    }
+}
+
+/// A delivery task's end: its slot is free, and a probe lets the next one go.
+fn finish(s: &Shared, probe: bool, permit: OwnedSemaphorePermit) {
+    s.metrics.in_flight.add(-1, &[]);
+    if probe {
+        s.gate.probe_done();
+    }
+    drop(permit);
 }
 
 /// Hands a message of a full line back to JetStream with a delay that grows with each
 /// deferral (no jitter: deferred messages of a subject should come back in order).
-async fn defer(s: Arc<Shared>, msg: jetstream::Message, times: i64) {
-    let exp = u32::try_from(times.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
-    let delay = s
-        .config
-        .backoff_base
-        .saturating_mul(1 << exp)
-        .min(s.config.backoff_max);
+async fn defer(s: Arc<Shared>, msg: jetstream::Message, times: u32) {
+    let delay = deliver::exponential(&s.config, times);
     let _ = msg.ack_with(jetstream::AckKind::Nak(Some(delay))).await;
     s.metrics
         .settled
@@ -342,35 +405,18 @@ async fn hand_back(mut batch: pull::Batch, s: Arc<Shared>) {
     }
 }
 
-/// Waits for the previous message of the same subject, with in-progress acks meanwhile.
-async fn deliver_wait(
-    shared: &Shared,
-    msg: &jetstream::Message,
-    previous: oneshot::Receiver<Settled>,
-) -> Result<Settled, oneshot::error::RecvError> {
-    let period = (shared.ack_wait / 3).max(Duration::from_millis(100));
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    tokio::pin!(previous);
-    loop {
-        tokio::select! {
-            r = &mut previous => return r,
-            _ = ticker.tick() => { let _ = msg.ack_with(jetstream::AckKind::Progress).await; }
-        }
-    }
-}
-
-async fn connect(url: &str) -> async_nats::Client {
+async fn connect(servers: &[async_nats::ServerAddr]) -> async_nats::Client {
     // Connects in the background: health answers at once, readiness waits for the consumer.
     loop {
         match async_nats::ConnectOptions::new()
             .name("nats-source")
             .retry_on_initial_connect()
-            .connect(url)
+            .connect(servers)
             .await
         {
             Ok(client) => return client,
             Err(e) => {
-                tracing::error!(error = %e, url, "bad NATS_URL");
+                tracing::error!(error = %e, "cannot connect to NATS");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }

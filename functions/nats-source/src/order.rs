@@ -7,7 +7,8 @@
 //! that finds its line full is deferred: handed back to JetStream with a delay. From then on
 //! every later message of that subject is deferred too until the earliest deferred one is back
 //! and admitted, so deferring never lets a message overtake another. How often a message was
-//! deferred is remembered and not counted against `MAX_DELIVER`.
+//! deferred is remembered (its delay grows); a deferral is not an attempt, and only attempts
+//! count against `MAX_DELIVER` (see `budget`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -39,7 +40,7 @@ struct Line {
 
 struct Deferral {
     at: Instant,
-    times: i64,
+    times: u32,
 }
 
 /// What to do with a message of an ordered subject.
@@ -47,7 +48,7 @@ pub(crate) enum Admission {
     /// Deliver it, once `previous` (the subject's message before it) has settled.
     Admitted(Turn),
     /// Hand it back to JetStream; `times` counts its deferrals, this one included.
-    Deferred { times: i64 },
+    Deferred { times: u32 },
 }
 
 /// An admitted message's place in its line.
@@ -58,8 +59,6 @@ pub(crate) struct Turn {
     pub(crate) previous: Option<oneshot::Receiver<Settled>>,
     /// Tells the next message of the subject how this one ended.
     pub(crate) done: oneshot::Sender<Settled>,
-    /// Deliveries JetStream counted that were deferrals, not attempts.
-    pub(crate) discount: i64,
 }
 
 impl Lines {
@@ -88,7 +87,7 @@ impl Lines {
             .next()
             .is_none_or(|&first| sequence <= first);
         if line.admitted < self.cap && in_turn {
-            let discount = line.deferred.remove(&sequence).map_or(0, |d| d.times);
+            line.deferred.remove(&sequence);
             let (done, rx) = oneshot::channel();
             let previous = line.last.replace((self.generation, rx)).map(|(_, rx)| rx);
             line.admitted += 1;
@@ -97,7 +96,6 @@ impl Lines {
                 generation: self.generation,
                 previous,
                 done,
-                discount,
             });
         }
         let deferral = line
@@ -105,7 +103,7 @@ impl Lines {
             .entry(sequence)
             .or_insert(Deferral { at: now, times: 0 });
         deferral.at = now;
-        deferral.times += 1;
+        deferral.times = deferral.times.saturating_add(1);
         Admission::Deferred {
             times: deferral.times,
         }
@@ -151,7 +149,7 @@ mod tests {
         }
     }
 
-    fn deferred(a: Admission) -> i64 {
+    fn deferred(a: Admission) -> u32 {
         match a {
             Admission::Admitted(_) => panic!("admitted"),
             Admission::Deferred { times } => times,
@@ -172,13 +170,11 @@ mod tests {
         let other = admitted(lines.admit("t", 9, now));
         lines.finish(&first);
         assert_eq!(deferred(lines.admit("s", 4, now)), 1);
-        // 3 comes back first and goes; its deferral is not an attempt.
+        // 3 comes back first and goes.
         let third = admitted(lines.admit("s", 3, now));
-        assert_eq!(third.discount, 1);
         assert_eq!(deferred(lines.admit("s", 4, now)), 2, "line full again");
         lines.finish(&second);
         let fourth = admitted(lines.admit("s", 4, now));
-        assert_eq!(fourth.discount, 2);
         lines.finish(&third);
         lines.finish(&fourth);
         lines.finish(&other);

@@ -129,6 +129,17 @@ impl<'a> ConfigReader<'a> {
         Duration::from_millis(self.parse(key, default_ms))
     }
 
+    /// A duration with a unit (`500ms`, `30s`, `10m`, `2h`, `1d`), see [`parse_duration`].
+    pub fn duration(&mut self, key: &str, default: Duration) -> Duration {
+        match self.optional(key) {
+            None => default,
+            Some(raw) => parse_duration(&raw).unwrap_or_else(|e| {
+                self.problems.push(format!("{key}={raw:?} is invalid: {e}"));
+                default
+            }),
+        }
+    }
+
     /// One of a fixed set of words.
     pub fn choice(&mut self, key: &str, default: &str, allowed: &[&str]) -> String {
         let value = self.string(key, default).to_ascii_lowercase();
@@ -165,6 +176,32 @@ impl<'a> ConfigReader<'a> {
         } else {
             Err(ConfigError(self.problems))
         }
+    }
+}
+
+/// Parses a duration written as a whole number and a unit: `ms`, `s`, `m`, `h` or `d`
+/// (`750ms`, `90s`, `30m`, `24h`, `7d`). A unit is required: a bare number is ambiguous.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{raw:?} has no unit (ms, s, m, h, d)"))?;
+    let (number, unit) = raw.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} does not start with a whole number"))?;
+    let seconds = |factor: u64| {
+        n.checked_mul(factor)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{raw:?} is too long"))
+    };
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => seconds(1),
+        "m" => seconds(60),
+        "h" => seconds(3600),
+        "d" => seconds(86_400),
+        other => Err(format!("unknown unit {other:?} (ms, s, m, h, d)")),
     }
 }
 
@@ -236,6 +273,23 @@ mod tests {
         assert_eq!(err.0.len(), 4, "{err}");
         assert!(err.0[0].starts_with("PORT=\"eighty\" is invalid"));
         assert!(err.0[3].contains("BACKEND_URL is required"));
+    }
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("750ms"), Ok(Duration::from_millis(750)));
+        assert_eq!(parse_duration(" 90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        for bad in ["", "10", "m", "1.5h", "3w", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        let env = [("RETRY_TIMEOUT", "2h"), ("BAD", "2")];
+        let set = load(&env, |r| r.duration("RETRY_TIMEOUT", Duration::ZERO)).expect("valid");
+        assert_eq!(set, Duration::from_secs(7200));
+        let err = load(&env, |r| r.duration("BAD", Duration::ZERO)).expect_err("no unit");
+        assert!(err.0[0].starts_with("BAD=\"2\" is invalid"), "{err}");
     }
 
     #[test]

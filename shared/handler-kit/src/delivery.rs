@@ -9,8 +9,14 @@
 //! |---|---|---|
 //! | 200 with a CloudEvent | done, here is the reply | ack, publish the reply |
 //! | 202 / 204 | done, nothing to reply | ack |
-//! | 400, 413, 415, 422, other 4xx | can never succeed | term, dead-letter |
-//! | 404, 408, 409, 429, 5xx | try again later | nak with backoff, honouring `Retry-After` |
+//! | 400, 401, 403, 413, 415, 422, other 4xx | can never succeed | term, dead-letter |
+//! | 500, 502, 504, 404, 408, 409 | took it and failed: try again later | nak with backoff; counts against the retry budget |
+//! | 503, 429 (also: refused, reset, no answer) | cannot take work now | close the gate to the sink for `Retry-After`; nak; not counted |
+//!
+//! The last two rows are why a backend outage delays messages instead of dead-lettering them:
+//! a function whose backend is down answers 503 (its breaker is open), and the source slows
+//! down for the whole sink rather than spending each message's retries in seconds. What bounds
+//! a message that only ever meets backpressure is its age (the source's `RETRY_TIMEOUT`).
 
 use std::time::Duration;
 
@@ -65,7 +71,10 @@ impl Class {
 
     /// Whether the source will try this event again.
     pub fn is_retryable(self) -> bool {
-        matches!(disposition(self.status(), None), Disposition::Retry { .. })
+        matches!(
+            disposition(self.status(), None),
+            Disposition::Retry { .. } | Disposition::Backpressure { .. }
+        )
     }
 }
 
@@ -102,9 +111,16 @@ pub enum Disposition {
     },
     /// Terminate and dead-letter: this message can never succeed.
     Reject,
-    /// Negative-acknowledge and deliver again later.
+    /// The function took the event and failed: deliver it again later. Counts against the
+    /// message's retry budget.
     Retry {
         /// The delay the function asked for, if any.
+        after: Option<Duration>,
+    },
+    /// The sink cannot take work now (503, 429): hold off the whole sink, then deliver again.
+    /// Not a failed attempt of this message, so it does not use up its retry budget.
+    Backpressure {
+        /// The delay the sink asked for, if any.
         after: Option<Duration>,
     },
 }
@@ -114,7 +130,8 @@ pub fn disposition(status: StatusCode, retry_after: Option<Duration>) -> Disposi
     match status.as_u16() {
         200 => Disposition::Ack { reply: true },
         201..=299 => Disposition::Ack { reply: false },
-        404 | 408 | 409 | 429 => Disposition::Retry { after: retry_after },
+        429 | 503 => Disposition::Backpressure { after: retry_after },
+        404 | 408 | 409 => Disposition::Retry { after: retry_after },
         400..=499 => Disposition::Reject,
         // 1xx/3xx are not valid final answers from a function: treat as transient.
         _ => Disposition::Retry { after: retry_after },
@@ -131,10 +148,20 @@ mod tests {
             let s = StatusCode::from_u16(code).expect("valid status");
             assert_eq!(disposition(s, None), Disposition::Reject, "{code}");
         }
-        for code in [404, 408, 409, 429, 500, 502, 503, 504] {
+        for code in [404, 408, 409, 500, 502, 504] {
             let s = StatusCode::from_u16(code).expect("valid status");
             assert!(
                 matches!(disposition(s, None), Disposition::Retry { .. }),
+                "{code}"
+            );
+        }
+        for code in [429, 503] {
+            let s = StatusCode::from_u16(code).expect("valid status");
+            assert_eq!(
+                disposition(s, Some(Duration::from_secs(5))),
+                Disposition::Backpressure {
+                    after: Some(Duration::from_secs(5))
+                },
                 "{code}"
             );
         }

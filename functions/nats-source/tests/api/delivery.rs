@@ -13,14 +13,14 @@ use crate::support::{Sink, Source, dead_letters, drained, hash, publish_numbered
 async fn ten_thousand_messages_with_failures_lose_nothing() {
     let nats = NatsServer::start().await.expect("nats");
     let client = nats.client().await.expect("client");
-    // 1% poison (always 400); every other answer is 503 one time in five, attempt by attempt.
+    // 1% poison (always 400); every other answer is a 500 one time in five, attempt by attempt.
     let sink = Sink::start(
         Arc::new(|id: &str, attempt| {
             let i: usize = id.trim_start_matches("m-").parse().unwrap_or(1);
             if i.is_multiple_of(100) {
                 400
             } else if hash(id, attempt).is_multiple_of(5) {
-                503
+                500
             } else {
                 200
             }
@@ -45,10 +45,10 @@ async fn ten_thousand_messages_with_failures_lose_nothing() {
         .filter(|r| r.status == 200)
         .map(|r| r.id.as_str())
         .collect();
-    let retried = log.iter().filter(|r| r.status == 503).count();
+    let retried = log.iter().filter(|r| r.status == 500).count();
     assert!(
         retried > 1000,
-        "only {retried} 503s: the failure path was not exercised"
+        "only {retried} 500s: the failure path was not exercised"
     );
     for i in (0..10_000).filter(|i| i % 100 != 0) {
         assert!(
@@ -104,7 +104,7 @@ async fn ten_thousand_messages_with_failures_lose_nothing() {
 async fn retries_run_out_into_the_dlq_with_the_reason() {
     let nats = NatsServer::start().await.expect("nats");
     let client = nats.client().await.expect("client");
-    let sink = Sink::start(Arc::new(|_: &str, _| 503), Duration::ZERO);
+    let sink = Sink::start(Arc::new(|_: &str, _| 500), Duration::ZERO);
     let source = Source::start(&nats.url(), &sink.url(), &[("MAX_DELIVER", "3")]);
     source.ready().await;
     publish_numbered(&client, 1, |_| "work.a".into()).await;
@@ -119,7 +119,7 @@ async fn retries_run_out_into_the_dlq_with_the_reason() {
         .map(|v| v.to_string())
         .unwrap_or_default();
     assert!(
-        reason.contains("503") && reason.contains("3 deliveries"),
+        reason.contains("500") && reason.contains("3 failed attempts"),
         "{reason}"
     );
     source.stop().await;
@@ -132,7 +132,7 @@ async fn ordering_by_subject_keeps_each_subject_in_stream_order() {
     let sink = Sink::start(
         Arc::new(|id: &str, attempt| {
             if hash(id, attempt).is_multiple_of(4) {
-                503
+                500
             } else {
                 200
             }
@@ -369,7 +369,13 @@ async fn a_reply_refused_by_its_stream_is_retried_until_stored() {
         .await
         .expect("stored");
     let sink = Sink::start(Arc::new(|_: &str, _| 200), Duration::ZERO);
-    let source = Source::start(&nats.url(), &sink.url(), &[("MAX_DELIVER", "1000")]);
+    // A full discard-new stream is retried within REPLY_TIMEOUT_MS (it may drain), then the
+    // message is handed back: keep that short here.
+    let source = Source::start(
+        &nats.url(),
+        &sink.url(),
+        &[("MAX_DELIVER", "1000"), ("REPLY_TIMEOUT_MS", "300")],
+    );
     source.ready().await;
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("testreply", "yes");
@@ -428,8 +434,8 @@ async fn a_stuck_ordered_subject_neither_starves_the_others_nor_loses_its_order(
     use std::sync::atomic::{AtomicBool, Ordering};
     let nats = NatsServer::start().await.expect("nats");
     let client = nats.client().await.expect("client");
-    // m-0..m-29 are work.stuck, answered 503 until released; the rest, on three other
-    // subjects, get a 503 one time in four.
+    // m-0..m-29 are work.stuck, answered 500 until released; the rest, on three other
+    // subjects, get a 500 one time in four.
     let released = Arc::new(AtomicBool::new(false));
     let release = released.clone();
     let sink = Sink::start(
@@ -440,7 +446,7 @@ async fn a_stuck_ordered_subject_neither_starves_the_others_nor_loses_its_order(
             } else {
                 hash(id, attempt).is_multiple_of(4)
             };
-            if failed { 503 } else { 200 }
+            if failed { 500 } else { 200 }
         }),
         Duration::from_millis(2),
     );
@@ -531,7 +537,11 @@ async fn an_ordered_message_whose_reply_is_refused_is_retried_before_the_next() 
     let source = Source::start(
         &nats.url(),
         &sink.url(),
-        &[("ORDERING", "subject"), ("MAX_DELIVER", "1000")],
+        &[
+            ("ORDERING", "subject"),
+            ("MAX_DELIVER", "1000"),
+            ("REPLY_TIMEOUT_MS", "300"),
+        ],
     );
     source.ready().await;
     // m-0 wants a reply the full stream refuses; m-1 on the same subject must wait for it.

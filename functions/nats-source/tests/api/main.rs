@@ -1,5 +1,6 @@
 //! nats-source against a real nats-server and a test sink: delivery, failures, ordering, replies.
 
+mod backpressure;
 mod dead_letters;
 mod delivery;
 mod end_to_end;

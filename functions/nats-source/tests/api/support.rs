@@ -21,6 +21,8 @@ pub struct Received {
     pub status: u16,
     pub headers: HeaderMap,
     pub body: bytes::Bytes,
+    /// When the request arrived, in seconds since the epoch.
+    pub received_at: f64,
 }
 
 /// Decides the sink's answer from (event id, attempt number for that id starting at 1).
@@ -36,6 +38,8 @@ struct SinkState {
     overlaps: Arc<AtomicUsize>,
     concurrent: Arc<AtomicUsize>,
     max_concurrent: Arc<AtomicUsize>,
+    /// Seconds sent as `Retry-After` with every 503 and 429 (0: none).
+    retry_after: Arc<AtomicUsize>,
 }
 
 /// A test sink on its own runtime thread: stopping it closes every connection, like a crash.
@@ -57,6 +61,7 @@ impl Sink {
             overlaps: Arc::default(),
             concurrent: Arc::default(),
             max_concurrent: Arc::default(),
+            retry_after: Arc::default(),
         };
         let port = testkit::nats_server::free_port().expect("port");
         let mut sink = Self {
@@ -132,6 +137,11 @@ impl Sink {
     pub fn max_concurrent(&self) -> usize {
         self.state.max_concurrent.load(Ordering::SeqCst)
     }
+
+    /// Sends `Retry-After: secs` with every 503 and 429 from now on (0: none).
+    pub fn set_retry_after(&self, secs: usize) {
+        self.state.retry_after.store(secs, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Sink {
@@ -141,6 +151,9 @@ impl Drop for Sink {
 }
 
 async fn handle(State(s): State<SinkState>, headers: HeaderMap, body: bytes::Bytes) -> Response {
+    let received_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
     let header = |n: &str| {
         headers
             .get(n)
@@ -185,6 +198,7 @@ async fn handle(State(s): State<SinkState>, headers: HeaderMap, body: bytes::Byt
         status,
         headers: headers.clone(),
         body,
+        received_at,
     });
     let status = StatusCode::from_u16(status).expect("status");
     if status == StatusCode::OK && headers.contains_key("ce-testreply") {
@@ -207,7 +221,15 @@ async fn handle(State(s): State<SinkState>, headers: HeaderMap, body: bytes::Byt
         }
         return response;
     }
-    (status, r#"{"error":"test","detail":"sink said so"}"#).into_response()
+    let mut response = (status, r#"{"error":"test","detail":"sink said so"}"#).into_response();
+    let retry_after = s.retry_after.load(Ordering::SeqCst);
+    if retry_after > 0 && matches!(status.as_u16(), 429 | 503) {
+        response.headers_mut().insert(
+            "retry-after",
+            retry_after.to_string().parse().expect("header"),
+        );
+    }
+    response
 }
 
 /// A running source; cancelled and drained on `stop`.
