@@ -67,6 +67,11 @@ pub struct Config {
     /// `REPLY_SUBJECT` (default unset): where a 200's CloudEvent is published when the message
     /// names no `reply-subject`; `{subject}` and `{stream}` are filled in.
     pub reply_subject: Option<String>,
+    /// `REPLY_SUBJECTS` (default unset: any subject but `$...`): comma-separated subject
+    /// patterns (NATS wildcards) a reply subject named by a message (`reply-subject` header,
+    /// `replysubject` extension) must match; a message naming another is dead-lettered. The
+    /// source's own request subjects are refused whatever this says.
+    pub reply_subjects: Vec<String>,
     /// `REPLY_TIMEOUT_MS` (default 15000, above nats-server's 4-9 s election timeout): how
     /// long publishing a reply or a dead letter may take, retries included (JetStream's PubAck when a stream stores the subject, else the
     /// flush). Within it, a stream lookup or publish that fails during a leader election is
@@ -103,15 +108,7 @@ impl Config {
     /// Reads every variable; problems are collected by `r`.
     pub fn read(r: &mut ConfigReader) -> Self {
         let stream = r.required("STREAM", "the JetStream stream to consume");
-        let subjects: Vec<String> = r
-            .optional("SUBJECTS")
-            .map(|s| {
-                s.split(',')
-                    .map(|p| p.trim().to_string())
-                    .filter(|p| !p.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let subjects = list(r.optional("SUBJECTS"));
         let create = r.parse("CREATE", false);
         if create && subjects.is_empty() {
             r.problem("SUBJECTS is required when CREATE=true");
@@ -144,6 +141,7 @@ impl Config {
             backoff_max: r.millis("BACKOFF_MAX_MS", 60_000),
             dlq_subject: r.string("DLQ_SUBJECT", "dlq.{stream}.{subject}"),
             reply_subject: r.optional("REPLY_SUBJECT"),
+            reply_subjects: list(r.optional("REPLY_SUBJECTS")),
             reply_timeout: r.millis("REPLY_TIMEOUT_MS", 15_000),
             type_map,
             source: r.string("CE_SOURCE", &format!("/nats/{stream}")),
@@ -174,6 +172,17 @@ impl Config {
             .find(|(pattern, _)| subject_matches(pattern, subject))
             .map_or_else(|| subject.to_string(), |(_, ty)| ty.clone())
     }
+}
+
+/// A comma-separated list, trimmed, empty entries dropped.
+fn list(raw: Option<String>) -> Vec<String> {
+    raw.map(|s| {
+        s.split(',')
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 fn nats_servers(r: &mut ConfigReader) -> Vec<async_nats::ServerAddr> {

@@ -43,7 +43,10 @@ enum Attempt {
         status: reqwest::StatusCode,
         retry_after: Option<Duration>,
         headers: reqwest::header::HeaderMap,
+        /// The body, at most NATS' `max_payload` + 1 bytes: more could never be published.
         body: bytes::Bytes,
+        /// The body went on past `body` (its reading was stopped there).
+        cut: bool,
     },
     /// The request never reached a sink that took it: refused, reset or closed before the
     /// headers of an answer (a restarting or overloaded function).
@@ -143,9 +146,21 @@ pub(crate) async fn deliver(
             (Disposition::Ack { reply }, _) => {
                 shared.gate.answered();
                 let published = match (reply, &attempt, &reply_to) {
-                    (true, Attempt::Answered { headers, body, .. }, Some(subject)) => {
-                        let publish =
-                            publish_reply(&shared, subject, &outbound.id, headers, body.clone());
+                    (
+                        true,
+                        Attempt::Answered {
+                            headers, body, cut, ..
+                        },
+                        Some(subject),
+                    ) => {
+                        let reply = Reply {
+                            subject,
+                            id: &outbound.id,
+                            headers,
+                            body: body.clone(),
+                            cut: *cut,
+                        };
+                        let publish = publish_reply(&shared, reply);
                         tokio::select! {
                             p = keep_alive(&msg, shared.ack_wait, publish) => p,
                             // A reply stored meanwhile is deduplicated on redelivery.
@@ -390,12 +405,21 @@ async fn post(shared: &Shared, outbound: &event::Outbound) -> Attempt {
             let retry_after =
                 parse_retry_after(response.headers().get(reqwest::header::RETRY_AFTER));
             let headers = response.headers().clone();
-            match response.bytes().await {
-                Ok(body) => Attempt::Answered {
+            // NATS' limit + 1: enough to know a reply cannot be published, never more.
+            let limit = shared
+                .publisher
+                .client()
+                .server_info()
+                .max_payload
+                .max(1024)
+                + 1;
+            match read_capped(response, limit).await {
+                Ok((body, cut)) => Attempt::Answered {
                     status,
                     retry_after,
                     headers,
                     body,
+                    cut,
                 },
                 // Headers came, the body did not: the sink took the event and failed.
                 Err(e) => Attempt::Lost(handler_kit::http::describe(&e)),
@@ -409,6 +433,26 @@ async fn post(shared: &Shared, outbound: &event::Outbound) -> Attempt {
         // Refused, reset, closed before an answer: nobody took the event.
         Err(e) => Attempt::Unreached(handler_kit::http::describe(&e)),
     }
+}
+
+/// Reads at most `limit` bytes of a body, chunk by chunk: a sink answering more is cut off
+/// there (the connection is dropped), not buffered whole. Returns the bytes and whether the
+/// body went on.
+async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<(bytes::Bytes, bool), reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Ok((bytes::Bytes::new(), true));
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok((body.freeze(), true));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body.freeze(), false))
 }
 
 /// Runs `work` while telling JetStream every third of ack-wait that the message is in progress.
@@ -466,35 +510,46 @@ enum ReplyFailure {
     Refused(String),
 }
 
-/// Publishes a 200's reply CloudEvent to `subject`: stored when a stream stores the subject
-/// (PubAck), else flushed, retried across leader elections within `REPLY_TIMEOUT_MS`.
-async fn publish_reply(
-    shared: &Shared,
-    subject: &str,
-    id: &str,
-    headers: &reqwest::header::HeaderMap,
+/// A 200's reply on its way to the reply subject.
+struct Reply<'a> {
+    subject: &'a str,
+    /// The event's id (the reply's dedup id when the sink sent no `ce-id`).
+    id: &'a str,
+    headers: &'a reqwest::header::HeaderMap,
     body: bytes::Bytes,
-) -> Result<(), ReplyFailure> {
-    if body.is_empty() {
+    /// The sink's body was longer than NATS' limit and was not read to its end.
+    cut: bool,
+}
+
+/// Publishes a 200's reply CloudEvent: stored when a stream stores the subject (PubAck),
+/// else flushed, retried across leader elections within `REPLY_TIMEOUT_MS`.
+async fn publish_reply(shared: &Shared, reply: Reply<'_>) -> Result<(), ReplyFailure> {
+    let (subject, id) = (reply.subject, reply.id);
+    let too_large = |size: usize, max: usize| {
+        // The event was handled; retrying cannot make the reply smaller. Functions whose
+        // replies can be large (audio) publish them in pieces themselves.
+        tracing::warn!(id, %subject, bytes = size, max, "reply exceeds NATS max payload, not published");
+        shared
+            .metrics
+            .settled
+            .add(1, &[KeyValue::new("outcome", "reply_too_large")]);
+        Ok(())
+    };
+    let max = shared.publisher.client().server_info().max_payload;
+    if reply.cut {
+        return too_large(reply.body.len(), max);
+    }
+    if reply.body.is_empty() {
         return Ok(());
     }
-    let (nats_headers, payload) = event::reply_message(headers, body, id);
+    let (nats_headers, payload) = event::reply_message(reply.headers, reply.body, id);
     let published = shared
         .publisher
         .publish(subject, nats_headers, payload, shared.config.reply_timeout)
         .await;
     match published {
         Ok(_) => Ok(()),
-        Err(PublishError::TooLarge { size, max, .. }) => {
-            // The event was handled; retrying cannot make the reply smaller. Functions whose
-            // replies can be large (audio) publish them in pieces themselves.
-            tracing::warn!(id, %subject, bytes = size, max, "reply exceeds NATS max payload, not published");
-            shared
-                .metrics
-                .settled
-                .add(1, &[KeyValue::new("outcome", "reply_too_large")]);
-            Ok(())
-        }
+        Err(PublishError::TooLarge { size, max, .. }) => too_large(size, max),
         Err(e @ PublishError::Refused { .. }) => Err(ReplyFailure::Refused(e.to_string())),
         Err(e) => Err(ReplyFailure::Unavailable(e.to_string())),
     }

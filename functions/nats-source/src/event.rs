@@ -8,7 +8,7 @@ use async_nats::HeaderMap as NatsHeaders;
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::Config;
+use crate::config::{Config, subject_matches};
 
 /// Where a message sits in its stream: what the event's `id` and `time` come from.
 #[derive(Debug, Clone)]
@@ -56,7 +56,29 @@ pub enum Poison {
     /// The reply subject named by the message is not a subject one can publish to.
     #[error("reply subject {0} is not a valid NATS subject")]
     ReplySubject(String),
+    /// The reply subject named by the message is not one the source may publish to.
+    #[error("reply subject {subject} refused: {why}")]
+    ReplyRefused {
+        /// The subject, previewed.
+        subject: String,
+        /// Which rule refused it.
+        why: &'static str,
+    },
 }
+
+/// Core CloudEvent attributes: a plain NATS header by one of these names is not an
+/// extension, and never overrides the attribute the source maps.
+const RESERVED: [&str; 9] = [
+    "id",
+    "source",
+    "type",
+    "specversion",
+    "time",
+    "subject",
+    "datacontenttype",
+    "dataschema",
+    "data",
+];
 
 /// A bounded, printable preview of a hostile value for a reason or a log line.
 fn preview(value: &str) -> String {
@@ -174,12 +196,14 @@ fn build(config: &Config, msg: &async_nats::Message, position: &Position) -> Out
         match lower.as_str() {
             "traceparent" | "tracestate" => set(&mut out, &lower, value.as_str()),
             "content-type" | "nats-msg-id" | "reply-subject" => {}
-            ext if is_extension_name(ext) => set(&mut out, &format!("ce-{ext}"), value.as_str()),
+            ext if is_extension_name(ext) && !RESERVED.contains(&ext) => {
+                set(&mut out, &format!("ce-{ext}"), value.as_str());
+            }
             _ => {}
         }
     }
     for (name, value) in &config.overrides {
-        if is_extension_name(name) {
+        if is_extension_name(name) && !RESERVED.contains(&name.as_str()) {
             set(&mut out, &format!("ce-{name}"), value);
         }
     }
@@ -219,18 +243,48 @@ fn structured_id(content_type: Option<&str>, payload: &[u8]) -> Option<String> {
 
 /// Where a 200's reply goes: the message's `reply-subject` header, its `replysubject`
 /// extension, else the configured template. A subject one cannot publish to is poison.
+///
+/// A subject named by the message is a claim of whoever published it, so it must pass the
+/// allow-list: `REPLY_SUBJECTS` when set, else anything but the server's own API (`$JS.`,
+/// `$KV.`, `$SYS.`, every `$` subject: a reply there could purge a stream). Either way never
+/// one of the consumer's own subjects (a reply there would be consumed as a new request).
 pub fn reply_subject(config: &Config, msg: &async_nats::Message) -> Result<Option<String>, Poison> {
     let headers = msg.headers.as_ref();
-    let subject = nats_header(headers, "reply-subject")
-        .or_else(|| nats_header(headers, "ce-replysubject"))
-        .map(str::to_string)
-        .or_else(|| {
-            config.reply_subject.as_ref().map(|t| {
-                t.replace("{subject}", msg.subject.as_str())
-                    .replace("{stream}", &config.stream)
-            })
-        });
-    match subject {
+    let named =
+        nats_header(headers, "reply-subject").or_else(|| nats_header(headers, "ce-replysubject"));
+    if let Some(subject) = named {
+        if !is_publishable(subject) {
+            return Err(Poison::ReplySubject(preview(subject)));
+        }
+        let refused = |why| Poison::ReplyRefused {
+            subject: preview(subject),
+            why,
+        };
+        if config
+            .subjects
+            .iter()
+            .any(|own| subject_matches(own, subject))
+        {
+            return Err(refused("it is one of the source's own request subjects"));
+        }
+        if config.reply_subjects.is_empty() {
+            if subject.starts_with('$') {
+                return Err(refused("subjects starting with $ are the server's API"));
+            }
+        } else if !config
+            .reply_subjects
+            .iter()
+            .any(|allowed| subject_matches(allowed, subject))
+        {
+            return Err(refused("not in REPLY_SUBJECTS"));
+        }
+        return Ok(Some(subject.to_string()));
+    }
+    let configured = config.reply_subject.as_ref().map(|t| {
+        t.replace("{subject}", msg.subject.as_str())
+            .replace("{stream}", &config.stream)
+    });
+    match configured {
         Some(s) if !is_publishable(&s) => Err(Poison::ReplySubject(preview(&s))),
         other => Ok(other),
     }
@@ -415,5 +469,62 @@ mod tests {
             Ok(Some("ai.tts.response.r1".into()))
         );
         assert_eq!(reply_subject(&config(), &message(&[], b"")), Ok(None));
+    }
+
+    #[test]
+    fn reply_subjects_named_by_a_message_pass_the_allow_list() {
+        let mut c = config();
+        c.subjects = vec!["ai.tts.request".into()];
+        let named = |s: &str| message(&[("reply-subject", s)], b"");
+        for refused in [
+            "$JS.API.STREAM.PURGE.VICTIM",
+            "$KV.b.k",
+            "$SYS.REQ.x",
+            "ai.tts.request",
+        ] {
+            assert!(
+                matches!(
+                    reply_subject(&c, &named(refused)),
+                    Err(Poison::ReplyRefused { .. })
+                ),
+                "{refused}"
+            );
+        }
+        assert!(reply_subject(&c, &named("ai.tts.response.r1")).is_ok());
+        c.reply_subjects = vec!["ai.*.response.>".into()];
+        assert!(reply_subject(&c, &named("ai.tts.response.r1")).is_ok());
+        assert!(reply_subject(&c, &named("other.r1")).is_err());
+        // The operator's own template is not a claim of the message.
+        c.reply_subject = Some("replies.{subject}".into());
+        assert_eq!(
+            reply_subject(&c, &message(&[], b"")),
+            Ok(Some("replies.ai.tts.request".into()))
+        );
+    }
+
+    #[test]
+    fn plain_headers_named_like_core_attributes_override_nothing() {
+        let msg = message(
+            &[
+                ("id", "forged"),
+                ("source", "/forged"),
+                ("type", "forged"),
+                ("specversion", "0.3"),
+                ("time", "1999-01-01T00:00:00Z"),
+                ("subject", "forged"),
+                ("datacontenttype", "text/plain"),
+                ("dataschema", "forged"),
+            ],
+            b"\x80",
+        );
+        let o = to_http(&config(), &msg, &position()).expect("deliverable");
+        assert_eq!(header(&o, "ce-id"), "AI:42");
+        assert_eq!(header(&o, "ce-source"), "/nats/AI");
+        assert_eq!(header(&o, "ce-type"), "ai.tts.request");
+        assert_eq!(header(&o, "ce-specversion"), "1.0");
+        assert_eq!(header(&o, "ce-subject"), "ai.tts.request");
+        assert_eq!(header(&o, "ce-time"), "1970-01-01T00:00:00+00:00");
+        assert!(o.headers.get("ce-datacontenttype").is_none());
+        assert!(o.headers.get("ce-dataschema").is_none());
     }
 }

@@ -144,7 +144,7 @@ pub async fn run(
     let mut shared: Option<Arc<Shared>> = None;
 
     'bind: while !shutdown.is_cancelled() {
-        let (consumer, ack_wait) = match bind(&config, &jetstream).await {
+        let (consumer, bound) = match bind(&config, &jetstream).await {
             Ok(bound) => bound,
             Err(e) => {
                 health.set_ready(false);
@@ -162,12 +162,17 @@ pub async fn run(
                 let ledger =
                     budget::Ledger::open(&jetstream, &bucket, &config.stream, config.retry_timeout)
                         .await;
+                let mut own = config.clone();
+                if own.subjects.is_empty() {
+                    // The consumer's own subjects: a reply must never be published there.
+                    own.subjects = bound.subjects;
+                }
                 let s = Arc::new(Shared {
-                    config: config.clone(),
+                    config: own,
                     publisher: handler_kit::nats::Publisher::new(client.clone()),
                     http: http.clone(),
                     sink: sink.clone(),
-                    ack_wait,
+                    ack_wait: bound.ack_wait,
                     metrics: Metrics::new(),
                     gate: gate::Gate::new(config.backoff_base, config.backoff_max),
                     ledger,
@@ -425,12 +430,19 @@ async fn connect(servers: &[async_nats::ServerAddr]) -> async_nats::Client {
 
 type BindError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What the bound consumer says about itself.
+struct Bound {
+    ack_wait: Duration,
+    /// Its filter subjects (the stream's subjects when it has none).
+    subjects: Vec<String>,
+}
+
 /// Binds the durable consumer, creating the stream, the DLQ stream and the consumer first when
-/// `CREATE=true`. Returns the consumer and its ack wait.
+/// `CREATE=true`.
 async fn bind(
     config: &Config,
     js: &jetstream::Context,
-) -> Result<(jetstream::consumer::Consumer<pull::Config>, Duration), BindError> {
+) -> Result<(jetstream::consumer::Consumer<pull::Config>, Bound), BindError> {
     let stream = if config.create {
         let dlq_subjects = config
             .dlq_subject
@@ -474,6 +486,19 @@ async fn bind(
     } else {
         stream.get_consumer(&config.consumer).await?
     };
-    let ack_wait = consumer.info().await?.config.ack_wait;
-    Ok((consumer, ack_wait))
+    let info = consumer.info().await?.config.clone();
+    let mut subjects = info.filter_subjects;
+    if !info.filter_subject.is_empty() {
+        subjects.push(info.filter_subject);
+    }
+    if subjects.is_empty() {
+        subjects = stream.cached_info().config.subjects.clone();
+    }
+    Ok((
+        consumer,
+        Bound {
+            ack_wait: info.ack_wait,
+            subjects,
+        },
+    ))
 }

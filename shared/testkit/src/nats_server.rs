@@ -276,6 +276,53 @@ impl NatsCluster {
         self.node_named(info.cluster.as_ref()?.leader.as_deref()?)
     }
 
+    /// Waits until a node other than `old` leads stream `name`: after `old` was killed, the
+    /// winner of the election (several seconds: nats-server's Raft timeouts).
+    pub async fn next_stream_leader(&self, name: &str, old: usize) -> anyhow::Result<usize> {
+        other_than(old, || self.stream_leader(name)).await
+    }
+
+    /// Like [`NatsCluster::next_stream_leader`], for the durable `consumer` of `stream`.
+    pub async fn next_consumer_leader(
+        &self,
+        stream: &str,
+        consumer: &str,
+        old: usize,
+    ) -> anyhow::Result<usize> {
+        other_than(old, || self.consumer_leader(stream, consumer)).await
+    }
+
+    /// Hands the leadership of the durable `consumer` of `stream` to node `to` (JetStream's
+    /// leader step-down with a preferred server), and waits until `to` leads it: a test can
+    /// then take the stream's and the consumer's leader away with one node.
+    pub async fn move_consumer_leader(
+        &self,
+        stream: &str,
+        consumer: &str,
+        to: usize,
+    ) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        let request = serde_json::json!({"placement": {"preferred": self.server_name(to)}});
+        let subject = format!("$JS.API.CONSUMER.LEADER.STEPDOWN.{stream}.{consumer}");
+        let deadline = Instant::now() + CLUSTER_READY;
+        loop {
+            if self.consumer_leader(stream, consumer).await == Some(to) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{consumer} on {stream} not led by {} in time",
+                    self.server_name(to)
+                );
+            }
+            // The answer does not matter: the leader is asked again until it is `to`.
+            let _ = client
+                .request(subject.clone(), request.to_string().into())
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Node `i`'s monitoring `/healthz`: 200 once it knows the meta leader and every stream and
     /// consumer it holds is current.
     async fn healthy(&self, i: usize) -> Result<(), String> {
@@ -333,6 +380,22 @@ impl NatsCluster {
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
+        }
+    }
+}
+
+/// Polls `leader` until it names a node other than `old`, within [`CLUSTER_READY`].
+async fn other_than<F, Fut>(old: usize, mut leader: F) -> anyhow::Result<usize>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<usize>>,
+{
+    let deadline = Instant::now() + CLUSTER_READY;
+    loop {
+        match leader().await {
+            Some(new) if new != old => return Ok(new),
+            _ if Instant::now() > deadline => bail!("no leader but n{old} in time"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }
@@ -527,36 +590,42 @@ mod tests {
         .expect("R3 stream");
         publish(&js, 0, 100).await;
         let leader = cluster.stream_leader("SURVIVOR").await.expect("a leader");
+        js.get_stream("SURVIVOR")
+            .await
+            .expect("stream")
+            .create_consumer(jetstream::consumer::pull::Config {
+                durable_name: Some("reader".into()),
+                ..Default::default()
+            })
+            .await
+            .expect("consumer");
+        cluster
+            .move_consumer_leader("SURVIVOR", "reader", leader)
+            .await
+            .expect("consumer led by the stream's leader");
 
         cluster.kill(leader);
         assert!(!cluster.is_running(leader));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let successor = loop {
-            match cluster.stream_leader("SURVIVOR").await {
-                Some(new) if new != leader => break new,
-                _ => {
-                    assert!(Instant::now() < deadline, "no new leader elected");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        };
+        let successor = cluster
+            .next_stream_leader("SURVIVOR", leader)
+            .await
+            .expect("a new leader");
         publish(&js, 100, 100).await;
         assert_eq!(message_count(&js, "SURVIVOR").await, Some(200));
+        cluster
+            .next_consumer_leader("SURVIVOR", "reader", leader)
+            .await
+            .expect("a new consumer leader");
 
         cluster.restart(leader).await.expect("rejoined");
         assert!(cluster.is_running(leader));
         // The rejoined node counts again: with the new leader gone too, it and the third node
         // still make a quorum, elect a leader and have every message.
         cluster.kill(successor);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while cluster
-            .stream_leader("SURVIVOR")
+        cluster
+            .next_stream_leader("SURVIVOR", successor)
             .await
-            .is_none_or(|l| l == successor)
-        {
-            assert!(Instant::now() < deadline, "no leader after the second kill");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            .expect("a leader after the second kill");
         publish(&js, 200, 10).await;
         assert_eq!(message_count(&js, "SURVIVOR").await, Some(210));
     }

@@ -5,5 +5,6 @@ mod dead_letters;
 mod delivery;
 mod end_to_end;
 mod faults;
+mod hostile;
 mod redrive;
 mod support;
