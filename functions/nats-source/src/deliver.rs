@@ -90,7 +90,7 @@ struct Delivery<'a> {
 /// Delivers `msg` until it is settled (or shutdown cancels it, which naks it).
 pub(crate) async fn deliver(
     shared: Arc<Shared>,
-    msg: jetstream::Message,
+    msg: &jetstream::Message,
     cancel: CancellationToken,
 ) -> Settled {
     let config = &shared.config;
@@ -102,7 +102,7 @@ pub(crate) async fn deliver(
     let delivered = info.delivered;
     let mut d = Delivery {
         shared: &shared,
-        msg: &msg,
+        msg: msg,
         position: Position {
             stream: info.stream.to_string(),
             sequence: info.stream_sequence,
@@ -120,8 +120,8 @@ pub(crate) async fn deliver(
         // Pulled before the gate shut: not an attempt, back it goes.
         return d.hand_back_after(gate_delay(left), "held_off").await;
     }
-    let checked = event::to_http(config, &msg, &d.position)
-        .and_then(|o| event::reply_subject(config, &msg).map(|reply| (o, reply)));
+    let checked = event::to_http(config, msg, &d.position)
+        .and_then(|o| event::reply_subject(config, msg).map(|reply| (o, reply)));
     let (outbound, reply_to) = match checked {
         Ok(checked) => checked,
         Err(poison) => return d.dead_letter_or_hold(&poison.to_string(), None).await,
@@ -138,7 +138,7 @@ pub(crate) async fn deliver(
         }
         let started = Instant::now();
         let attempt = tokio::select! {
-            a = keep_alive(&msg, shared.ack_wait, post(&shared, &outbound)) => a,
+            a = keep_alive(msg, shared.ack_wait, post(&shared, &outbound)) => a,
             () = cancel.cancelled() => return d.hand_back().await,
         };
         m.sink_duration.record(started.elapsed().as_secs_f64(), &[]);
@@ -162,7 +162,7 @@ pub(crate) async fn deliver(
                         };
                         let publish = publish_reply(&shared, reply);
                         tokio::select! {
-                            p = keep_alive(&msg, shared.ack_wait, publish) => p,
+                            p = keep_alive(msg, shared.ack_wait, publish) => p,
                             // A reply stored meanwhile is deduplicated on redelivery.
                             () = cancel.cancelled() => return d.hand_back().await,
                         }
@@ -406,11 +406,7 @@ async fn post(shared: &Shared, outbound: &event::Outbound) -> Attempt {
                 parse_retry_after(response.headers().get(reqwest::header::RETRY_AFTER));
             let headers = response.headers().clone();
             // NATS' limit + 1: enough to know a reply cannot be published, never more.
-            let limit = shared
-                .publisher
-                .client()
-                .server_info()
-                .max_payload
+            let limit = shared.publisher.client().max_payload()
                 .max(1024)
                 + 1;
             match read_capped(response, limit).await {
@@ -535,7 +531,7 @@ async fn publish_reply(shared: &Shared, reply: Reply<'_>) -> Result<(), ReplyFai
             .add(1, &[KeyValue::new("outcome", "reply_too_large")]);
         Ok(())
     };
-    let max = shared.publisher.client().server_info().max_payload;
+    let max = shared.publisher.client().max_payload();
     if reply.cut {
         return too_large(reply.body.len(), max);
     }

@@ -361,8 +361,7 @@ fn dispatch(
 /// and over.
 async fn guarded(s: &Arc<Shared>, msg: jetstream::Message, cancel: CancellationToken) -> Settled {
     use futures::FutureExt as _;
-    let kept = msg.clone();
-    match std::panic::AssertUnwindSafe(deliver::deliver(s.clone(), msg, cancel))
+    match std::panic::AssertUnwindSafe(deliver::deliver(s.clone(), &msg, cancel))
         .catch_unwind()
         .await
     {
@@ -373,7 +372,7 @@ async fn guarded(s: &Arc<Shared>, msg: jetstream::Message, cancel: CancellationT
                 .map(|p| (*p).to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "(no message)".into());
-            deliver::after_panic(s, &kept, &text).await
+            deliver::after_panic(s, &msg, &text).await
         }
     }
 }
