@@ -102,7 +102,7 @@ pub(crate) async fn deliver(
     let delivered = info.delivered;
     let mut d = Delivery {
         shared: &shared,
-        msg: msg,
+        msg,
         position: Position {
             stream: info.stream.to_string(),
             sequence: info.stream_sequence,
