@@ -10,7 +10,8 @@
 //! reply is `ai.pipeline.status`.
 //!
 //! Git pushes (`POST /webhooks/gitea`, `POST /webhooks/github`, HMAC-SHA256 signed) trigger
-//! the entries whose path globs and branch match the pushed commits. Knative ApiServerSource
+//! the entries whose path globs and branch match the pushed commits; a body is only read when
+//! it is signed, a few at a time and under a cap. Knative ApiServerSource
 //! events for the Workflows and Jobs it created publish their progress (`running`,
 //! `succeeded`, `failed`) and free their locks when they finish; `ai.pipeline.status.request`
 //! reads a run's state from the API.
@@ -24,7 +25,7 @@
 //! - [`kfp`]: Kubeflow Pipelines' REST API.
 //! - [`run`]: trigger, status request, resource events.
 //! - [`status`]: a run's state from its object.
-//! - [`webhook`]: signed git push webhooks and delivery deduplication.
+//! - [`webhook`]: signed git push webhooks, their bounded body reads, delivery deduplication.
 
 pub mod catalog;
 pub mod cluster;
@@ -52,7 +53,7 @@ use handler_kit::{CloudEvent, HandlerError, Reply};
 use crate::catalog::Catalog;
 use crate::cluster::Cluster;
 use crate::kfp::Kfp;
-use crate::webhook::{Deliveries, Provider, Secret};
+use crate::webhook::{BodyReads, Deliveries, Provider, Secret};
 
 /// Starts a run.
 pub const TRIGGER_TYPE: &str = "ai.pipeline.trigger";
@@ -102,8 +103,15 @@ pub struct Config {
     pub gitea_secret: Option<Secret>,
     /// `GITHUB_WEBHOOK_SECRET` or the file `GITHUB_WEBHOOK_SECRET_FILE` (unset: refused).
     pub github_secret: Option<Secret>,
-    /// `PIPELINE_WEBHOOK_MAX_BYTES` (default 5 MiB): larger webhook bodies get 413.
-    pub webhook_max_bytes: usize,
+    /// `PIPELINE_WEBHOOK_MAX_BODY_BYTES` (default 4 MiB, [`webhook::DEFAULT_MAX_BODY_BYTES`]
+    /// says why): larger webhook bodies get 413, read no further than the cap and one chunk.
+    pub webhook_max_body_bytes: usize,
+    /// `PIPELINE_WEBHOOK_MAX_READS` (default 4): webhook bodies read at once, so unsigned or
+    /// forged requests cannot make the function buffer more than this many capped bodies.
+    pub webhook_max_reads: usize,
+    /// `PIPELINE_WEBHOOK_READ_WAIT_MS` (default 2000, [`webhook::DEFAULT_READ_WAIT`] says why):
+    /// how long a webhook waits for a read slot before 503 with `Retry-After`.
+    pub webhook_read_wait: Duration,
     /// `PIPELINE_DELIVERY_BUCKET` (default `pipeline-webhook-deliveries`): KV bucket of
     /// handled webhook deliveries (created when missing).
     pub delivery_bucket: String,
@@ -151,6 +159,10 @@ impl Config {
         if catalog.uses_kubeflow() && kfp_url.is_none() {
             r.problem("KFP_URL is required: the catalog has kubeflow pipelines");
         }
+        // Renamed; refused rather than ignored, so an old cap is not silently replaced.
+        if r.optional("PIPELINE_WEBHOOK_MAX_BYTES").is_some() {
+            r.problem("PIPELINE_WEBHOOK_MAX_BYTES is now PIPELINE_WEBHOOK_MAX_BODY_BYTES");
+        }
         Self {
             catalog: Arc::new(catalog),
             kubeconfig: r.optional("KUBECONFIG").map(PathBuf::from),
@@ -172,7 +184,15 @@ impl Config {
             ),
             gitea_secret: secret(r, "GITEA_WEBHOOK_SECRET"),
             github_secret: secret(r, "GITHUB_WEBHOOK_SECRET"),
-            webhook_max_bytes: r.positive("PIPELINE_WEBHOOK_MAX_BYTES", 5 * 1024 * 1024),
+            webhook_max_body_bytes: r.positive(
+                "PIPELINE_WEBHOOK_MAX_BODY_BYTES",
+                webhook::DEFAULT_MAX_BODY_BYTES,
+            ),
+            webhook_max_reads: r.positive("PIPELINE_WEBHOOK_MAX_READS", webhook::DEFAULT_MAX_READS),
+            webhook_read_wait: r.millis(
+                "PIPELINE_WEBHOOK_READ_WAIT_MS",
+                webhook::DEFAULT_READ_WAIT.as_millis() as u64,
+            ),
             delivery_bucket: r.string("PIPELINE_DELIVERY_BUCKET", "pipeline-webhook-deliveries"),
             delivery_ttl: r.millis("PIPELINE_DELIVERY_TTL_MS", 86_400_000),
             delivery_cache: r.positive("PIPELINE_DELIVERY_CACHE", 4096),
@@ -222,6 +242,7 @@ pub struct Shared {
     kfp: Option<Kfp>,
     nats: Nats,
     deliveries: Deliveries,
+    webhook_reads: BodyReads,
     health: Arc<Health>,
 }
 
@@ -254,7 +275,9 @@ impl State {
             config.delivery_ttl,
             config.delivery_cache,
         );
+        let webhook_reads = BodyReads::new(config.webhook_max_reads, config.webhook_read_wait);
         Ok(Self(Arc::new(Shared {
+            webhook_reads,
             config,
             cluster,
             kfp,

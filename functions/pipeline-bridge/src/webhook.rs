@@ -1,8 +1,15 @@
 //! Git push webhooks (Gitea, GitHub) -> the catalog entries whose paths changed.
 //!
-//! Order matters: the body is read under a cap, then the HMAC-SHA256 signature is checked (in
-//! constant time, by *ring*) before a byte of it is parsed; only then is the delivery looked
-//! up. A trigger that fails for a passing reason (a held lock, the API down) is queued through
+//! Order matters, and it bounds what a stranger can make this function hold. Before a byte of
+//! the body is read, the provider must have a secret and the request must carry a well-formed
+//! signature header and a delivery id; otherwise the answer is 401 (or 400) at once and the
+//! body is never polled (an `Expect: 100-continue` sender never sends it). Then the body is
+//! read in one of `PIPELINE_WEBHOOK_MAX_READS` slots, under `PIPELINE_WEBHOOK_MAX_BODY_BYTES`
+//! (413 past it, having held at most the cap and one chunk), and its HMAC-SHA256 is checked in
+//! constant time (by *ring*) before any of it is parsed; the slot is held until the raw body is
+//! dropped, so unverified bytes in memory stay under slots x (cap + one chunk), whatever
+//! arrives. Only then is the delivery looked up. A trigger that fails for a passing reason (a
+//! held lock, the API down) is queued through
 //! JetStream on `PIPELINE_WEBHOOK_DEFER_SUBJECT` for the event source to retry with backoff,
 //! since senders do not reliably redeliver (GitHub never does by itself). A delivery is recorded
 //! as seen once each of its triggers succeeded, failed for good or was queued, so one that could
@@ -24,11 +31,11 @@ use lru::LruCache;
 use ring::hmac;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 
-use crate::State;
 use crate::names::short_hash;
 use crate::run::{RunStatus, TriggerRequest, trigger};
+use crate::{Config, State};
 
 /// Who sends the webhook; decides the header names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +65,13 @@ impl Provider {
         match self {
             Self::Gitea => "x-gitea-delivery",
             Self::Github => "x-github-delivery",
+        }
+    }
+
+    fn secret(self, config: &Config) -> Option<&Secret> {
+        match self {
+            Self::Gitea => config.gitea_secret.as_ref(),
+            Self::Github => config.github_secret.as_ref(),
         }
     }
 
@@ -95,18 +109,131 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Checks `signature_hex` against the HMAC-SHA256 of `body`, in constant time.
-pub fn verify(
-    secret: &Secret,
-    body: &[u8],
-    signature_hex: Option<&str>,
-) -> Result<(), HandlerError> {
-    let signature = signature_hex
-        .ok_or_else(|| HandlerError::Unauthorized("the request is not signed".into()))?;
-    let bytes = hex::decode(signature)
-        .map_err(|_| HandlerError::Unauthorized("the signature is not hex".into()))?;
-    hmac::verify(&secret.0, body, &bytes)
-        .map_err(|_| HandlerError::Unauthorized("the signature does not match the body".into()))
+/// The HMAC-SHA256 a request claims for its body, decoded from its header before the body is
+/// read: a request without one, or with one that cannot be an HMAC-SHA256, is refused unread.
+#[derive(Debug)]
+struct Signature(Vec<u8>);
+
+impl Signature {
+    fn parse(signature_hex: Option<&str>) -> Result<Self, HandlerError> {
+        let signature = signature_hex
+            .ok_or_else(|| HandlerError::Unauthorized("the request is not signed".into()))?;
+        let bytes = hex::decode(signature)
+            .map_err(|_| HandlerError::Unauthorized("the signature is not hex".into()))?;
+        if bytes.len() != hmac::HMAC_SHA256.digest_algorithm().output_len() {
+            return Err(HandlerError::Unauthorized(
+                "the signature is not an HMAC-SHA256".into(),
+            ));
+        }
+        Ok(Self(bytes))
+    }
+
+    /// Checks the signature against the HMAC-SHA256 of `body`, in constant time.
+    fn verify(&self, secret: &Secret, body: &[u8]) -> Result<(), HandlerError> {
+        hmac::verify(&secret.0, body, &self.0)
+            .map_err(|_| HandlerError::Unauthorized("the signature does not match the body".into()))
+    }
+}
+
+/// `PIPELINE_WEBHOOK_MAX_BODY_BYTES`' default, 4 MiB. GitHub sends up to 25 MB, but a push is
+/// far smaller: one of 2,048 commits with three paths each measures 1.6 MB, and one commit
+/// with 15,000 paths (GitHub lists at most 5,000 in each of added, removed, modified) 1.4 MB,
+/// as `the_default_cap_holds_the_largest_pushes_with_room_to_spare` checks. Four slots of
+/// 4 MiB keep unverified bytes under ~35 MiB (per slot, the cap and one hyper chunk of at most
+/// 408 KiB, twice over while the chunks are joined into one buffer), within the Service's
+/// 96 MiB memory limit.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// `PIPELINE_WEBHOOK_MAX_READS`' default: a push body arrives in milliseconds, so four slots
+/// serve a burst of pushes; only slow (hostile) bodies keep them, each for `READ_DEADLINE`.
+pub const DEFAULT_MAX_READS: usize = 4;
+
+/// `PIPELINE_WEBHOOK_READ_WAIT_MS`' default: how long a webhook waits for a read slot before
+/// 503. Waiting beats refusing, since no sender redelivers by itself, but the whole answer must
+/// fit the sender's own timeout: Gitea gives up after 5 s (`[webhook] DELIVER_TIMEOUT`), GitHub
+/// and GitLab after 10 s, so 2 s leaves Gitea 3 s to read and trigger.
+pub const DEFAULT_READ_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a body may take to arrive once it holds a slot (then 408): a push from a git
+/// server arrives in well under a second, and a sender waits 10 s at most for the whole answer,
+/// so a body still dribbling in after this is only keeping a slot from the others.
+const READ_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The webhook bodies being read: at most `max` at once, a request waiting `wait` for a slot.
+#[derive(Debug)]
+pub struct BodyReads {
+    slots: Semaphore,
+    max: usize,
+    wait: Duration,
+}
+
+impl BodyReads {
+    /// At most `max` bodies read at once; a request waits `wait` for a slot, then gets 503.
+    pub fn new(max: usize, wait: Duration) -> Self {
+        Self {
+            slots: Semaphore::new(max),
+            max,
+            wait,
+        }
+    }
+
+    async fn slot(&self) -> Result<SemaphorePermit<'_>, HandlerError> {
+        match tokio::time::timeout(self.wait, self.slots.acquire()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            // The semaphore is never closed, so only the wait can end without a slot.
+            Ok(Err(_)) | Err(_) => Err(HandlerError::Unavailable {
+                backend: "webhook body reads",
+                reason: format!(
+                    "all {} read slots stayed busy for {:?}",
+                    self.max, self.wait
+                ),
+                retry_after: self.wait,
+            }),
+        }
+    }
+}
+
+/// A webhook body whose signature verified, keeping its read slot until it is dropped.
+struct SignedBody<'a> {
+    bytes: bytes::Bytes,
+    _slot: SemaphorePermit<'a>,
+}
+
+/// The provider's secret and the request's signature, from the headers alone: 401 without.
+fn admit<'a>(
+    config: &'a Config,
+    provider: Provider,
+    headers: &HeaderMap,
+) -> Result<(&'a Secret, Signature), HandlerError> {
+    let secret = provider.secret(config).ok_or_else(|| {
+        HandlerError::Unauthorized(format!(
+            "{} webhooks are not enabled (no secret configured)",
+            provider.name()
+        ))
+    })?;
+    let signature = Signature::parse(provider.signature(headers).as_deref())?;
+    Ok((secret, signature))
+}
+
+/// Reads `body` in a slot, under the cap and `READ_DEADLINE`, and verifies it.
+async fn read_signed<'a>(
+    state: &'a State,
+    (secret, signature): (&Secret, Signature),
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<SignedBody<'a>, HandlerError> {
+    let slot = state.webhook_reads.slot().await?;
+    let limit = state.config.webhook_max_body_bytes;
+    let bytes = tokio::time::timeout(
+        READ_DEADLINE,
+        handler_kit::event::read_capped(headers, body, limit),
+    )
+    .await
+    .map_err(|_| {
+        HandlerError::BodyIncomplete(format!("the body took longer than {READ_DEADLINE:?}"))
+    })??;
+    signature.verify(secret, &bytes)?;
+    Ok(SignedBody { bytes, _slot: slot })
 }
 
 /// Deliveries already handled: a JetStream KV bucket shared by every replica when NATS is
@@ -238,6 +365,49 @@ struct Answer {
     triggered: Vec<Triggered>,
 }
 
+/// What a push to a branch changed: all that is kept of its body once the body is dropped.
+#[derive(Debug)]
+struct Pushed {
+    branch: String,
+    after: String,
+    repository: Option<String>,
+    /// Added, removed and modified paths of every commit, sorted, once each.
+    paths: Vec<String>,
+}
+
+impl Push {
+    /// The branch push in `body`, or why it starts nothing (a tag, a deleted branch).
+    fn parse(body: &[u8]) -> Result<Result<Pushed, String>, HandlerError> {
+        let push: Self = serde_json::from_slice(body)
+            .map_err(|e| HandlerError::InvalidPayload(format!("not a push event: {e}")))?;
+        let Some(branch) = push.git_ref.strip_prefix("refs/heads/") else {
+            return Ok(Err(format!("{} is not a branch", push.git_ref)));
+        };
+        if push.deleted {
+            return Ok(Err(format!("branch {branch} was deleted")));
+        }
+        let commits = if push.commits.is_empty() {
+            push.head_commit.into_iter().collect()
+        } else {
+            push.commits
+        };
+        let mut paths: Vec<String> = Vec::new();
+        for commit in commits {
+            paths.extend(commit.added);
+            paths.extend(commit.removed);
+            paths.extend(commit.modified);
+        }
+        paths.sort();
+        paths.dedup();
+        Ok(Ok(Pushed {
+            branch: branch.to_string(),
+            after: push.after,
+            repository: push.repository.and_then(|r| r.full_name),
+            paths,
+        }))
+    }
+}
+
 /// Handles one webhook request of `provider`.
 pub async fn handle(
     state: &State,
@@ -245,19 +415,6 @@ pub async fn handle(
     headers: &HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, HandlerError> {
-    let body =
-        handler_kit::event::read_capped(headers, body, state.config.webhook_max_bytes).await?;
-    let secret = match provider {
-        Provider::Gitea => state.config.gitea_secret.as_ref(),
-        Provider::Github => state.config.github_secret.as_ref(),
-    }
-    .ok_or_else(|| {
-        HandlerError::Unauthorized(format!(
-            "{} webhooks are not enabled (no secret configured)",
-            provider.name()
-        ))
-    })?;
-    verify(secret, &body, provider.signature(headers).as_deref())?;
     let header = |name: &str| {
         headers
             .get(name)
@@ -266,6 +423,8 @@ pub async fn handle(
             .trim()
             .to_string()
     };
+    // Every header is checked before a byte of the body is read.
+    let admitted = admit(&state.config, provider, headers)?;
     let delivery = header(provider.delivery_header());
     if delivery.is_empty() || delivery.len() > 128 {
         return Err(HandlerError::InvalidPayload(format!(
@@ -275,6 +434,7 @@ pub async fn handle(
     }
     // A header value can still hold a tab; the id names runs, subjects and `Nats-Msg-Id`s.
     handler_kit::event::check_token(provider.delivery_header(), &delivery)?;
+    let body = read_signed(state, admitted, headers, body).await?;
     let mut answer = Answer {
         delivery: delivery.clone(),
         duplicate: false,
@@ -286,46 +446,50 @@ pub async fn handle(
         answer.ignored = Some(format!("{event:?} events start nothing"));
         return Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response());
     }
+    let parsed = Push::parse(&body.bytes);
+    // Frees the read slot: what stays in memory now came from a holder of the secret.
+    drop(body);
+    let pushed = match parsed? {
+        Ok(pushed) => pushed,
+        Err(ignored) => {
+            answer.ignored = Some(ignored);
+            return Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response());
+        }
+    };
     let key = format!("{}.{}", provider.name(), short_hash(&[&delivery], 16));
     if state.deliveries.seen(&state.nats, &key).await {
         answer.duplicate = true;
         return Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response());
     }
-    let push: Push = serde_json::from_slice(&body)
-        .map_err(|e| HandlerError::InvalidPayload(format!("not a push event: {e}")))?;
-    let Some(branch) = push.git_ref.strip_prefix("refs/heads/") else {
-        answer.ignored = Some(format!("{} is not a branch", push.git_ref));
-        return Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response());
-    };
-    if push.deleted {
-        answer.ignored = Some(format!("branch {branch} was deleted"));
-        return Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response());
+    let retry = trigger_selected(state, &delivery, &pushed, &mut answer.triggered).await;
+    if let Some(error) = retry {
+        // Not recorded: the sender's redelivery redoes it, and what was created is found again.
+        tracing::warn!(delivery = %delivery, error = %error, "webhook delivery not finished; redeliver it");
+        return Ok(error.response(&answer));
     }
-    let mut paths: Vec<String> = Vec::new();
-    let commits = if push.commits.is_empty() {
-        push.head_commit.into_iter().collect()
-    } else {
-        push.commits
-    };
-    for commit in commits {
-        paths.extend(commit.added);
-        paths.extend(commit.removed);
-        paths.extend(commit.modified);
-    }
-    paths.sort();
-    paths.dedup();
-    let repository = push.repository.and_then(|r| r.full_name);
+    state.deliveries.record(&state.nats, &key).await;
+    Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response())
+}
+
+/// Triggers every catalog entry `pushed` selects, each outcome pushed onto `triggered`.
+/// Returns the first retryable failure that could not be deferred: the delivery is unfinished.
+async fn trigger_selected(
+    state: &State,
+    delivery: &str,
+    pushed: &Pushed,
+    triggered: &mut Vec<Triggered>,
+) -> Option<HandlerError> {
     let git = [
-        ("git.after", push.after.as_str()),
-        ("git.branch", branch),
-        ("git.repository", repository.as_deref().unwrap_or("")),
+        ("git.after", pushed.after.as_str()),
+        ("git.branch", pushed.branch.as_str()),
+        ("git.repository", pushed.repository.as_deref().unwrap_or("")),
     ];
     let mut retry: Option<HandlerError> = None;
-    for entry in state
-        .config
-        .catalog
-        .select_for_push(repository.as_deref(), branch, &paths)
-    {
+    for entry in state.config.catalog.select_for_push(
+        pushed.repository.as_deref(),
+        &pushed.branch,
+        &pushed.paths,
+    ) {
         let request_id = format!("git-{delivery}-{}", entry.name);
         let mut parameters = std::collections::BTreeMap::new();
         if let Some(rule) = &entry.git {
@@ -367,15 +531,9 @@ pub async fn handle(
                 }
             }
         }
-        answer.triggered.push(item);
+        triggered.push(item);
     }
-    if let Some(error) = retry {
-        // Not recorded: the sender's redelivery redoes it, and what was created is found again.
-        tracing::warn!(delivery = %delivery, error = %error, "webhook delivery not finished; redeliver it");
-        return Ok(error.response(&answer));
-    }
-    state.deliveries.record(&state.nats, &key).await;
-    Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response())
+    retry
 }
 
 /// Queues `request` as an `ai.pipeline.trigger` message on `PIPELINE_WEBHOOK_DEFER_SUBJECT`
@@ -415,6 +573,10 @@ mod tests {
         hex::encode(hmac::sign(&key, body).as_ref())
     }
 
+    fn verify(secret: &Secret, body: &[u8], signature: Option<&str>) -> Result<(), HandlerError> {
+        Signature::parse(signature)?.verify(secret, body)
+    }
+
     #[test]
     fn only_the_right_signature_of_the_exact_body_passes() {
         let secret = Secret::new(b"s3cret");
@@ -422,8 +584,69 @@ mod tests {
         assert!(verify(&secret, b"{}", Some(&good)).is_ok());
         assert!(verify(&secret, b"{} ", Some(&good)).is_err());
         assert!(verify(&secret, b"{}", Some(&sign(b"other", b"{}"))).is_err());
-        assert!(verify(&secret, b"{}", Some("zz")).is_err());
         assert!(verify(&secret, b"{}", None).is_err());
+    }
+
+    #[test]
+    fn a_signature_that_cannot_be_an_hmac_sha256_is_refused_before_any_body() {
+        assert!(Signature::parse(Some("zz")).is_err());
+        assert!(Signature::parse(Some("abcd")).is_err(), "too short");
+        assert!(
+            Signature::parse(Some(&"ab".repeat(33))).is_err(),
+            "too long"
+        );
+        assert!(Signature::parse(Some(&"ab".repeat(32))).is_ok());
+    }
+
+    /// A GitHub push body of `commits` commits, each modifying `paths` files, with the fields
+    /// GitHub sends (a repository object of ~90 fields, author and committer, urls).
+    fn push_of(commits: usize, paths: usize) -> Vec<u8> {
+        let person = serde_json::json!({"name": "Ada Lovelace", "email": "ada.lovelace@example.com", "username": "ada-lovelace"});
+        let commits: Vec<Value> = (0..commits)
+            .map(|i| {
+                let sha = format!("{:040x}", i * 7919);
+                serde_json::json!({
+                    "id": sha, "tree_id": sha, "distinct": true,
+                    "message": "models: retrain the ranking head on the March data set (#1234)\n\nSigned-off-by: Ada Lovelace <ada.lovelace@example.com>",
+                    "timestamp": "2026-03-01T12:34:56+01:00",
+                    "url": format!("https://github.com/ai-platform/platform/commit/{sha}"),
+                    "author": person, "committer": person, "added": [], "removed": [],
+                    "modified": (0..paths)
+                        .map(|k| format!("models/ranking/head/layer_{:05}/config.yaml", i * paths + k))
+                        .collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let fields = |n: usize, width: usize| -> serde_json::Map<String, Value> {
+            (0..n)
+                .map(|k| (format!("field_{k}"), Value::String("x".repeat(width))))
+                .collect()
+        };
+        serde_json::to_vec(&serde_json::json!({
+            "ref": "refs/heads/main", "before": "0".repeat(40), "after": "f".repeat(40),
+            "repository": fields(90, 60), "sender": fields(20, 50),
+            "pusher": {"name": "ada", "email": "ada.lovelace@example.com"},
+            "head_commit": commits.last(), "commits": commits,
+        }))
+        .expect("JSON")
+    }
+
+    #[test]
+    fn the_default_cap_holds_the_largest_pushes_with_room_to_spare() {
+        // 2,048 commits, and one commit at GitHub's 5,000 paths in each of its three lists.
+        for (commits, paths) in [(2048, 3), (1, 15_000)] {
+            let size = push_of(commits, paths).len();
+            assert!(
+                size * 2 < DEFAULT_MAX_BODY_BYTES,
+                "{commits} commits x {paths} paths: {size} bytes"
+            );
+            assert!(
+                size > 1_300_000,
+                "the example stays realistic: {size} bytes"
+            );
+        }
+        // An everyday push is a few kilobytes.
+        assert!(push_of(3, 3).len() < 16 * 1024);
     }
 
     #[test]

@@ -8,4 +8,5 @@ mod request_values;
 mod status;
 mod support;
 mod trigger;
+mod webhook_reads;
 mod webhooks;
