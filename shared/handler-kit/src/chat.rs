@@ -38,6 +38,16 @@ pub struct ChatConfig {
     pub top_k: usize,
     /// `CHAT_RERANK_TOP_N` (default 4): documents kept after reranking (or after search).
     pub rerank_top_n: usize,
+    /// `CHAT_MAX_TOP_K` (default 64): the largest `top_k` a request may ask for (422 above).
+    /// It is the search's `limit`, one text per hit sent to the reranker and read back from
+    /// Milvus, and Milvus itself accepts up to 16,384: a request could otherwise make one
+    /// search answer megabytes and one rerank score thousands of texts. 64 is 8 times the
+    /// default.
+    pub max_top_k: usize,
+    /// `CHAT_MAX_RERANK_TOP_N` (default 32): the largest `rerank_top_n` a request may ask for
+    /// (422 above). Every document kept goes into the prompt; 32 passages of some 500 tokens
+    /// fill a 16k-token context.
+    pub max_rerank_top_n: usize,
     /// `CHAT_TEXT_FIELD` (default `text`): the document text field.
     pub text_field: String,
     /// `CHAT_SOURCE_FIELD` (default `source`): where a document came from (optional field).
@@ -75,10 +85,31 @@ impl ChatConfig {
     /// Reads every variable.
     pub fn read(r: &mut ConfigReader) -> Self {
         let faq_threshold: f32 = r.parse("CHAT_FAQ_THRESHOLD", 0.9);
+        let top_k = r.positive("CHAT_TOP_K", 8);
+        let rerank_top_n = r.positive("CHAT_RERANK_TOP_N", 4);
+        let max_top_k = r.positive("CHAT_MAX_TOP_K", 64);
+        let max_rerank_top_n = r.positive("CHAT_MAX_RERANK_TOP_N", 32);
+        for (default, max, default_var, max_var) in [
+            (top_k, max_top_k, "CHAT_TOP_K", "CHAT_MAX_TOP_K"),
+            (
+                rerank_top_n,
+                max_rerank_top_n,
+                "CHAT_RERANK_TOP_N",
+                "CHAT_MAX_RERANK_TOP_N",
+            ),
+        ] {
+            if default > max {
+                r.problem(format!(
+                    "{default_var} ({default}) is over {max_var} ({max})"
+                ));
+            }
+        }
         Self {
             collection: r.string("CHAT_COLLECTION", "documents"),
-            top_k: r.positive("CHAT_TOP_K", 8),
-            rerank_top_n: r.positive("CHAT_RERANK_TOP_N", 4),
+            top_k,
+            rerank_top_n,
+            max_top_k,
+            max_rerank_top_n,
             text_field: r.string("CHAT_TEXT_FIELD", "text"),
             source_field: r.string("CHAT_SOURCE_FIELD", "source"),
             faq_collection: r.optional("CHAT_FAQ_COLLECTION"),
@@ -168,6 +199,23 @@ impl ChatRequest {
             return Err(HandlerError::Unprocessable(
                 "top_k and rerank_top_n must be at least 1".into(),
             ));
+        }
+        for (field, asked, max, variable) in [
+            ("top_k", self.top_k, config.max_top_k, "CHAT_MAX_TOP_K"),
+            (
+                "rerank_top_n",
+                self.rerank_top_n,
+                config.max_rerank_top_n,
+                "CHAT_MAX_RERANK_TOP_N",
+            ),
+        ] {
+            if let Some(asked) = asked
+                && asked > max
+            {
+                return Err(HandlerError::Unprocessable(format!(
+                    "{field} is {asked}; the limit is {max} ({variable})"
+                )));
+            }
         }
         Ok(())
     }

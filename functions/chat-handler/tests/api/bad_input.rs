@@ -37,14 +37,66 @@ async fn bad_requests_are_rejected_before_any_backend_call() {
         .body(axum::body::Body::from(r#"{"message":"hi"}"#))
         .expect("request");
     assert_error(&send(&app, not_an_event).await, 400, "invalid_event");
-    for server in [&b.llm, &b.embed, &b.milvus, &b.rerank] {
+    b.assert_untouched().await;
+}
+
+#[tokio::test]
+async fn top_k_and_rerank_top_n_over_their_caps_are_422_naming_the_field_before_any_backend_call() {
+    let b = Backends::start().await;
+    let app = app(&b.env(), &[]).await;
+    for (data, field, variable) in [
+        (
+            json!({"message": "hi", "top_k": 16384}),
+            "top_k",
+            "CHAT_MAX_TOP_K",
+        ),
+        (
+            json!({"message": "hi", "top_k": 65}),
+            "top_k",
+            "CHAT_MAX_TOP_K",
+        ),
+        (
+            json!({"message": "hi", "rerank_top_n": 33}),
+            "rerank_top_n",
+            "CHAT_MAX_RERANK_TOP_N",
+        ),
+    ] {
+        let answer = send(&app, chat(data)).await;
+        assert_error(&answer, 422, "unprocessable");
+        let detail = answer.json()["detail"].to_string();
         assert!(
-            server
-                .received_requests()
-                .await
-                .unwrap_or_default()
-                .is_empty()
+            detail.starts_with(&format!("\"{field} is ")) && detail.contains(variable),
+            "{detail}"
         );
+    }
+    b.assert_untouched().await;
+}
+
+#[tokio::test]
+async fn a_top_k_at_its_cap_is_the_search_limit_and_defaults_over_the_caps_are_config_errors() {
+    let b = Backends::start().await;
+    b.embeddings().await;
+    b.milvus_hits("documents", json!([])).await;
+    b.llm_tokens(&["Fine."], std::time::Duration::ZERO).await;
+    let app = app(&b.env(), &[("CHAT_MAX_TOP_K", "100")]).await;
+    let answer = send(&app, chat(json!({"message": "hi", "top_k": 100}))).await;
+    assert_eq!(answer.status, 200, "{}", answer.json());
+    let searches = b.milvus.received_requests().await.unwrap_or_default();
+    let search: serde_json::Value = serde_json::from_slice(&searches[0].body).expect("json");
+    assert_eq!(search["limit"], 100);
+
+    let mut env = b.env();
+    env.extend([
+        ("CHAT_TOP_K".to_string(), "80".to_string()),
+        ("CHAT_MAX_RERANK_TOP_N".to_string(), "2".to_string()),
+    ]);
+    let err = handler_kit::config::load(&env, chat_handler::Config::read).expect_err("invalid");
+    let text = err.to_string();
+    for problem in [
+        "CHAT_TOP_K (80) is over CHAT_MAX_TOP_K (64)",
+        "CHAT_RERANK_TOP_N (4) is over CHAT_MAX_RERANK_TOP_N (2)",
+    ] {
+        assert!(text.contains(problem), "{problem} missing from: {text}");
     }
 }
 

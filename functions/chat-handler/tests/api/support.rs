@@ -88,6 +88,14 @@ impl Backends {
             .await;
     }
 
+    /// Asserts that no backend received a request.
+    pub async fn assert_untouched(&self) {
+        for server in [&self.llm, &self.embed, &self.milvus, &self.rerank] {
+            let calls = server.received_requests().await.unwrap_or_default();
+            assert!(calls.is_empty(), "a backend was called: {calls:?}");
+        }
+    }
+
     /// Bodies of the requests the LLM received.
     pub async fn llm_requests(&self) -> Vec<Value> {
         self.llm
