@@ -13,6 +13,9 @@
 //! create of a kind it does not serve (a CRD not installed) are retryable (502 but for the
 //! 503s). What is wrong with this request alone is final (422, with the API server's own
 //! message): 400/422 (an invalid object) and a create in a namespace that does not exist.
+//!
+//! Answers are read under a cap (`KUBE_MAX_RESPONSE_BYTES`), error bodies under
+//! [`handler_kit::http::ERROR_BODY_BYTES`]: an answer over its cap is a failed call (502).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -27,7 +30,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use handler_kit::HandlerError;
-use handler_kit::http::{Identity, Tls};
+use handler_kit::http::{BodyError, ERROR_BODY_BYTES, Identity, Tls, read_body, read_start};
 
 use crate::names::{MANAGED_BY, MANAGED_BY_LABEL};
 
@@ -155,6 +158,8 @@ struct Inner {
     /// Impersonation headers from the kubeconfig.
     headers: HeaderMap,
     timeout: Duration,
+    /// The largest answer read, in bytes.
+    max_answer_bytes: usize,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -222,7 +227,13 @@ impl Cluster {
     /// tokens rotate), client certificates, basic auth, impersonation. Exec and auth-provider
     /// plugins, `insecure-skip-tls-verify` and proxies are refused here, at start, rather than
     /// failing every request later.
-    pub async fn connect(kubeconfig: Option<&Path>, timeout: Duration) -> Result<Self, String> {
+    ///
+    /// Each call waits at most `timeout` and reads at most `max_answer_bytes` of an answer.
+    pub async fn connect(
+        kubeconfig: Option<&Path>,
+        timeout: Duration,
+        max_answer_bytes: usize,
+    ) -> Result<Self, String> {
         let config = match kubeconfig {
             Some(path) => {
                 let file = kube::config::Kubeconfig::read_from(path)
@@ -266,6 +277,7 @@ impl Cluster {
                 auth,
                 headers: impersonation(user)?,
                 timeout,
+                max_answer_bytes,
             }),
         })
     }
@@ -312,10 +324,21 @@ impl Cluster {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let body = response.bytes().await.map_err(unreachable)?;
         if code.is_success() {
-            return Ok(Answer::Done(body));
+            return match read_body(response, inner.max_answer_bytes).await {
+                Ok(body) => Ok(Answer::Done(body)),
+                Err(BodyError::Broken(detail)) => Err(HandlerError::Unavailable {
+                    backend: "kubernetes",
+                    reason: format!("{}: API server unreachable: {detail}", what()),
+                    retry_after: UNREACHABLE_RETRY,
+                }),
+                Err(too_large @ BodyError::TooLarge { .. }) => Err(HandlerError::Backend {
+                    backend: "kubernetes",
+                    detail: format!("{}: {too_large} (KUBE_MAX_RESPONSE_BYTES)", what()),
+                }),
+            };
         }
+        let body = read_start(response, ERROR_BODY_BYTES).await;
         let status: Status = serde_json::from_slice(&body).unwrap_or_default();
         match (code, status.reason.as_str()) {
             (StatusCode::NOT_FOUND, _) => return Ok(Answer::NotFound(Missing::of(&status))),

@@ -23,6 +23,7 @@ pub struct Kfp {
     base: String,
     token_file: Option<PathBuf>,
     backend: Backend,
+    max_answer_bytes: usize,
 }
 
 impl Kfp {
@@ -37,6 +38,7 @@ impl Kfp {
             http,
             base,
             token_file,
+            max_answer_bytes: config.max_response_bytes,
             backend: Backend::new("kubeflow", config),
         }
     }
@@ -55,6 +57,12 @@ impl Kfp {
                 Ok(request.bearer_auth(token.trim()))
             }
         }
+    }
+
+    /// Sends `request` and reads its JSON answer under `KFP_MAX_RESPONSE_BYTES`.
+    async fn answer(&self, request: reqwest::RequestBuilder) -> Result<Value, CallError> {
+        let response = handler_kit::http::check(request.send().await).await?;
+        handler_kit::http::read_json(response, self.max_answer_bytes).await
     }
 
     /// The run named `display_name`, if there is one (the newest when there are several).
@@ -84,11 +92,7 @@ impl Kfp {
             .backend
             .call(async {
                 let request = self.authorize(self.http.get(&url).query(&query))?;
-                let response = handler_kit::http::check(request.send().await).await?;
-                response
-                    .json::<Value>()
-                    .await
-                    .map_err(|e| CallError::Transient(format!("runs list is not JSON: {e}")))
+                self.answer(request).await
             })
             .await?;
         Ok(list["runs"]
@@ -130,11 +134,7 @@ impl Kfp {
             .backend
             .call(async {
                 let request = self.authorize(self.http.post(&url).json(&body))?;
-                let response = handler_kit::http::check(request.send().await).await?;
-                response
-                    .json::<Value>()
-                    .await
-                    .map_err(|e| CallError::Transient(format!("created run is not JSON: {e}")))
+                self.answer(request).await
             })
             .await?;
         Ok((run, true))

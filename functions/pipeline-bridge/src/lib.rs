@@ -86,6 +86,10 @@ pub struct Config {
     pub kubeconfig: Option<PathBuf>,
     /// `KUBE_TIMEOUT_MS` (default 10000): one Kubernetes API call's deadline.
     pub kube_timeout: Duration,
+    /// `KUBE_MAX_RESPONSE_BYTES` (default 4 MiB): the largest Kubernetes API answer read (502
+    /// above). Each answer is one object, and etcd refuses to store more than 1.5 MiB (its
+    /// default `--max-request-bytes`); 4 MiB leaves room for that object rendered as JSON.
+    pub kube_max_response_bytes: usize,
     /// `PIPELINE_LOCK_TTL_S` (default 21600, 6 h): how long a lock holds without its run
     /// reporting an end; a backstop for a lost completion event, so longer than any run.
     pub lock_ttl: Duration,
@@ -97,7 +101,9 @@ pub struct Config {
     pub kfp_url: Option<String>,
     /// `KFP_TOKEN_FILE` (unset: no token): a bearer token file, read on every call.
     pub kfp_token_file: Option<PathBuf>,
-    /// `KFP_TIMEOUT_MS`, `KFP_CONCURRENCY`, ...: the KFP backend guard.
+    /// `KFP_TIMEOUT_MS`, `KFP_CONCURRENCY`, ...: the KFP backend guard; `KFP_MAX_RESPONSE_BYTES`
+    /// (default 8 MiB) is the largest answer read. A lookup lists up to 10 runs, and a run
+    /// carries its pipeline spec and a detail per task: hundreds of KiB for a large pipeline.
     pub kfp: BackendConfig,
     /// `GITEA_WEBHOOK_SECRET` or the file `GITEA_WEBHOOK_SECRET_FILE` (unset: Gitea webhooks refused).
     pub gitea_secret: Option<Secret>,
@@ -167,6 +173,7 @@ impl Config {
             catalog: Arc::new(catalog),
             kubeconfig: r.optional("KUBECONFIG").map(PathBuf::from),
             kube_timeout: r.millis("KUBE_TIMEOUT_MS", 10_000),
+            kube_max_response_bytes: r.positive("KUBE_MAX_RESPONSE_BYTES", 4 * 1024 * 1024),
             lock_ttl: Duration::from_secs(r.parse("PIPELINE_LOCK_TTL_S", 21_600u64).max(1)),
             lock_retry_after: Duration::from_secs(
                 r.parse("PIPELINE_LOCK_RETRY_AFTER_S", 30u64).max(1),
@@ -179,6 +186,7 @@ impl Config {
                 "KFP",
                 BackendConfig {
                     timeout: Duration::from_secs(10),
+                    max_response_bytes: 8 * 1024 * 1024,
                     ..BackendConfig::default()
                 },
             ),
@@ -257,9 +265,13 @@ impl std::ops::Deref for State {
 impl State {
     /// Builds clients from local configuration only; nothing here waits on the network.
     pub async fn new(config: Config) -> Result<Self, HandlerError> {
-        let cluster = Cluster::connect(config.kubeconfig.as_deref(), config.kube_timeout)
-            .await
-            .map_err(HandlerError::Internal)?;
+        let cluster = Cluster::connect(
+            config.kubeconfig.as_deref(),
+            config.kube_timeout,
+            config.kube_max_response_bytes,
+        )
+        .await
+        .map_err(HandlerError::Internal)?;
         let kfp = match &config.kfp_url {
             Some(url) => Some(Kfp::new(
                 handler_kit::http::client(config.kfp.timeout.min(Duration::from_secs(5)))?,

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::HandlerError;
 use crate::config::ConfigReader;
-use crate::http::{check, describe};
+use crate::http::{check, read_json};
 use crate::resilience::{Backend, BackendConfig, CallError};
 
 /// Configuration of the embeddings backend.
@@ -26,7 +26,9 @@ pub struct EmbedConfig {
     /// `EMBED_API_KEY` (optional): sent as `Authorization: Bearer`.
     pub api_key: Option<String>,
     /// `EMBED_TIMEOUT_MS` (default 10000), `EMBED_CONCURRENCY`, `EMBED_QUEUE_TIMEOUT_MS`,
-    /// `EMBED_BREAKER_*`.
+    /// `EMBED_BREAKER_*`, and `EMBED_MAX_RESPONSE_BYTES` (default 4 MiB): the largest answer.
+    /// A float takes up to 21 bytes of JSON (Python servers print doubles), so a 4096-dimension
+    /// vector about 86 KiB: 4 MiB holds 48 of them, and a chat request embeds one text.
     pub backend: BackendConfig,
 }
 
@@ -45,6 +47,7 @@ impl EmbedConfig {
                 "EMBED",
                 BackendConfig {
                     timeout: Duration::from_secs(10),
+                    max_response_bytes: 4 * 1024 * 1024,
                     ..BackendConfig::default()
                 },
             ),
@@ -88,13 +91,11 @@ impl EmbedClient {
             request = request.bearer_auth(key);
         }
         let expected = texts.len();
+        let limit = self.config.backend.max_response_bytes;
         self.backend
             .call(async move {
                 let response = check(request.send().await).await?;
-                let answer: EmbeddingAnswer = response
-                    .json()
-                    .await
-                    .map_err(|e| CallError::Transient(format!("answered with {}", describe(&e))))?;
+                let answer: EmbeddingAnswer = read_json(response, limit).await?;
                 in_input_order(answer.data, expected).map_err(CallError::Transient)
             })
             .await

@@ -2,9 +2,18 @@
 //!
 //! Compiled-in roots mean the image needs no CA bundle (it is `FROM scratch`), and a single
 //! TLS stack shared with the NATS client keeps the binary small.
+//!
+//! Backends are trusted to be well, not to be small: a misconfigured proxy, a wrong port or a
+//! broken server can answer without end. So every answer is read through [`CappedBody`], chunk
+//! by chunk under the backend's cap (`{PREFIX}_MAX_RESPONSE_BYTES`, see
+//! [`crate::resilience::BackendConfig`]), and one over it is a failed call, never unbounded
+//! growth. The body of a failed answer is only read for its first [`ERROR_BODY_BYTES`].
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
 
 use crate::HandlerError;
 use crate::delivery::parse_retry_after;
@@ -107,9 +116,8 @@ pub async fn check(
         return Ok(response);
     }
     let retry_after = parse_retry_after(response.headers().get(reqwest::header::RETRY_AFTER));
-    let body = response.text().await.unwrap_or_default();
-    let snippet: String = body.chars().take(300).collect();
-    let detail = format!("HTTP {status}: {snippet}");
+    let body = read_start(response, ERROR_BODY_BYTES).await;
+    let detail = format!("HTTP {status}: {}", snippet(&body, 300));
     Err(match verdict(status) {
         Verdict::Transient => CallError::Transient(detail),
         Verdict::Busy => CallError::Busy {
@@ -118,6 +126,141 @@ pub async fn check(
         },
         Verdict::Rejected => CallError::Rejected(detail),
     })
+}
+
+/// How much of a failed answer's body is read: its detail keeps 300 characters (at most 1,200
+/// bytes of UTF-8), and a Kubernetes `Status` refusing an invalid object, whose `message` and
+/// `causes` name each bad field in about 150 bytes, still parses with a hundred of them. The
+/// rest of the body is never read.
+pub const ERROR_BODY_BYTES: usize = 16 * 1024;
+
+/// Why an answer's body was not read whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyError {
+    /// The body (or the length it declared) passed the cap: more than any sound answer.
+    TooLarge {
+        /// The cap, in bytes.
+        limit: usize,
+    },
+    /// The connection failed mid-body.
+    Broken(String),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLarge { limit } => {
+                write!(
+                    f,
+                    "answered more than {limit} bytes, over the cap on its answers"
+                )
+            }
+            Self::Broken(detail) => write!(f, "answer broke off: {detail}"),
+        }
+    }
+}
+
+impl From<BodyError> for CallError {
+    /// Either way the backend misbehaved: a failure that counts against its breaker (502).
+    fn from(error: BodyError) -> Self {
+        CallError::Transient(error.to_string())
+    }
+}
+
+/// An answer's body, read chunk by chunk ([`reqwest::Response::chunk`]) under a cap.
+///
+/// A declared `Content-Length` over the cap is refused before a byte is read; a chunked body
+/// fails at the first chunk that would pass it. So no more than the cap plus the chunk in hand
+/// (what the HTTP stack read from the socket at once, tens of KiB) is ever held.
+#[derive(Debug)]
+pub struct CappedBody {
+    response: reqwest::Response,
+    limit: usize,
+    read: usize,
+}
+
+impl CappedBody {
+    /// Starts reading `response` under `limit` bytes.
+    pub fn new(response: reqwest::Response, limit: usize) -> Result<Self, BodyError> {
+        if response
+            .content_length()
+            .is_some_and(|declared| declared > limit as u64)
+        {
+            return Err(BodyError::TooLarge { limit });
+        }
+        Ok(Self {
+            response,
+            limit,
+            read: 0,
+        })
+    }
+
+    /// The next chunk; `None` at the end of the body.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, BodyError> {
+        let Some(chunk) = self
+            .response
+            .chunk()
+            .await
+            .map_err(|e| BodyError::Broken(describe(&e)))?
+        else {
+            return Ok(None);
+        };
+        self.read += chunk.len();
+        if self.read > self.limit {
+            return Err(BodyError::TooLarge { limit: self.limit });
+        }
+        Ok(Some(chunk))
+    }
+
+    /// The rest of the body in one piece.
+    pub async fn read_all(mut self) -> Result<Bytes, BodyError> {
+        let mut body = Vec::new();
+        while let Some(chunk) = self.chunk().await? {
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.into())
+    }
+}
+
+/// A whole answer's body, at most `limit` bytes (see [`CappedBody`]).
+pub async fn read_body(response: reqwest::Response, limit: usize) -> Result<Bytes, BodyError> {
+    CappedBody::new(response, limit)?.read_all().await
+}
+
+/// A whole answer's body, at most `limit` bytes, parsed as JSON; garbage is a failed call
+/// quoting the start of what came.
+pub async fn read_json<T: DeserializeOwned>(
+    response: reqwest::Response,
+    limit: usize,
+) -> Result<T, CallError> {
+    let body = read_body(response, limit).await?;
+    serde_json::from_slice(&body).map_err(|e| {
+        CallError::Transient(format!(
+            "answered with invalid JSON ({e}): {}",
+            snippet(&body, 200)
+        ))
+    })
+}
+
+/// The first `limit` bytes of a body (fewer when it is shorter or breaks off), for an error's
+/// detail; the rest is left unread, and the connection is closed rather than reused.
+pub async fn read_start(mut response: reqwest::Response, limit: usize) -> Bytes {
+    let mut start = Vec::new();
+    while start.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = limit - start.len();
+                start.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    start.into()
+}
+
+/// The first `chars` characters of `body`, read as UTF-8 (bad sequences replaced).
+pub fn snippet(body: &[u8], chars: usize) -> String {
+    String::from_utf8_lossy(body).chars().take(chars).collect()
 }
 
 /// What a backend's non-2xx status says about the call, before any detail is attached.
@@ -203,6 +346,77 @@ mod tests {
             let status = reqwest::StatusCode::from_u16(code).expect("status");
             assert_eq!(verdict(status), expected, "{code}");
         }
+    }
+
+    use testkit::endless::{EndlessAnswer, EndlessServer};
+
+    async fn get(url: &str) -> reqwest::Response {
+        let http = client(Duration::from_secs(1)).expect("client");
+        check(http.get(url).send().await).await.expect("200")
+    }
+
+    #[tokio::test]
+    async fn an_answer_declaring_more_than_the_cap_is_refused_before_it_is_read() {
+        use wiremock::{Mock, MockServer, ResponseTemplate, matchers::any};
+        let server = MockServer::start().await;
+        Mock::given(any())
+            .respond_with(ResponseTemplate::new(200).set_body_bytes(vec![b'x'; 2048]))
+            .mount(&server)
+            .await;
+        let err = read_body(get(&server.uri()).await, 1024)
+            .await
+            .expect_err("over the cap");
+        assert_eq!(err, BodyError::TooLarge { limit: 1024 });
+        let body = read_body(get(&server.uri()).await, 2048)
+            .await
+            .expect("at the cap");
+        assert_eq!(body.len(), 2048);
+    }
+
+    #[tokio::test]
+    async fn an_endless_answer_fails_at_the_cap_and_the_backend_sees_the_hang_up() {
+        let server = EndlessServer::start(EndlessAnswer::new(
+            "application/json",
+            "[",
+            "1.0, ".repeat(1000),
+        ))
+        .await
+        .expect("server");
+        let cap = 64 * 1024;
+        let err = read_json::<Vec<f32>>(get(&server.url()).await, cap)
+            .await
+            .expect_err("over the cap");
+        assert!(
+            matches!(&err, CallError::Transient(detail) if detail.contains("more than 65536 bytes")),
+            "{err:?}"
+        );
+        server
+            .assert_hung_up_within(cap as u64, "an endless JSON answer")
+            .await;
+    }
+
+    #[tokio::test]
+    async fn an_endless_error_body_is_read_only_for_its_start() {
+        let server = EndlessServer::start(
+            EndlessAnswer::new("text/plain", "CUDA out of memory: ", "é".repeat(4096)).status(500),
+        )
+        .await
+        .expect("server");
+        let http = client(Duration::from_secs(1)).expect("client");
+        let err = check(http.get(server.url()).send().await)
+            .await
+            .expect_err("500");
+        let CallError::Transient(detail) = &err else {
+            panic!("{err:?}");
+        };
+        assert!(detail.starts_with("HTTP 500 Internal Server Error: CUDA out of memory: éé"));
+        assert_eq!(
+            detail.chars().count(),
+            "HTTP 500 Internal Server Error: ".len() + 300
+        );
+        server
+            .assert_hung_up_within(ERROR_BODY_BYTES as u64, "an endless error body")
+            .await;
     }
 
     #[tokio::test]

@@ -18,7 +18,8 @@
 //! - [`serve`]: the standard router (health, metrics, panic guard) and serve-with-drain.
 //! - [`text`]: sentence splitting for speech synthesis.
 //! - `nats` (feature `nats`): a lazily connected NATS client publishing MessagePack.
-//! - `resilience`, `http` (feature `http-client`): timeouts, circuit breaker, concurrency limit.
+//! - `resilience`, `http` (feature `http-client`): timeouts, circuit breaker, concurrency limit;
+//!   every backend answer read under its cap (`{PREFIX}_MAX_RESPONSE_BYTES`).
 //! - `audio` (feature `audio`): WAV parsing, merging and splitting; conversion to 16 kHz mono.
 //! - `stream` (features `nats` + `audio`): ordered, size-capped audio chunks on a subject.
 //! - `tts` (feature `tts`): the text-to-speech client.

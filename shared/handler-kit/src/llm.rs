@@ -11,18 +11,19 @@
 //! timeout bounds the gap between two chunks. A server that stalls mid-answer is thereby caught
 //! within seconds, while a long answer that keeps flowing is never cut off. The stream holds its
 //! concurrency slot (a [`Lease`]) until it ends, and reports to the circuit breaker how it ended.
+//!
+//! Nor is a stream's length bounded by the server alone: the whole stream is read under
+//! `LLM_MAX_STREAM_BYTES` and each event under `LLM_MAX_EVENT_BYTES`, so a server that sends
+//! one endless line, or tokens without end, fails the stream instead of growing memory.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures::StreamExt;
-use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 use crate::HandlerError;
 use crate::config::ConfigReader;
-use crate::http::{check, describe};
+use crate::http::{BodyError, CappedBody, check, read_json};
 use crate::resilience::{Backend, BackendConfig, CallError, Lease};
 
 /// Configuration of the LLM backend.
@@ -39,9 +40,20 @@ pub struct LlmConfig {
     /// `LLM_IDLE_TIMEOUT_MS` (default 30000): the longest gap between two chunks of a stream
     /// before it counts as stalled; the first token of a long prompt may take a while.
     pub idle_timeout: Duration,
+    /// `LLM_MAX_STREAM_BYTES` (default 16 MiB): the most a streamed answer may send in all.
+    /// vLLM's event for one token is 248 bytes (id, model name, one choice), so 16 MiB is
+    /// 67,000 tokens, more than the context of the models served; the stream is read piece by
+    /// piece, so this bounds the answer's text and the time a runaway stream holds its slot.
+    pub max_stream_bytes: usize,
+    /// `LLM_MAX_EVENT_BYTES` (default 64 KiB): the longest event (its lines together) of a
+    /// stream. A token's event is about 250 bytes, one with 20 `logprobs` alternatives a few
+    /// KiB; without this, one line without an end would be buffered whole.
+    pub max_event_bytes: usize,
     /// `LLM_TIMEOUT_MS` (default 30000: for streams, only until the response headers arrive),
     /// `LLM_CONCURRENCY` (default 32: streams hold a slot for their whole length),
-    /// `LLM_QUEUE_TIMEOUT_MS`, `LLM_BREAKER_*`.
+    /// `LLM_QUEUE_TIMEOUT_MS`, `LLM_BREAKER_*`, and `LLM_MAX_RESPONSE_BYTES` (default 1 MiB):
+    /// the largest whole (not streamed) answer, which is held in memory to be parsed; 32,000
+    /// tokens of text are about 128 KiB, or 6 times that with every character `\u`-escaped.
     pub backend: BackendConfig,
 }
 
@@ -53,6 +65,8 @@ impl LlmConfig {
             model: r.string("LLM_MODEL", "default"),
             api_key: r.optional("LLM_API_KEY"),
             idle_timeout: r.millis("LLM_IDLE_TIMEOUT_MS", 30_000),
+            max_stream_bytes: r.positive("LLM_MAX_STREAM_BYTES", 16 * 1024 * 1024),
+            max_event_bytes: r.positive("LLM_MAX_EVENT_BYTES", 64 * 1024),
             backend: BackendConfig::read(
                 r,
                 "LLM",
@@ -145,13 +159,11 @@ impl LlmClient {
     /// Asks for a completion and waits for all of it.
     pub async fn complete(&self, req: &CompletionRequest) -> Result<Completion, HandlerError> {
         let request = self.request(req, false);
+        let limit = self.config.backend.max_response_bytes;
         self.backend
             .call(async move {
                 let response = check(request.send().await).await?;
-                let answer: CompletionAnswer = response
-                    .json()
-                    .await
-                    .map_err(|e| CallError::Transient(format!("answered with {}", describe(&e))))?;
+                let answer: CompletionAnswer = read_json(response, limit).await?;
                 let choice = answer
                     .choices
                     .into_iter()
@@ -171,14 +183,15 @@ impl LlmClient {
         let request = self
             .request(req, true)
             .header(reqwest::header::ACCEPT, "text/event-stream");
-        let (response, lease) = self
+        let limit = self.config.max_stream_bytes;
+        let (body, lease) = self
             .backend
-            .open(async move { check(request.send().await).await })
+            .open(async move { Ok(CappedBody::new(check(request.send().await).await?, limit)?) })
             .await?;
         Ok(LlmStream {
-            body: Some(response.bytes_stream().boxed()),
+            body: Some(body),
             lease: Some(lease),
-            decoder: SseDecoder::default(),
+            decoder: SseDecoder::new(self.config.max_event_bytes),
             pending: VecDeque::new(),
             error: None,
             finished: false,
@@ -214,8 +227,9 @@ impl LlmClient {
 /// Dropping it before the end closes the HTTP connection, which is how the server learns that
 /// nobody is listening any more and stops generating.
 pub struct LlmStream {
-    /// The response body; `None` once the stream has ended, well or badly.
-    body: Option<BoxStream<'static, reqwest::Result<Bytes>>>,
+    /// The response body, read under `LLM_MAX_STREAM_BYTES`; `None` once the stream has
+    /// ended, well or badly.
+    body: Option<CappedBody>,
     /// The concurrency slot, finished (and reported to the breaker) when the stream ends.
     lease: Option<Lease>,
     decoder: SseDecoder,
@@ -263,7 +277,7 @@ impl LlmStream {
                 return Some(Err(error));
             }
             let body = self.body.as_mut()?;
-            match tokio::time::timeout(self.idle_timeout, body.next()).await {
+            match tokio::time::timeout(self.idle_timeout, body.chunk()).await {
                 Err(_) => {
                     let error = HandlerError::Timeout {
                         backend: self.backend,
@@ -271,13 +285,18 @@ impl LlmStream {
                     };
                     self.fail(error);
                 }
-                Ok(Some(Err(e))) => self.fail_with(format!("stream broke: {}", describe(&e))),
-                Ok(Some(Ok(chunk))) => {
+                Ok(Err(BodyError::Broken(detail))) => {
+                    self.fail_with(format!("stream broke: {detail}"));
+                }
+                Ok(Err(BodyError::TooLarge { limit })) => self.fail_with(format!(
+                    "the stream passed {limit} bytes (LLM_MAX_STREAM_BYTES)"
+                )),
+                Ok(Ok(Some(chunk))) => {
                     let mut events = Vec::new();
                     let decoded = self.decoder.push(&chunk, &mut events);
                     self.consume(events, decoded);
                 }
-                Ok(None) => {
+                Ok(Ok(None)) => {
                     let mut events = Vec::new();
                     let decoded = self.decoder.finish(&mut events);
                     self.consume(events, decoded);
@@ -369,8 +388,9 @@ impl LlmStream {
 
 /// Splits a `text/event-stream` body into the `data` of each event, however the network
 /// chunked it (the WHATWG rules: `\n`, `\r\n` or `\r` end a line, a blank line ends an event,
-/// `:` opens a comment, several `data` lines join with `\n`).
-#[derive(Debug, Default)]
+/// `:` opens a comment, several `data` lines join with `\n`), refusing an event longer than
+/// its cap as soon as it passes it.
+#[derive(Debug)]
 struct SseDecoder {
     /// The line read so far (bytes: a chunk may end inside a UTF-8 sequence).
     line: Vec<u8>,
@@ -380,9 +400,21 @@ struct SseDecoder {
     has_data: bool,
     /// The last byte was `\r`: a `\n` right after it belongs to the same line break.
     after_cr: bool,
+    /// The longest event: its current line and its `data` so far together.
+    max_event: usize,
 }
 
 impl SseDecoder {
+    fn new(max_event: usize) -> Self {
+        Self {
+            line: Vec::new(),
+            data: String::new(),
+            has_data: false,
+            after_cr: false,
+            max_event,
+        }
+    }
+
     /// Feeds `chunk`, appending the data of every event it completes to `events`.
     fn push(&mut self, chunk: &[u8], events: &mut Vec<String>) -> Result<(), String> {
         for &byte in chunk {
@@ -395,7 +427,15 @@ impl SseDecoder {
                     self.end_line(events)?;
                     self.after_cr = true;
                 }
-                _ => self.line.push(byte),
+                _ => {
+                    if self.line.len() + self.data.len() >= self.max_event {
+                        return Err(format!(
+                            "an event passed {} bytes (LLM_MAX_EVENT_BYTES)",
+                            self.max_event
+                        ));
+                    }
+                    self.line.push(byte);
+                }
             }
         }
         Ok(())
@@ -779,6 +819,88 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_endless_line_fails_the_stream_at_the_event_cap() {
+        use testkit::endless::{EndlessAnswer, EndlessServer};
+        let server = EndlessServer::start(EndlessAnswer::new(
+            "text/event-stream",
+            "data: {\"choices\": [{\"delta\": {\"content\": \"",
+            "x".repeat(16 * 1024),
+        ))
+        .await
+        .expect("server");
+        let llm = client(
+            &server.url(),
+            &[
+                ("LLM_MAX_EVENT_BYTES", "65536"),
+                ("LLM_BREAKER_FAILURES", "1"),
+            ],
+        );
+        let (deltas, error) = drain(&mut llm.stream(&request()).await.expect("open")).await;
+        assert!(deltas.is_empty(), "{deltas:?}");
+        assert!(
+            matches!(&error, Some(HandlerError::Backend { backend: "llm", detail })
+                if detail.contains("an event passed 65536 bytes (LLM_MAX_EVENT_BYTES)")),
+            "{error:?}"
+        );
+        server.assert_hung_up_within(65536, "an endless line").await;
+        // The broken stream counted against the breaker (one failure opens it here).
+        let err = llm.stream(&request()).await.expect_err("breaker open");
+        assert!(matches!(err, HandlerError::Unavailable { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn tokens_without_end_fail_the_stream_at_the_stream_cap() {
+        use testkit::endless::{EndlessAnswer, EndlessServer};
+        let token = format!("data: {}\n\n", text_chunk("a"));
+        let server = EndlessServer::start(EndlessAnswer::new(
+            "text/event-stream",
+            "",
+            token.repeat(64),
+        ))
+        .await
+        .expect("server");
+        let cap = 256 * 1024;
+        let llm = client(&server.url(), &[("LLM_MAX_STREAM_BYTES", &cap.to_string())]);
+        let (deltas, error) = drain(&mut llm.stream(&request()).await.expect("open")).await;
+        // Every whole event before the cap was handed out, then the stream failed.
+        assert!(
+            deltas.len() > cap / token.len() / 2,
+            "{} deltas",
+            deltas.len()
+        );
+        assert!(deltas.len() <= cap / token.len(), "{} deltas", deltas.len());
+        assert!(
+            matches!(&error, Some(HandlerError::Backend { detail, .. })
+                if detail.contains("passed 262144 bytes (LLM_MAX_STREAM_BYTES)")),
+            "{error:?}"
+        );
+        server
+            .assert_hung_up_within(cap as u64, "endless tokens")
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_whole_answer_over_its_cap_is_a_backend_error() {
+        use testkit::endless::{EndlessAnswer, EndlessServer};
+        let server = EndlessServer::start(EndlessAnswer::new(
+            "application/json",
+            "{\"choices\": [{\"message\": {\"content\": \"",
+            "y".repeat(16 * 1024),
+        ))
+        .await
+        .expect("server");
+        let llm = client(&server.url(), &[("LLM_MAX_RESPONSE_BYTES", "100000")]);
+        let err = llm.complete(&request()).await.expect_err("over the cap");
+        assert!(
+            matches!(&err, HandlerError::Backend { detail, .. } if detail.contains("more than 100000 bytes")),
+            "{err:?}"
+        );
+        server
+            .assert_hung_up_within(100_000, "a whole answer")
+            .await;
+    }
+
+    #[tokio::test]
     async fn server_errors_before_the_stream_count_against_the_breaker() {
         let server = MockServer::start().await;
         Mock::given(method("POST"))
@@ -906,7 +1028,7 @@ mod tests {
     }
 
     fn decode_in_pieces(body: &[u8], cuts: &[usize]) -> Vec<String> {
-        let mut decoder = SseDecoder::default();
+        let mut decoder = SseDecoder::new(64 * 1024);
         let mut events = Vec::new();
         let mut start = 0;
         for &cut in cuts.iter().chain(std::iter::once(&body.len())) {
@@ -946,8 +1068,23 @@ mod tests {
     }
 
     #[test]
+    fn an_event_of_many_data_lines_counts_them_all_against_its_cap() {
+        // A line counts whole (`data: ` too), the event's data so far with it.
+        let mut decoder = SseDecoder::new(24);
+        let mut events = Vec::new();
+        decoder
+            .push(b"data: 0123456\n\ndata: 0123456789abcde\n\n", &mut events)
+            .expect("each under the cap");
+        assert_eq!(events, ["0123456", "0123456789abcde"]);
+        let err = decoder
+            .push(b"data: 01234\ndata: 56789\ndata: abcdefghijk", &mut events)
+            .expect_err("over the cap together");
+        assert!(err.contains("passed 24 bytes"), "{err}");
+    }
+
+    #[test]
     fn sse_decoding_rejects_invalid_utf8() {
-        let mut decoder = SseDecoder::default();
+        let mut decoder = SseDecoder::new(64 * 1024);
         let mut events = Vec::new();
         let err = decoder
             .push(b"data: \xff\xfe\n\n", &mut events)

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 
 use crate::HandlerError;
 use crate::config::ConfigReader;
-use crate::http::{check, describe};
+use crate::http::{check, read_json};
 use crate::resilience::{Backend, BackendConfig, CallError};
 
 /// Which REST API the Milvus server speaks.
@@ -42,7 +42,9 @@ pub struct MilvusConfig {
     /// v1 always searches a collection's only vector field).
     pub vector_field: String,
     /// `MILVUS_TIMEOUT_MS` (default 5000), `MILVUS_CONCURRENCY`, `MILVUS_QUEUE_TIMEOUT_MS`,
-    /// `MILVUS_BREAKER_*`.
+    /// `MILVUS_BREAKER_*`, and `MILVUS_MAX_RESPONSE_BYTES` (default 8 MiB): the largest answer.
+    /// A search answers at most `CHAT_MAX_TOP_K` (64) hits, and a `VARCHAR` holds at most
+    /// 65,535 bytes: 64 such texts are 4 MiB, twice that leaves room for JSON escapes.
     pub backend: BackendConfig,
 }
 
@@ -64,6 +66,7 @@ impl MilvusConfig {
                 "MILVUS",
                 BackendConfig {
                     timeout: Duration::from_secs(5),
+                    max_response_bytes: 8 * 1024 * 1024,
                     ..BackendConfig::default()
                 },
             ),
@@ -145,13 +148,11 @@ impl MilvusClient {
         if let Some(token) = &config.token {
             request = request.bearer_auth(token);
         }
+        let limit = config.backend.max_response_bytes;
         self.backend
             .call(async move {
                 let response = check(request.send().await).await?;
-                let answer: Answer = response
-                    .json()
-                    .await
-                    .map_err(|e| CallError::Transient(format!("answered with {}", describe(&e))))?;
+                let answer: Answer = read_json(response, limit).await?;
                 if answer.code != success {
                     let detail = format!("code {}: {}", answer.code, answer.message());
                     return Err(if RETRIABLE_CODES.contains(&answer.code) {

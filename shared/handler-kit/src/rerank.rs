@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::HandlerError;
 use crate::config::ConfigReader;
-use crate::http::{check, describe};
+use crate::http::{check, read_json};
 use crate::resilience::{Backend, BackendConfig, CallError};
 
 /// Which HTTP API the reranker speaks.
@@ -38,7 +38,9 @@ pub struct RerankConfig {
     /// `RERANK_API_KEY` (optional): sent as `Authorization: Bearer`.
     pub api_key: Option<String>,
     /// `RERANK_TIMEOUT_MS` (default 10000), `RERANK_CONCURRENCY`, `RERANK_QUEUE_TIMEOUT_MS`,
-    /// `RERANK_BREAKER_*`.
+    /// `RERANK_BREAKER_*`, and `RERANK_MAX_RESPONSE_BYTES` (default 8 MiB): the largest
+    /// answer. Scores alone take 40 bytes a text, but some servers echo every text back
+    /// (vLLM's `/v1/rerank` does), so this fits what a Milvus search may answer.
     pub backend: BackendConfig,
 }
 
@@ -60,6 +62,7 @@ impl RerankConfig {
                 "RERANK",
                 BackendConfig {
                     timeout: Duration::from_secs(10),
+                    max_response_bytes: 8 * 1024 * 1024,
                     ..BackendConfig::default()
                 },
             ),
@@ -121,27 +124,21 @@ impl RerankClient {
         }
         let api = config.api;
         let count = texts.len();
+        let limit = config.backend.max_response_bytes;
         self.backend
             .call(async move {
                 let response = check(request.send().await).await?;
-                let bad_answer = |e: reqwest::Error| {
-                    CallError::Transient(format!("answered with {}", describe(&e)))
-                };
                 let ranking = match api {
-                    RerankApi::Tei => response
-                        .json::<Vec<TeiRank>>()
-                        .await
-                        .map_err(bad_answer)?
+                    RerankApi::Tei => read_json::<Vec<TeiRank>>(response, limit)
+                        .await?
                         .into_iter()
                         .map(|r| Ranked {
                             index: r.index,
                             score: r.score,
                         })
                         .collect(),
-                    RerankApi::Cohere => response
-                        .json::<CohereAnswer>()
-                        .await
-                        .map_err(bad_answer)?
+                    RerankApi::Cohere => read_json::<CohereAnswer>(response, limit)
+                        .await?
                         .results
                         .into_iter()
                         .map(|r| Ranked {

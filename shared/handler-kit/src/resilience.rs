@@ -39,6 +39,10 @@ pub struct BackendConfig {
     pub breaker_failures: u32,
     /// `{PREFIX}_BREAKER_OPEN_MS`: how long it stays open before a probe is let through.
     pub breaker_open: Duration,
+    /// `{PREFIX}_MAX_RESPONSE_BYTES`: the largest answer read from it (default 1 MiB; each
+    /// client sets one that fits its answers); a larger one is a failed call (502), so a
+    /// backend answering without end cannot grow the replica's memory.
+    pub max_response_bytes: usize,
 }
 
 impl Default for BackendConfig {
@@ -49,6 +53,7 @@ impl Default for BackendConfig {
             queue_timeout: Duration::from_secs(5),
             breaker_failures: 5,
             breaker_open: Duration::from_secs(10),
+            max_response_bytes: 1024 * 1024,
         }
     }
 }
@@ -74,6 +79,10 @@ impl BackendConfig {
             breaker_open: r.millis(
                 &format!("{prefix}_BREAKER_OPEN_MS"),
                 ms(defaults.breaker_open),
+            ),
+            max_response_bytes: r.positive(
+                &format!("{prefix}_MAX_RESPONSE_BYTES"),
+                defaults.max_response_bytes,
             ),
         }
     }
@@ -382,6 +391,7 @@ mod tests {
                 queue_timeout: Duration::from_millis(20),
                 breaker_failures: failures,
                 breaker_open: Duration::from_millis(open_ms),
+                ..BackendConfig::default()
             },
         )
     }

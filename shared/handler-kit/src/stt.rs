@@ -35,7 +35,10 @@ pub struct SttConfig {
     /// `STT_VAD_*`, `STT_MAX_UTTERANCE_MS`: how recordings are cut into utterances.
     pub vad: VadConfig,
     /// `STT_TIMEOUT_MS` (default 60000), `STT_CONCURRENCY` (default 8),
-    /// `STT_QUEUE_TIMEOUT_MS`, `STT_BREAKER_*`: the guard around each backend call.
+    /// `STT_QUEUE_TIMEOUT_MS`, `STT_BREAKER_*`: the guard around each backend call; and
+    /// `STT_MAX_RESPONSE_BYTES` (default 256 KiB): the largest answer. One utterance's
+    /// `{"text"}` is a few hundred bytes (a minute of fast speech is about 1 KiB of text);
+    /// the rest is room for servers that add timings.
     pub backend: BackendConfig,
 }
 
@@ -56,6 +59,7 @@ impl SttConfig {
                 BackendConfig {
                     timeout: std::time::Duration::from_secs(60),
                     concurrency: 8,
+                    max_response_bytes: 256 * 1024,
                     ..BackendConfig::default()
                 },
             ),
@@ -150,16 +154,13 @@ impl SttClient {
         if let Some(key) = &self.config.api_key {
             request = request.bearer_auth(key);
         }
+        let limit = self.config.backend.max_response_bytes;
         self.backend
             .call(async move {
                 let response = crate::http::check(request.send().await).await?;
-                let body = response
-                    .bytes()
-                    .await
-                    .map_err(|e| CallError::Transient(crate::http::describe(&e)))?;
+                let body = crate::http::read_body(response, limit).await?;
                 let answer: Transcription = serde_json::from_slice(&body).map_err(|e| {
-                    let snippet: String =
-                        String::from_utf8_lossy(&body).chars().take(200).collect();
+                    let snippet = crate::http::snippet(&body, 200);
                     CallError::Transient(format!("answered with no transcription ({e}): {snippet}"))
                 })?;
                 Ok(answer.text.trim().to_string())

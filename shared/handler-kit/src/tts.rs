@@ -30,7 +30,11 @@ pub struct TtsConfig {
     pub default_voice: Option<String>,
     /// `TTS_LANGUAGE` (optional): language id when a request names none (multilingual Coqui).
     pub default_language: Option<String>,
-    /// `TTS_TIMEOUT_MS`, `TTS_CONCURRENCY`, `TTS_QUEUE_TIMEOUT_MS`, `TTS_BREAKER_*`.
+    /// `TTS_TIMEOUT_MS`, `TTS_CONCURRENCY`, `TTS_QUEUE_TIMEOUT_MS`, `TTS_BREAKER_*`, and
+    /// `TTS_MAX_RESPONSE_BYTES` (default 16 MiB): the largest WAV taken for one piece. A piece
+    /// is at most `TTS_MAX_CHUNK_CHARS` (default 300) characters, about 20 s of speech at 15
+    /// characters a second; 16 MiB holds 43 s of 48 kHz stereo 32-bit float, the largest
+    /// common WAV, so twice that.
     pub backend: BackendConfig,
 }
 
@@ -47,7 +51,14 @@ impl TtsConfig {
             model: r.string("TTS_MODEL", "tts-1"),
             default_voice: r.optional("TTS_VOICE"),
             default_language: r.optional("TTS_LANGUAGE"),
-            backend: BackendConfig::read(r, "TTS", BackendConfig::default()),
+            backend: BackendConfig::read(
+                r,
+                "TTS",
+                BackendConfig {
+                    max_response_bytes: 16 * 1024 * 1024,
+                    ..BackendConfig::default()
+                },
+            ),
         }
     }
 }
@@ -112,13 +123,11 @@ impl TtsClient {
                     "response_format": "wav",
                 })),
         };
+        let limit = config.backend.max_response_bytes;
         self.backend
             .call(async move {
                 let response = crate::http::check(request.send().await).await?;
-                let bytes = response
-                    .bytes()
-                    .await
-                    .map_err(|e| CallError::Transient(crate::http::describe(&e)))?;
+                let bytes = crate::http::read_body(response, limit).await?;
                 Wav::parse(&bytes).map_err(|e| CallError::Transient(format!("answered with {e}")))
             })
             .await

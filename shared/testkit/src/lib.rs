@@ -2,6 +2,7 @@
 //! simulator: a labelled local stand-in for inference backends.
 
 pub mod cloudevent;
+pub mod endless;
 pub mod fake_kube;
 pub mod fixtures;
 pub mod milvus_server;
