@@ -7,6 +7,11 @@
 //! handed over as raw bytes. The reply uses the request's mode and data format, so a msgpack
 //! caller gets msgpack back and a curl user gets JSON, unless `Accept` asks for something else.
 //!
+//! Decoding trusts no count the data carries: nesting deeper than [`MAX_DATA_DEPTH`] is refused
+//! before it is decoded (JSON) or as soon as it is reached (MessagePack), and a length prefix
+//! (MessagePack's `dd ff ff ff ff` claims 4 Gi elements) sizes no allocation: the data runs
+//! out first, and the answer is a 400.
+//!
 //! Request values that become NATS subject tokens, header values or KV keys (ids) are checked
 //! by [`check_token`] where the request is decoded, before any work; [`CloudEvent::request_id`]
 //! does it for the usual `request_id`-else-event-`id`.
@@ -68,6 +73,15 @@ pub fn check_token(field: &str, value: &str) -> Result<(), HandlerError> {
     Ok(())
 }
 
+/// The deepest nesting of arrays and maps (objects) accepted in event data, in either format.
+///
+/// Our own payloads nest at most 3 levels (a chat request's `history` of messages). The deepest
+/// data a function takes is a Kubernetes object in a resource event, about 15 levels (a Job's
+/// `managedFields` mirror its pod template's fields, `f:spec.f:template.f:spec.f:containers...`);
+/// 64 leaves four times that. Decoding recurses once per level, so this also bounds the stack,
+/// where the libraries' own limits are 128 levels (serde_json) and 1024 (rmp-serde).
+pub const MAX_DATA_DEPTH: usize = 64;
+
 /// How the CloudEvent was carried over HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -110,6 +124,27 @@ impl DataFormat {
             "application/json" | "text/json" => Some(Self::Json),
             e if e.ends_with("+json") => Some(Self::Json),
             _ => None,
+        }
+    }
+
+    /// Decodes `bytes` in this format, refusing (400) data nested deeper than
+    /// [`MAX_DATA_DEPTH`]; trailing bytes after one MessagePack value are ignored.
+    pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, HandlerError> {
+        let invalid = |e: &dyn std::fmt::Display| HandlerError::InvalidPayload(e.to_string());
+        match self {
+            Self::Json => {
+                check_json_depth(bytes)?;
+                serde_json::from_slice(bytes).map_err(|e| invalid(&e))
+            }
+            Self::Msgpack => {
+                let mut decoder = rmp_serde::Deserializer::from_read_ref(bytes);
+                // rmp-serde counts down from its limit and fails when it reaches zero.
+                decoder.set_max_depth(MAX_DATA_DEPTH + 1);
+                T::deserialize(&mut decoder).map_err(|e| match e {
+                    rmp_serde::decode::Error::DepthLimitExceeded => too_deep(),
+                    other => invalid(&other),
+                })
+            }
         }
     }
 
@@ -212,27 +247,25 @@ impl CloudEvent {
         }
     }
 
-    /// Decodes `data` into the function's payload type according to `datacontenttype`.
+    /// Decodes `data` into the function's payload type according to `datacontenttype`, with
+    /// [`DataFormat::decode`]'s limits.
     pub fn data<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
         let format = self.data_format()?;
-        let invalid = |e: &dyn std::fmt::Display| HandlerError::InvalidPayload(e.to_string());
         match (format, self.event.data()) {
             (_, None) => Err(HandlerError::InvalidPayload("the event has no data".into())),
-            (DataFormat::Msgpack, Some(Data::Binary(bytes))) => {
-                rmp_serde::from_slice(bytes).map_err(|e| invalid(&e))
-            }
+            (DataFormat::Msgpack, Some(Data::Binary(bytes))) => format.decode(bytes),
             (DataFormat::Msgpack, Some(_)) => Err(HandlerError::InvalidPayload(
                 "datacontenttype is msgpack but data is not binary (use data_base64)".into(),
             )),
+            // A structured envelope's data, already parsed (under serde_json's 128 levels).
             (DataFormat::Json, Some(Data::Json(value))) => {
-                T::deserialize(value).map_err(|e| invalid(&e))
+                if json_value_depth(value) > MAX_DATA_DEPTH {
+                    return Err(too_deep());
+                }
+                T::deserialize(value).map_err(|e| HandlerError::InvalidPayload(e.to_string()))
             }
-            (DataFormat::Json, Some(Data::Binary(bytes))) => {
-                serde_json::from_slice(bytes).map_err(|e| invalid(&e))
-            }
-            (DataFormat::Json, Some(Data::String(text))) => {
-                serde_json::from_str(text).map_err(|e| invalid(&e))
-            }
+            (DataFormat::Json, Some(Data::Binary(bytes))) => format.decode(bytes),
+            (DataFormat::Json, Some(Data::String(text))) => format.decode(text.as_bytes()),
         }
     }
 
@@ -373,6 +406,60 @@ pub async fn read_capped(
         .to_bytes())
 }
 
+fn too_deep() -> HandlerError {
+    HandlerError::InvalidPayload(format!(
+        "data nests deeper than {MAX_DATA_DEPTH} levels of arrays and maps"
+    ))
+}
+
+/// Refuses JSON text whose arrays and objects nest deeper than [`MAX_DATA_DEPTH`], by counting
+/// brackets outside strings, before the text is parsed. Text that is not JSON may be counted
+/// wrongly; the parser refuses it anyway.
+fn check_json_depth(text: &[u8]) -> Result<(), HandlerError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in text {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DATA_DEPTH {
+                    return Err(too_deep());
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// How deeply `value`'s arrays and objects nest (a scalar: 0), without recursing.
+fn json_value_depth(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    let mut deepest = 0;
+    let mut pending = vec![(value, 0usize)];
+    while let Some((value, depth)) = pending.pop() {
+        match value {
+            Value::Array(items) => pending.extend(items.iter().map(|item| (item, depth + 1))),
+            Value::Object(fields) => pending.extend(fields.values().map(|v| (v, depth + 1))),
+            _ => continue,
+        }
+        deepest = deepest.max(depth + 1);
+    }
+    deepest
+}
+
 fn event_is_structured(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -454,7 +541,9 @@ pub mod bytes_field {
         }
 
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            // The hint is the sender's claim (a MessagePack array32 may claim 4 Gi elements):
+            // reserve no more than 64 KiB on its word, and let the bytes that do arrive grow it.
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64 * 1024));
             while let Some(b) = seq.next_element::<u8>()? {
                 out.push(b);
             }
@@ -633,6 +722,111 @@ mod tests {
         assert!(err.to_string().contains("event id"), "{err}");
         let err = ce.request_id(Some("a\nb")).expect_err("newline");
         assert!(err.to_string().contains("request_id"), "{err}");
+    }
+
+    /// A sequence that claims `usize::MAX` elements and has none.
+    struct Boasting;
+
+    impl Iterator for Boasting {
+        type Item = u8;
+
+        fn next(&mut self) -> Option<u8> {
+            None
+        }
+
+        fn size_hint(&self) -> (usize, Option<usize>) {
+            (usize::MAX, Some(usize::MAX))
+        }
+    }
+
+    #[test]
+    fn a_claimed_length_sizes_no_allocation_of_bytes() {
+        // Reserving what it claims would panic (capacity overflow) before a byte was read.
+        let claimed =
+            serde::de::value::SeqDeserializer::<_, serde::de::value::Error>::new(Boasting);
+        assert_eq!(
+            bytes_field::deserialize(claimed).expect("no bytes"),
+            Vec::<u8>::new()
+        );
+        // MessagePack's array32 claiming 4 Gi bytes, with none following: refused.
+        let hostile = [
+            0x81, 0xa5, b'a', b'u', b'd', b'i', b'o', 0xdd, 0xff, 0xff, 0xff, 0xff,
+        ];
+        let err = DataFormat::Msgpack
+            .decode::<Audio>(&hostile)
+            .expect_err("no data behind the prefix");
+        assert!(matches!(err, HandlerError::InvalidPayload(_)), "{err:?}");
+    }
+
+    /// `depth` arrays nested in one another, around `0`.
+    fn nested_msgpack(depth: usize) -> Vec<u8> {
+        let mut data = vec![0x91; depth];
+        data.push(0x00);
+        data
+    }
+
+    fn nested_json(depth: usize) -> String {
+        format!("{}0{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn data_nested_up_to_the_cap_decodes_and_deeper_is_refused_in_both_formats() {
+        use serde_json::Value;
+        for depth in [1, MAX_DATA_DEPTH] {
+            let msgpack = DataFormat::Msgpack.decode::<Value>(&nested_msgpack(depth));
+            let json = DataFormat::Json.decode::<Value>(nested_json(depth).as_bytes());
+            assert_eq!(msgpack.expect("msgpack"), json.expect("json"), "{depth}");
+        }
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Text {
+            text: String,
+        }
+        for depth in [MAX_DATA_DEPTH + 1, 10_000] {
+            // In a field that is skipped as unknown, the nesting is still refused.
+            let mut unknown_field =
+                vec![0x82, 0xa4, b't', b'e', b'x', b't', 0xa1, b'[', 0xa1, b'x'];
+            unknown_field.extend(nested_msgpack(depth - 1));
+            for err in [
+                DataFormat::Msgpack
+                    .decode::<Value>(&nested_msgpack(depth))
+                    .map(drop),
+                DataFormat::Json
+                    .decode::<Value>(nested_json(depth).as_bytes())
+                    .map(drop),
+                DataFormat::Msgpack.decode::<Text>(&unknown_field).map(drop),
+                DataFormat::Json
+                    .decode::<Text>(
+                        format!(r#"{{"text": "[[{{", "x": {}}}"#, nested_json(depth - 1))
+                            .as_bytes(),
+                    )
+                    .map(drop),
+            ] {
+                let err = err.expect_err("too deep");
+                assert!(err.to_string().contains("deeper than 64"), "{depth}: {err}");
+            }
+        }
+        // Brackets inside strings (escaped quotes too) do not count.
+        let text = format!(r#"{{"a": "\"{}"}}"#, "[".repeat(1000));
+        assert!(DataFormat::Json.decode::<Value>(text.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn a_structured_envelopes_data_is_held_to_the_same_depth() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/cloudevents+json"),
+        );
+        for (depth, ok) in [(MAX_DATA_DEPTH, true), (MAX_DATA_DEPTH + 1, false)] {
+            let body = format!(
+                r#"{{"specversion":"1.0","id":"d","source":"/t","type":"t","data":{}}}"#,
+                nested_json(depth)
+            );
+            let ce = CloudEvent::parse(&headers, body.into_bytes()).expect("structured event");
+            let data = ce.data::<serde_json::Value>();
+            assert_eq!(data.is_ok(), ok, "{depth}: {data:?}");
+        }
     }
 
     #[test]

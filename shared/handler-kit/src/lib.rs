@@ -11,7 +11,8 @@
 //!   what the source does with the message (ack, term, retry).
 //! - [`event`]: the body-capped CloudEvent extractor ([`CloudEvent`]), the reply responder, and
 //!   the check of ids that become subject tokens and headers ([`event::check_token`]: not
-//!   empty, at most [`event::MAX_ID_LEN`] bytes, no control characters).
+//!   empty, at most [`event::MAX_ID_LEN`] bytes, no control characters); data decoded nested at
+//!   most [`event::MAX_DATA_DEPTH`] levels, no length prefix sizing an allocation.
 //! - [`config`]: typed configuration from the environment; every problem reported at once.
 //! - [`telemetry`]: JSON logs, metrics (served at `/metrics`, exported over OTLP when asked),
 //!   traces that continue the caller's `traceparent`.

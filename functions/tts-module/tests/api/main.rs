@@ -4,6 +4,7 @@
 mod backend_answers;
 mod bad_input;
 mod events;
+mod hostile_data;
 mod nats;
 mod request_values;
 mod resilience;
