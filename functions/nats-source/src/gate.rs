@@ -173,6 +173,29 @@ impl Gate {
     }
 }
 
+/// The fetch loop's hold on a probe: dropped, it lets the next probe go (a pull that brought
+/// nothing, or failed); handed over, the delivery task that took the probe does that.
+pub(crate) struct ProbeTicket<'a>(&'a Gate);
+
+impl<'a> ProbeTicket<'a> {
+    pub(crate) fn new(gate: &'a Gate) -> Self {
+        Self(gate)
+    }
+
+    /// The probe's message goes to a delivery task, which calls [`Gate::probe_done`] when it
+    /// ends. Returns true (this delivery is the probe).
+    pub(crate) fn hand_over(self) -> bool {
+        std::mem::forget(self);
+        true
+    }
+}
+
+impl Drop for ProbeTicket<'_> {
+    fn drop(&mut self) {
+        self.0.probe_done();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +255,24 @@ mod tests {
                 .backpressure(Some(Duration::from_secs(60))),
             Duration::from_secs(2)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_pull_that_fails_lets_the_next_probe_go() {
+        let g = gate();
+        g.backpressure(None);
+        assert_eq!(g.admit().await, Admit::Probe);
+        // The pull failed (a leader election): the ticket is dropped, not handed over.
+        drop(ProbeTicket::new(&g));
+        let next = tokio::time::timeout(Duration::from_secs(1), g.admit()).await;
+        assert_eq!(
+            next,
+            Ok(Admit::Probe),
+            "the gate stayed waiting for a lost probe"
+        );
+        assert!(ProbeTicket::new(&g).hand_over());
+        let held = tokio::time::timeout(Duration::from_secs(1), g.admit()).await;
+        assert!(held.is_err(), "a handed-over probe is still out");
     }
 
     #[tokio::test(start_paused = true)]

@@ -197,6 +197,9 @@ pub async fn run(
                 () = shutdown.cancelled() => break 'bind,
             };
             let probe = admit == gate::Admit::Probe;
+            // Lets the next probe go however this pull ends (nothing came, the pull failed,
+            // a leader election), unless a delivery task took the probe over.
+            let mut ticket = probe.then(|| gate::ProbeTicket::new(&s.gate));
             // Under load slots free one by one: wait a moment for a few more rather than pull
             // one message at a time (a pull costs a round trip and a subscription).
             let low_water = (config.fetch_batch / 4).max(1);
@@ -249,6 +252,7 @@ pub async fn run(
                 match next {
                     Some(Ok(msg)) => match slots.split(1) {
                         Some(permit) => {
+                            let probe = ticket.take().is_some_and(gate::ProbeTicket::hand_over);
                             dispatch(&s, &lines, &tracker, &abandon, msg, permit, probe);
                         }
                         // More than the pull asked for: never hold a message without a slot.
@@ -256,14 +260,8 @@ pub async fn run(
                             let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
                         }
                     },
-                    // Fulfilled or expired: ask again with the slots free by now. A probe pull
-                    // that brought nothing lets the next one go.
-                    None => {
-                        if probe && slots.num_permits() > 0 {
-                            s.gate.probe_done();
-                        }
-                        break;
-                    }
+                    // Fulfilled or expired: ask again with the slots free by now.
+                    None => break,
                     Some(Err(e)) => {
                         // A status from the server (consumer deleted, leadership change, ...).
                         tracing::warn!(error = %e, "pull error, rebinding");

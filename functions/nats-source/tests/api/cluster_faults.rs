@@ -340,7 +340,13 @@ impl Figures {
             (0, 0),
             "consumer not drained"
         );
-        assert!(self.backend_refused > 0, "the backend never refused a call");
+        assert!(
+            self.backend_refused * 5 >= self.backend_calls,
+            "the backend refused only {} of {} calls",
+            self.backend_refused,
+            self.backend_calls
+        );
+        assert!(self.breaker_opened > 0, "tts-module's breaker never opened");
     }
 }
 

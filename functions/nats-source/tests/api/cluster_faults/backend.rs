@@ -1,7 +1,9 @@
 //! A Coqui-style TTS backend that is overloaded in bursts: it answers `GET /api/tts` with a
 //! short WAV, except for the first [`BURST`] of every [`PERIOD`], when it
 //! answers 503 to every call. Consecutive failures are what open tts-module's breaker, so it
-//! opens in every burst and closes after it.
+//! opens in every burst and closes after it. Between bursts it also refuses every
+//! [`BETWEEN`]th call, so at least a fifth of all calls are refused however the source paces
+//! itself (a source held off by the bursts makes fewer calls during them).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +17,8 @@ use axum::response::{IntoResponse, Response};
 pub const PERIOD: Duration = Duration::from_millis(1500);
 /// How long a burst lasts.
 pub const BURST: Duration = Duration::from_millis(450);
+/// Between bursts, one call in this many is refused.
+pub const BETWEEN: u64 = 5;
 
 #[derive(Default)]
 struct Counts {
@@ -32,9 +36,9 @@ struct Backend {
 impl Backend {
     /// Whether the call arriving now is refused; counts it.
     fn refuses(&self) -> bool {
-        self.counts.calls.fetch_add(1, Ordering::SeqCst);
+        let call = self.counts.calls.fetch_add(1, Ordering::SeqCst);
         let into = self.started.elapsed().as_millis() % PERIOD.as_millis();
-        let refuse = into < BURST.as_millis();
+        let refuse = into < BURST.as_millis() || call % BETWEEN == 0;
         if refuse {
             self.counts.refused.fetch_add(1, Ordering::SeqCst);
         }
