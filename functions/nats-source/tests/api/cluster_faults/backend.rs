@@ -38,7 +38,7 @@ impl Backend {
     fn refuses(&self) -> bool {
         let call = self.counts.calls.fetch_add(1, Ordering::SeqCst);
         let into = self.started.elapsed().as_millis() % PERIOD.as_millis();
-        let refuse = into < BURST.as_millis() || call % BETWEEN == 0;
+        let refuse = into < BURST.as_millis() || call.is_multiple_of(BETWEEN);
         if refuse {
             self.counts.refused.fetch_add(1, Ordering::SeqCst);
         }
