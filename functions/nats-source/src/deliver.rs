@@ -406,9 +406,7 @@ async fn post(shared: &Shared, outbound: &event::Outbound) -> Attempt {
                 parse_retry_after(response.headers().get(reqwest::header::RETRY_AFTER));
             let headers = response.headers().clone();
             // NATS' limit + 1: enough to know a reply cannot be published, never more.
-            let limit = shared.publisher.client().max_payload()
-                .max(1024)
-                + 1;
+            let limit = shared.publisher.client().max_payload().max(1024) + 1;
             match read_capped(response, limit).await {
                 Ok((body, cut)) => Attempt::Answered {
                     status,
