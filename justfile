@@ -215,3 +215,40 @@ image FN:
 # Apply the Knative manifests to the current kubectl context.
 deploy:
     kubectl apply -k knative/
+
+# Fuzz each target for FUZZ_SECONDS (default 180), one at a time, one job; FUZZ_TARGETS="a b" picks some.
+# cargo-fuzz runs on the stable toolchain: `--sanitizer none` instruments with -C flags only, so
+# no -Z flag is needed (the code is safe Rust; panics, overflows and hangs are what it finds).
+# FUZZ_SANITIZER=address adds ASan, whose -Zsanitizer stable only takes with RUSTC_BOOTSTRAP=1,
+# which is then set for this recipe alone. New inputs go to fuzz/work/, crashes to fuzz/artifacts/
+# (neither committed); the seeds in fuzz/corpus/ are replayed by `just test`.
+fuzz:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo_fuzz=.tools/bin/cargo-fuzz
+    if [ ! -x "$cargo_fuzz" ]; then
+      echo "installing cargo-fuzz 0.13.2 into .tools/ (one time, a few minutes)" >&2
+      cargo install --quiet --locked --root .tools cargo-fuzz@0.13.2
+    fi
+    sanitizer="${FUZZ_SANITIZER:-none}"
+    if [ "$sanitizer" != none ]; then export RUSTC_BOOTSTRAP=1; fi
+    seconds="${FUZZ_SECONDS:-180}"
+    targets="${FUZZ_TARGETS:-$("$cargo_fuzz" list --fuzz-dir fuzz | tr '\n' ' ')}"
+    "$cargo_fuzz" build --fuzz-dir fuzz --sanitizer "$sanitizer"
+    failed=()
+    mkdir -p fuzz/work
+    printf '%-18s %8s %12s %8s  %s\n' target seconds execs corpus result | tee fuzz/work/summary.txt
+    for t in $targets; do
+      mkdir -p "fuzz/work/$t"
+      dict=(); if [ -f "fuzz/dict/$t.dict" ]; then dict=("-dict=fuzz/dict/$t.dict"); fi
+      start=$SECONDS
+      result=ok
+      "$cargo_fuzz" run --fuzz-dir fuzz --sanitizer "$sanitizer" "$t" "fuzz/work/$t" "fuzz/corpus/$t" -- \
+        -max_total_time="$seconds" -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 "${dict[@]}" \
+        > "fuzz/work/$t.log" 2>&1 || { result="FAILED: fuzz/work/$t.log, fuzz/artifacts/$t/"; failed+=("$t"); }
+      execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "fuzz/work/$t.log" | grep -o '[0-9]*$' || echo '?')
+      files=$(find "fuzz/work/$t" "fuzz/corpus/$t" -type f | wc -l)
+      printf '%-18s %8s %12s %8s  %s\n' "$t" "$((SECONDS - start))" "$execs" "$files" "$result" | tee -a fuzz/work/summary.txt
+    done
+    echo "summary: fuzz/work/summary.txt; shrink a grown corpus with: $cargo_fuzz cmin --fuzz-dir fuzz TARGET fuzz/work/TARGET"
+    if [ ${#failed[@]} -gt 0 ]; then echo "crashed: ${failed[*]}"; exit 1; fi

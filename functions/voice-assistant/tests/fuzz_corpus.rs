@@ -1,0 +1,25 @@
+//! The fuzz targets of this crate (`fuzz/`, run with `just fuzz`) replayed over their committed
+//! seeds, `fuzz/corpus/<target>/`: every seed, and every crash once fixed, stays a test of the
+//! normal suite. The targets' code is compiled in from `fuzz/src` as it is (the fuzz crate itself
+//! is outside the workspace: it needs libFuzzer).
+
+// Each test binary uses its own part of the shared modules.
+#![allow(dead_code)]
+
+#[path = "../../../fuzz/src/common.rs"]
+mod common;
+#[path = "../../../fuzz/src/replay.rs"]
+mod replay;
+#[path = "../../../fuzz/src/sim.rs"]
+mod sim;
+#[path = "../../../fuzz/src/voice_request.rs"]
+mod voice_request;
+
+fn corpus() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus")
+}
+
+#[test]
+fn voice_request_seeds_never_get_a_500() {
+    replay::replay(&corpus(), "voice_request", voice_request::run);
+}
