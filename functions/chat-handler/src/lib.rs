@@ -20,7 +20,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::State as Extract;
 use axum::routing::post;
-use handler_kit::chat::{Chat, ChatConfig, ChatRequest, DeltaSink};
+use handler_kit::chat::{Chat, ChatConfig, ChatRequest, ChatResponse, DeltaSink};
 use handler_kit::config::{BaseConfig, ConfigReader};
 use handler_kit::nats::{Nats, Outbox, subject};
 use handler_kit::serve::{Health, function_router};
@@ -129,18 +129,37 @@ async fn handle(Extract(state): Extract<State>, event: CloudEvent) -> Result<Rep
         Ok(Err(e)) => return Err(chunks.fail(e).await),
         Err(_) => return Err(chunks.fail(HandlerError::Deadline(deadline)).await),
     };
+    if let Err(e) = publish_answer(&state, &mut chunks, &request_id, &response).await {
+        // Part of the answer was streamed: a retry would stream it (another one) again, so a
+        // failure now is final, like one mid-stream.
+        return Err(if chunks.seq > 0 {
+            HandlerError::StreamInterrupted(format!("after the answer was streamed: {e}"))
+        } else {
+            e
+        });
+    }
+    event.reply(RESPONSE_TYPE, &config.base.source, &response)
+}
+
+/// Closes the stream and publishes the reply, then waits once for all of them to be kept.
+async fn publish_answer(
+    state: &State,
+    chunks: &mut ChunkPublisher<'_>,
+    request_id: &str,
+    response: &ChatResponse,
+) -> Result<(), HandlerError> {
     chunks.finish().await?;
     if state.nats.is_enabled() {
-        let reply_subject = subject(&config.reply_subject, &[("request_id", &request_id)]);
+        let reply_subject = subject(&state.config.reply_subject, &[("request_id", request_id)]);
         let msg_id = format!("{request_id}.reply");
         // One wait for the reply and every chunk before it: stored, or flushed.
         chunks
             .outbox
-            .publish(reply_subject, &response, Some(&msg_id))
+            .publish(reply_subject, response, Some(&msg_id))
             .await?;
         chunks.outbox.kept().await?;
     }
-    event.reply(RESPONSE_TYPE, &config.base.source, &response)
+    Ok(())
 }
 
 /// `ai.chat.request` data: `message` is required here (a missing one is a malformed payload,

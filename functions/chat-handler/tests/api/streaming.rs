@@ -125,3 +125,51 @@ async fn an_llm_failure_after_the_first_chunk_ends_the_stream_and_is_final() {
         String::from_utf8_lossy(&answer.body)
     );
 }
+
+#[tokio::test]
+async fn a_reply_that_cannot_be_kept_after_the_answer_was_streamed_is_final() {
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    let js = async_nats::jetstream::new(client.clone());
+    // A stream that refuses the reply for good (larger than its message size limit); the
+    // chunks, on ai.chat.response.stream.*, are not its subjects.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "CHAT_REPLIES".into(),
+        subjects: vec!["ai.chat.response.*".into()],
+        max_message_size: 16,
+        ..Default::default()
+    })
+    .await
+    .expect("replies stream");
+    let mut stream = client
+        .subscribe("ai.chat.response.stream.c4")
+        .await
+        .expect("sub");
+    client.flush().await.expect("flush");
+    let b = Backends::start().await;
+    b.llm_tokens(&["Streamed ", "once."], Duration::ZERO).await;
+    let app = app(&b.env(), &[("NATS_URL", &nats.url())]).await;
+    let answer = send(
+        &app,
+        chat(json!({"request_id": "c4", "message": "Go", "enable_rag": false, "stream": true})),
+    )
+    .await;
+    // Retrying would stream the answer a second time: final.
+    assert_error(&answer, 422, "stream_interrupted");
+    let chunks = collect(&mut stream).await;
+    let text: String = chunks.iter().map(|c| c.text.as_str()).collect();
+    assert_eq!(text, "Streamed once.");
+
+    // Nothing streamed (stream off): the same failure stays retryable.
+    let answer = send(
+        &app,
+        chat(json!({"request_id": "c5", "message": "Go", "enable_rag": false})),
+    )
+    .await;
+    assert!(
+        answer.status >= 500,
+        "{} {}",
+        answer.status,
+        String::from_utf8_lossy(&answer.body)
+    );
+}
