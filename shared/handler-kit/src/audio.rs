@@ -43,6 +43,25 @@ impl Wav {
         let reader =
             WavReader::new(Cursor::new(bytes)).map_err(|e| format!("not a valid WAV: {e}"))?;
         let spec = reader.spec();
+        // hound reads headers it cannot write back (a rate of 0 divides by zero in its writer,
+        // valid bits of 32768 are no sample size), and a rate of 0 has no duration: refused
+        // here, as bad input, before anything resamples or writes them.
+        if spec.sample_rate == 0 || spec.channels == 0 {
+            return Err(format!(
+                "a WAV of {} Hz and {} channels is not audio",
+                spec.sample_rate, spec.channels
+            ));
+        }
+        let fits = match spec.sample_format {
+            SampleFormat::Int => (1..=32).contains(&spec.bits_per_sample),
+            SampleFormat::Float => spec.bits_per_sample == 32,
+        };
+        if !fits {
+            return Err(format!(
+                "{} bits per {:?} sample is not a WAV sample size",
+                spec.bits_per_sample, spec.sample_format
+            ));
+        }
         let samples = match spec.sample_format {
             SampleFormat::Int => Samples::Int(
                 reader
@@ -264,6 +283,20 @@ pub fn encode_pcm16(samples: &[i16], sample_rate: u32) -> Result<Vec<u8>, String
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn headers_that_could_not_be_written_back_are_refused() {
+        // Found by fuzzing: a 16-bit mono WAV declaring 0 samples per second parsed, then
+        // panicked when written back (hound divides by the rate).
+        let rate_zero: &[u8] = b"RIFF\x2a\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x10\x00data\x06\x00\x00\x00\x00\x02\x00\x10\x00\x00";
+        let err = Wav::parse(rate_zero).expect_err("refused");
+        assert!(err.contains("0 Hz"), "{err}");
+        let extensible = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fuzz/corpus/audio/regression-extensible-valid-bits-32768"
+        ))
+        .expect("seed");
+        assert!(Wav::parse(&extensible).is_err());
+    }
     use super::*;
 
     fn tone(frames: usize, rate: u32) -> Wav {
