@@ -138,10 +138,12 @@ pub fn run(data: &[u8]) {
             "id {:?}",
             outbound.id
         );
+        // What the functions' extractor takes for structured mode: a message that declares
+        // itself a CloudEvent but is not one is refused there, as it should be.
         let structured = outbound
             .headers
             .get("content-type")
-            .is_some_and(|ct| ct == "application/cloudevents+json");
+            .is_some_and(|ct| ct.as_bytes().starts_with(b"application/cloudevents+json"));
         let event = CloudEvent::parse(&outbound.headers, outbound.body.to_vec());
         if !binary_event
             && !structured
