@@ -34,6 +34,11 @@ use crate::telemetry;
 pub struct ChatConfig {
     /// `CHAT_COLLECTION` (default `documents`): the Milvus collection searched for context.
     pub collection: String,
+    /// `CHAT_COLLECTIONS` (comma-separated; default `CHAT_COLLECTION` and
+    /// `CHAT_FAQ_COLLECTION`): the collections a request's `collection` may name (422 for any
+    /// other). A collection is a tenant's data: a caller that could name any would read what
+    /// Milvus holds for everyone else.
+    pub collections: Vec<String>,
     /// `CHAT_TOP_K` (default 8): documents fetched from Milvus.
     pub top_k: usize,
     /// `CHAT_RERANK_TOP_N` (default 4): documents kept after reranking (or after search).
@@ -104,15 +109,35 @@ impl ChatConfig {
                 ));
             }
         }
+        let collection = r.string("CHAT_COLLECTION", "documents");
+        let faq_collection = r.optional("CHAT_FAQ_COLLECTION");
+        let collections = match r.optional("CHAT_COLLECTIONS") {
+            Some(list) => {
+                let names: Vec<String> = list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                if names.is_empty() {
+                    r.problem("CHAT_COLLECTIONS names no collection".to_string());
+                }
+                names
+            }
+            None => std::iter::once(collection.clone())
+                .chain(faq_collection.clone())
+                .collect(),
+        };
         Self {
-            collection: r.string("CHAT_COLLECTION", "documents"),
+            collection,
+            collections,
             top_k,
             rerank_top_n,
             max_top_k,
             max_rerank_top_n,
             text_field: r.string("CHAT_TEXT_FIELD", "text"),
             source_field: r.string("CHAT_SOURCE_FIELD", "source"),
-            faq_collection: r.optional("CHAT_FAQ_COLLECTION"),
+            faq_collection,
             faq_threshold,
             faq_answer_field: r.string("CHAT_FAQ_ANSWER_FIELD", "answer"),
             system_prompt: r.string("CHAT_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
@@ -147,7 +172,7 @@ pub struct ChatRequest {
     pub history: Vec<ChatMessage>,
     /// Replaces the configured system prompt.
     pub system_prompt: Option<String>,
-    /// Replaces the configured collection.
+    /// Replaces the configured collection; one of `CHAT_COLLECTIONS`.
     pub collection: Option<String>,
     /// Documents fetched from Milvus.
     pub top_k: Option<usize>,
@@ -199,6 +224,15 @@ impl ChatRequest {
             return Err(HandlerError::Unprocessable(
                 "top_k and rerank_top_n must be at least 1".into(),
             ));
+        }
+        if let Some(collection) = &self.collection
+            && !config.collections.iter().any(|c| c == collection)
+        {
+            // The name is the caller's own text: quoted, and cut, so the answer stays small.
+            let shown: String = collection.chars().take(64).collect();
+            return Err(HandlerError::Unprocessable(format!(
+                "collection {shown:?} is not one this function serves (CHAT_COLLECTIONS)"
+            )));
         }
         for (field, asked, max, variable) in [
             ("top_k", self.top_k, config.max_top_k, "CHAT_MAX_TOP_K"),
