@@ -64,6 +64,9 @@ pub struct Config {
     pub backoff_max: Duration,
     /// `DLQ_SUBJECT` (default `dlq.{stream}.{subject}`): where dead letters go.
     pub dlq_subject: String,
+    /// `LAG_INTERVAL_MS` (default 5000): how often the consumer's lag gauges are refreshed,
+    /// at one JetStream API request (two while there is a backlog) each.
+    pub lag_interval: Duration,
     /// `REPLY_SUBJECT` (default unset): where a 200's CloudEvent is published when the message
     /// names no `reply-subject`; `{subject}` and `{stream}` are filled in.
     pub reply_subject: Option<String>,
@@ -140,6 +143,7 @@ impl Config {
             backoff_base: r.millis("BACKOFF_BASE_MS", 1000),
             backoff_max: r.millis("BACKOFF_MAX_MS", 60_000),
             dlq_subject: r.string("DLQ_SUBJECT", "dlq.{stream}.{subject}"),
+            lag_interval: Duration::from_millis(r.positive("LAG_INTERVAL_MS", 5000) as u64),
             reply_subject: r.optional("REPLY_SUBJECT"),
             reply_subjects: list(r.optional("REPLY_SUBJECTS")),
             reply_timeout: r.millis("REPLY_TIMEOUT_MS", 15_000),

@@ -27,6 +27,7 @@ pub mod config;
 mod deliver;
 pub mod event;
 mod gate;
+pub mod lag;
 mod order;
 pub mod redrive;
 
@@ -142,6 +143,11 @@ pub async fn run(
         config.backoff_max * 4 + config.ack_wait * 2,
     )));
     let mut shared: Option<Arc<Shared>> = None;
+    tokio::spawn(lag::watch(
+        jetstream.clone(),
+        config.clone(),
+        shutdown.clone(),
+    ));
 
     'bind: while !shutdown.is_cancelled() {
         let (consumer, bound) = match bind(&config, &jetstream).await {
