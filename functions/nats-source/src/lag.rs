@@ -11,12 +11,14 @@
 //! the next message of the whole stream is read; it is never younger than the oldest
 //! unacknowledged one, so the age is at worst overstated.
 //!
-//! A failed refresh keeps the last values and counts `source_lag_refresh_errors`; the gauges
+//! `source_ready` says what `/readyz` says. A failed refresh keeps the last values and counts `source_lag_refresh_errors`; the gauges
 //! carry `stream` and `consumer` labels, so replicas of one source report the same series.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use handler_kit::serve::Health;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Gauge};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +30,7 @@ struct Gauges {
     ack_pending: Gauge<u64>,
     redelivered: Gauge<u64>,
     oldest_age: Gauge<f64>,
+    ready: Gauge<u64>,
     errors: Counter<u64>,
 }
 
@@ -55,6 +58,12 @@ impl Gauges {
                 .f64_gauge("source_oldest_unacked_age_seconds")
                 .with_description(
                     "Age of the oldest message not acknowledged yet; 0 when there is none",
+                )
+                .build(),
+            ready: meter
+                .u64_gauge("source_ready")
+                .with_description(
+                    "1 while the consumer is bound and messages are delivered (what /readyz says)",
                 )
                 .build(),
             errors: meter
@@ -112,8 +121,15 @@ pub async fn read(
     })
 }
 
-/// Refreshes the gauges every `config.lag_interval` until `shutdown`.
-pub async fn watch(jetstream: jetstream::Context, config: Config, shutdown: CancellationToken) {
+/// Refreshes the gauges every `config.lag_interval` until `shutdown`, with `health`'s
+/// readiness beside them: a source that is up but not ready while its consumer has lag is
+/// what an operator must hear about.
+pub async fn watch(
+    jetstream: jetstream::Context,
+    config: Config,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
     let gauges = Gauges::new();
     let labels = [
         KeyValue::new("stream", config.stream.clone()),
@@ -126,6 +142,7 @@ pub async fn watch(jetstream: jetstream::Context, config: Config, shutdown: Canc
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
+        gauges.ready.record(u64::from(health.is_ready()), &labels);
         // A slow answer must not stack refreshes: one at a time, each bounded.
         match tokio::time::timeout(Duration::from_secs(10), read(&jetstream, &config)).await {
             Ok(Ok(lag)) => {

@@ -146,6 +146,7 @@ pub async fn run(
     tokio::spawn(lag::watch(
         jetstream.clone(),
         config.clone(),
+        health.clone(),
         shutdown.clone(),
     ));
 

@@ -68,6 +68,10 @@ async fn a_backlog_shows_as_pending_and_oldest_age_and_clears_when_drained() {
         "the gauges did not clear: {}",
         handler_kit::telemetry::render_prometheus()
     );
+    assert_eq!(
+        gauge(&handler_kit::telemetry::render_prometheus(), "source_ready"),
+        Some(1.0)
+    );
     assert_eq!(sink.log().iter().filter(|r| r.status == 200).count(), 40);
     source.stop().await;
 }

@@ -8,5 +8,6 @@ mod end_to_end;
 mod faults;
 mod hostile;
 mod lag;
+mod observability;
 mod redrive;
 mod support;
