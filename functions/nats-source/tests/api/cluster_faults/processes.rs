@@ -159,29 +159,36 @@ impl Drop for Service {
     }
 }
 
-/// tts-module's binary, built the way its image is (`cargo build -p tts-module`, in this test's
+/// tts-module's binary, built the way its image is.
+pub fn tts_module_binary() -> PathBuf {
+    function_binary("tts-module")
+}
+
+/// A function's binary, built the way its image is (`cargo build -p NAME`, in this test's
 /// profile). A package's integration tests only get their own package's binaries
 /// (`CARGO_BIN_EXE_*`), so this asks cargo, which builds it when it is missing or stale and
 /// otherwise only names it (about a second), and takes the path from cargo's own report.
-pub fn tts_module_binary() -> PathBuf {
+pub fn function_binary(name: &str) -> PathBuf {
     let mut build = Command::new(env!("CARGO"));
     build
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["build", "--package", "tts-module", "--bin", "tts-module"])
+        .args(["build", "--package", name, "--bin", name])
         .arg("--message-format=json-render-diagnostics")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     if !cfg!(debug_assertions) {
         build.arg("--release");
     }
-    let output = build.output().expect("running cargo build -p tts-module");
-    assert!(output.status.success(), "cargo build -p tts-module failed");
+    let output = build
+        .output()
+        .unwrap_or_else(|e| panic!("running cargo build -p {name}: {e}"));
+    assert!(output.status.success(), "cargo build -p {name} failed");
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "tts-module")
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .expect("cargo named no tts-module executable")
+        .unwrap_or_else(|| panic!("cargo named no {name} executable"))
 }
 
 /// The `data:` entries of a ConfigMap manifest (flat `KEY: "value"` lines, as ours are), so
