@@ -13,8 +13,9 @@
 //! the entries whose path globs and branch match the pushed commits; a body is only read when
 //! it is signed, a few at a time and under a cap. Knative ApiServerSource
 //! events for the Workflows and Jobs it created publish their progress (`running`,
-//! `succeeded`, `failed`) and free their locks when they finish; `ai.pipeline.status.request`
-//! reads a run's state from the API.
+//! `succeeded`, `failed`) and free their locks when they finish, but only as far as reading
+//! the object back from the API confirms them; `ai.pipeline.status.request` reads a run's
+//! state from the API.
 //!
 //! # Layout
 //! - [`Config`]: every environment variable, with defaults; the catalog is read here.
@@ -23,7 +24,8 @@
 //! - [`names`]: run and lock names derived from request ids; labels and annotations.
 //! - [`cluster`]: the Kubernetes API (kube-rs): create, read, Lease locks, error sorting.
 //! - [`kfp`]: Kubeflow Pipelines' REST API.
-//! - [`run`]: trigger, status request, resource events.
+//! - [`run`]: trigger and status request.
+//! - [`observe`]: ApiServerSource events, checked against the API before they are acted on.
 //! - [`status`]: a run's state from its object.
 //! - [`webhook`]: signed git push webhooks, their bounded body reads, delivery deduplication.
 
@@ -31,6 +33,7 @@ pub mod catalog;
 pub mod cluster;
 pub mod kfp;
 pub mod names;
+pub mod observe;
 pub mod run;
 pub mod status;
 pub mod webhook;
@@ -348,7 +351,7 @@ async fn webhook(
 /// What an event is answered with: a reply event, or 202 for a resource event.
 enum Answer {
     Reply(Reply),
-    Accepted(run::Observed),
+    Accepted(observe::Observed),
 }
 
 impl IntoResponse for Answer {
@@ -389,7 +392,9 @@ async fn dispatch(state: &State, event: &CloudEvent) -> Result<Answer, HandlerEr
         }
         ty if RESOURCE_TYPES.contains(&ty) => {
             let object: serde_json::Value = event.data()?;
-            Ok(Answer::Accepted(run::observed(state, ty, &object).await?))
+            Ok(Answer::Accepted(
+                observe::observed(state, ty, &object).await?,
+            ))
         }
         _ => {
             let mut accepted = vec![TRIGGER_TYPE, STATUS_REQUEST_TYPE];
@@ -401,7 +406,7 @@ async fn dispatch(state: &State, event: &CloudEvent) -> Result<Answer, HandlerEr
 
 /// `expect_type` fails for every type not matched above; this keeps the types in one list.
 fn unreachable_answer() -> Answer {
-    Answer::Accepted(run::Observed {
+    Answer::Accepted(observe::Observed {
         request_id: None,
         state: None,
         ignored: Some("unhandled type".into()),

@@ -73,6 +73,7 @@ async fn a_job_deleted_before_it_finished_is_failed_and_its_lock_freed() {
         .expect("job");
     assert_eq!(h.resource_event("update", &running).await.status, 202);
     assert_eq!(statuses.next().await.1["state"], "running");
+    h.kube.remove(&path).expect("deleted");
     assert_eq!(h.resource_event("delete", &running).await.status, 202);
     let data = statuses.next().await.1;
     assert_eq!(data["state"], "failed");
@@ -98,7 +99,29 @@ async fn objects_not_created_here_are_ignored() {
     assert_eq!(answer.status, 202);
     assert!(answer.json()["ignored"].is_string());
     statuses.assert_quiet().await;
-    assert!(h.kube.requests().is_empty());
+    // Read back (the event is only a hint), never written to.
+    let calls: Vec<(String, String)> = h
+        .kube
+        .requests()
+        .into_iter()
+        .map(|r| (r.method, r.path))
+        .collect();
+    assert_eq!(
+        calls,
+        [(
+            "GET".to_string(),
+            "/apis/batch/v1/namespaces/ops/jobs/other".to_string()
+        )]
+    );
+    // In a namespace no pipeline runs in, or not a run's name: not even read.
+    h.kube.clear_requests();
+    let mut elsewhere = foreign.clone();
+    elsewhere["metadata"]["namespace"] = json!("kube-system");
+    assert!(h.resource_event("update", &elsewhere).await.json()["ignored"].is_string());
+    let mut path_like = foreign.clone();
+    path_like["metadata"]["name"] = json!("../../../api/v1/secrets");
+    assert!(h.resource_event("update", &path_like).await.json()["ignored"].is_string());
+    assert!(h.kube.requests().is_empty(), "{:?}", h.kube.requests());
     // Not an object at all: a final 400.
     let bad = event("dev.knative.apiserver.resource.update")
         .raw("application/json", "[")
