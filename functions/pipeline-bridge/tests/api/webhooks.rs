@@ -413,3 +413,70 @@ async fn a_trigger_that_hit_a_held_lock_is_queued_for_the_source_and_the_deliver
             .is_some()
     );
 }
+
+#[tokio::test]
+async fn a_signed_push_resent_under_new_delivery_ids_starts_no_second_run() {
+    let h = Harness::start().await;
+    let jobs = "/apis/batch/v1/namespaces/ops/jobs";
+    let body = push("main", AFTER, &[(&["deploy/values.yaml"], &[], &[])]);
+    let first = h.send(github("p-1", "push", &body, "github-secret")).await;
+    assert_eq!(
+        first.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    assert_eq!(first.json()["triggered"][0]["created"], true);
+    // The signature covers the body, not the delivery id: the same body under a new id is a
+    // replay, answered from the record.
+    let replay = h.send(github("p-2", "push", &body, "github-secret")).await;
+    assert_eq!(replay.json()["duplicate"], true, "{}", replay.json());
+    assert_eq!(replay.json()["triggered"], json!([]));
+    // The record is the KV bucket: an instance started afterwards (a restart) knows it too.
+    let instance = |nats_url: Option<&str>| {
+        let mut env = crate::support::base_env(&h.kube, &h.kfp, &h.nats, &h.dir);
+        if let Some(url) = nats_url {
+            env.retain(|(k, _)| k != "NATS_URL");
+            env.push(("NATS_URL".into(), url.into()));
+        }
+        async move {
+            let config =
+                handler_kit::config::load(&env, pipeline_bridge::Config::read).expect("config");
+            pipeline_bridge::app(pipeline_bridge::State::new(config).await.expect("state"))
+        }
+    };
+    let restarted = instance(None).await;
+    let replay =
+        crate::support::send(&restarted, github("p-3", "push", &body, "github-secret")).await;
+    assert_eq!(replay.json()["duplicate"], true, "{}", replay.json());
+    // With no record at all (a restart without NATS), the run is named from the push, so it
+    // is found, not started again.
+    let forgetful = instance(Some("")).await;
+    let replay =
+        crate::support::send(&forgetful, github("p-4", "push", &body, "github-secret")).await;
+    assert_eq!(
+        replay.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&replay.body)
+    );
+    assert_eq!(replay.json()["duplicate"], false);
+    assert_eq!(replay.json()["triggered"][0]["created"], false);
+    assert_eq!(h.kube.objects(jobs).len(), 1);
+    // Two replays at once, before either is recorded: still one run (of `train`, which has
+    // no lock to keep the second out).
+    let other = push("main", &"9".repeat(40), &[(&["models/x"], &[], &[])]);
+    let (a, b) = tokio::join!(
+        h.send(github("p-5", "push", &other, "github-secret")),
+        h.send(github("p-6", "push", &other, "github-secret")),
+    );
+    assert_eq!((a.status, b.status), (202, 202), "{a:?} {b:?}");
+    let workflows = "/apis/argoproj.io/v1alpha1/namespaces/ml/workflows";
+    assert_eq!(h.kube.objects(workflows).len(), 1);
+    // Whichever of them got past the record created or found the same run.
+    let handled = [&a, &b]
+        .iter()
+        .filter(|r| r.json()["duplicate"] == false)
+        .count();
+    assert_eq!(h.kube.requests_to("POST", "/workflows").len(), handled);
+}
