@@ -687,7 +687,13 @@ impl Cluster {
             let spec = &lease["spec"];
             let current = spec["holderIdentity"].as_str().filter(|h| !h.is_empty());
             if current == Some(holder) {
-                return Ok(());
+                // Renewed: the holder's redelivery is about to create again, and
+                // `release_settled` counts from here.
+                spec_mut(&mut lease).insert("renewTime".into(), json!(micro_time(now)));
+                if self.replace(namespace, &LEASES, name, &lease).await? {
+                    return Ok(());
+                }
+                continue;
             }
             if let Some(other) = current {
                 let left = time_left(spec, now);
@@ -728,12 +734,47 @@ impl Cluster {
         name: &str,
         holder: &str,
     ) -> Result<bool, HandlerError> {
+        self.release_after(namespace, name, holder, Duration::ZERO)
+            .await
+    }
+
+    /// [`Self::release`], but only once `holder` took or renewed it at least `settled` ago:
+    /// sooner, a create under it may still be on its way to the API server, and a 404 for the
+    /// run proves nothing yet. Then [`HandlerError::Held`] (409 with `Retry-After`: the time
+    /// left), so the event is judged again later.
+    pub async fn release_settled(
+        &self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        settled: Duration,
+    ) -> Result<bool, HandlerError> {
+        self.release_after(namespace, name, holder, settled).await
+    }
+
+    async fn release_after(
+        &self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        settled: Duration,
+    ) -> Result<bool, HandlerError> {
         for _ in 0..4 {
             let Some(mut lease) = self.get(namespace, &LEASES, name).await? else {
                 return Ok(false);
             };
             if lease["spec"]["holderIdentity"].as_str() != Some(holder) {
                 return Ok(false);
+            }
+            let held = held_for(&lease["spec"], Utc::now());
+            if held < settled {
+                return Err(HandlerError::Held {
+                    what: format!(
+                        "lock Lease {name} was taken {}s ago: a create under it may be in flight",
+                        held.as_secs()
+                    ),
+                    retry_after: settled - held,
+                });
             }
             let spec = spec_mut(&mut lease);
             spec.remove("holderIdentity");
@@ -762,6 +803,15 @@ fn spec_mut(lease: &mut Value) -> &mut serde_json::Map<String, Value> {
 /// A `metav1.MicroTime`: RFC 3339 with microseconds, in UTC.
 fn micro_time(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// How long since the holder last took or renewed the Lease (zero when it does not say).
+fn held_for(spec: &Value, now: DateTime<Utc>) -> Duration {
+    ["renewTime", "acquireTime"]
+        .iter()
+        .find_map(|field| DateTime::parse_from_rfc3339(spec[field].as_str()?).ok())
+        .and_then(|since| (now - since.with_timezone(&Utc)).to_std().ok())
+        .unwrap_or(Duration::ZERO)
 }
 
 /// How long the holder still has: from the last renewal (or acquisition) plus the duration.
@@ -862,6 +912,11 @@ mod tests {
         // Acquired but never renewed: counted from the acquisition.
         let acquired = json!({"acquireTime": at(30), "leaseDurationSeconds": 60});
         assert_eq!(time_left(&acquired, now), Duration::from_secs(30));
+        assert_eq!(held_for(&acquired, now).as_secs(), 30);
+        assert_eq!(held_for(&spec(10, 60), now).as_secs(), 10);
+        // A time in the future (clock skew) or none: not held long at all.
+        assert_eq!(held_for(&spec(-5, 60), now), Duration::ZERO);
+        assert_eq!(held_for(&json!({}), now), Duration::ZERO);
     }
 
     #[test]

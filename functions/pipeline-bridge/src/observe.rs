@@ -14,7 +14,9 @@
 //!   the event's uid was not deleted (ignored); one with another uid took the name again and
 //!   its own events decide. Once gone, nothing about the object can be read any more: the
 //!   event's own labels must still name a run this function could have started under that
-//!   name, and the lock is freed only if that request holds it. A run deleted before it
+//!   name, and the lock is freed only if that request holds it and took or renewed it more
+//!   than `KUBE_TIMEOUT_MS` ago (sooner, a create of the run may still be in flight: 409 with
+//!   `Retry-After`, judged again then). A run deleted before it
 //!   finished is published `failed`; one the event says had finished publishes nothing (its
 //!   final state was confirmed and published while it existed).
 //!
@@ -246,6 +248,24 @@ async fn deleted(state: &State, hint: &Hint<'_>, read: ReadBack) -> Result<Obser
         Ok(run) => run,
         Err(why) => return Ok(Observed::ignored(why)),
     };
+    // The lock first, since it may say it is too early to judge. Freed only if this request
+    // holds it (a lock held by another run stays), and only once no create of its run can
+    // still be in flight: one sent just before this read would make the 404 stale. A create
+    // waits at most KUBE_TIMEOUT_MS; sooner, the event is retried (and nothing published).
+    if let Some(lease) = run.lock {
+        let released = state
+            .cluster
+            .release_settled(
+                hint.namespace,
+                lease,
+                run.request_id,
+                state.config.kube_timeout,
+            )
+            .await?;
+        if released {
+            tracing::info!(lease, holder = run.request_id, "lock released");
+        }
+    }
     let published = if hint.state().is_final() {
         None
     } else {
@@ -257,10 +277,6 @@ async fn deleted(state: &State, hint: &Hint<'_>, read: ReadBack) -> Result<Obser
         publish(state, &status).await?;
         Some(RunState::Failed)
     };
-    // Freed only if this request holds it: a lock held by another run stays.
-    if let Some(lease) = run.lock {
-        release_or_fail(state, hint.namespace, lease, run.request_id).await?;
-    }
     Ok(Observed {
         request_id: Some(run.request_id.to_string()),
         state: published,

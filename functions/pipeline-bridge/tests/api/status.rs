@@ -1,5 +1,7 @@
 //! Run status: ApiServerSource events and `ai.pipeline.status.request`.
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use crate::support::{Harness, assert_error, event, run_name};
@@ -56,7 +58,8 @@ async fn workflow_events_publish_running_then_succeeded_and_free_nothing_they_do
 
 #[tokio::test]
 async fn a_job_deleted_before_it_finished_is_failed_and_its_lock_freed() {
-    let h = Harness::start().await;
+    // A lock is freed by a delete only once no create under it can be in flight.
+    let h = Harness::start_with(&[("KUBE_TIMEOUT_MS", "300")]).await;
     let mut statuses = h.statuses().await;
     let trigger = json!({"request_id": "j-1", "pipeline": "deploy", "parameters": {"env": "prod"}});
     assert_eq!(h.trigger("ce-1", trigger).await.status, 200);
@@ -74,7 +77,15 @@ async fn a_job_deleted_before_it_finished_is_failed_and_its_lock_freed() {
     assert_eq!(h.resource_event("update", &running).await.status, 202);
     assert_eq!(statuses.next().await.1["state"], "running");
     h.kube.remove(&path).expect("deleted");
-    assert_eq!(h.resource_event("delete", &running).await.status, 202);
+    let deleted = crate::support::eventually(Duration::from_secs(5), || {
+        let (h, running) = (&h, &running);
+        async move {
+            let answer = h.resource_event("delete", running).await;
+            (answer.status == 202).then_some(())
+        }
+    })
+    .await;
+    assert!(deleted.is_some(), "the delete was never acted on");
     let data = statuses.next().await.1;
     assert_eq!(data["state"], "failed");
     assert_eq!(data["reason"], "deleted before it finished");

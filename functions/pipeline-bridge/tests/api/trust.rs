@@ -48,7 +48,7 @@ fn failed(job: &mut Value) {
 
 #[tokio::test]
 async fn a_forged_delete_of_a_live_run_leaves_its_lock_held_and_publishes_nothing() {
-    let h = Harness::start().await;
+    let h = Harness::start_with(&[("KUBE_TIMEOUT_MS", "300")]).await;
     let mut statuses = h.statuses().await;
     let job = deploy(&h, "r-1").await;
     statuses.next().await;
@@ -87,16 +87,67 @@ async fn a_forged_delete_of_a_live_run_leaves_its_lock_held_and_publishes_nothin
         ]
     );
 
-    // The real delete frees it.
+    // The real delete frees it, once no create under the lock can be in flight any more.
     h.kube
         .remove(&format!("{JOBS}/{}", run_name("deploy", "r-1")));
-    let answer = h.resource_event("delete", &job).await;
+    let answer = crate::support::eventually(Duration::from_secs(5), || {
+        let (h, job) = (&h, &job);
+        async move {
+            let answer = h.resource_event("delete", job).await;
+            (answer.status == 202).then_some(answer)
+        }
+    })
+    .await
+    .expect("the delete was acted on");
     assert_eq!(answer.json()["state"], "failed", "{}", answer.json());
     assert_eq!(
         statuses.next().await.1["reason"],
         "deleted before it finished"
     );
     assert_eq!(lease_holder(&h, "deploy-prod"), None);
+}
+
+#[tokio::test]
+async fn a_delete_does_not_free_a_lock_whose_create_may_still_be_in_flight() {
+    // A 500 on the create: the run may or may not appear. A delete event for its name (404
+    // now) must not free the lock while the create could still be on its way.
+    let h = Harness::start_with(&[("KUBE_TIMEOUT_MS", "2000")]).await;
+    let mut statuses = h.statuses().await;
+    h.kube.fail(Failure {
+        method: "POST".into(),
+        path_contains: "/jobs".into(),
+        code: 500,
+        reason: "InternalError".into(),
+        times: Some(1),
+    });
+    let data = json!({"request_id": "r-5", "pipeline": "deploy", "parameters": {"env": "prod"}});
+    assert_error(
+        &h.trigger("ce-r-5", data.clone()).await,
+        502,
+        "backend_error",
+    );
+    assert!(h.kube.objects(JOBS).is_empty());
+    let lease = pipeline_bridge::names::lease_name("deploy-prod");
+    let forged = json!({"apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": run_name("deploy", "r-5"), "namespace": "ops", "uid": "u-1",
+            "labels": {"app.kubernetes.io/managed-by": "pipeline-bridge", "pipeline-bridge/pipeline": "deploy"},
+            "annotations": {"pipeline-bridge/request-id": "r-5", "pipeline-bridge/lock": lease}}});
+    let answer = h.resource_event("delete", &forged).await;
+    assert_error(&answer, 409, "held");
+    let retry_after: u64 = answer.header("retry-after").parse().expect("Retry-After");
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    assert_eq!(lease_holder(&h, "deploy-prod"), Some("r-5".into()));
+    // The trigger's redelivery renews the lock and creates the run ...
+    assert_eq!(h.trigger("ce-r-5", data).await.status, 200);
+    assert_eq!(statuses.next().await.1["state"], "submitted");
+    // ... and now that the API has a run of that name (another uid than the event's), the
+    // delete frees nothing: the run there decides.
+    ignored(
+        &h.resource_event("delete", &forged).await,
+        "another object took its name",
+    );
+    assert_eq!(lease_holder(&h, "deploy-prod"), Some("r-5".into()));
+    statuses.assert_quiet().await;
 }
 
 #[tokio::test]
