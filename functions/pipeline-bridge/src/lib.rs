@@ -87,7 +87,9 @@ pub struct Config {
     pub catalog: Arc<Catalog>,
     /// `KUBECONFIG` (unset: in-cluster service account, else `~/.kube/config`).
     pub kubeconfig: Option<PathBuf>,
-    /// `KUBE_TIMEOUT_MS` (default 10000): one Kubernetes API call's deadline.
+    /// `KUBE_TIMEOUT_MS` (default 10000): one Kubernetes API call's deadline. So also the
+    /// longest a create can be in flight: a delete event frees a lock only once it was taken or
+    /// renewed longer ago than this.
     pub kube_timeout: Duration,
     /// `KUBE_MAX_RESPONSE_BYTES` (default 4 MiB): the largest Kubernetes API answer read (502
     /// above). Each answer is one object, and etcd refuses to store more than 1.5 MiB (its
@@ -121,12 +123,16 @@ pub struct Config {
     /// `PIPELINE_WEBHOOK_READ_WAIT_MS` (default 2000, [`webhook::DEFAULT_READ_WAIT`] says why):
     /// how long a webhook waits for a read slot before 503 with `Retry-After`.
     pub webhook_read_wait: Duration,
-    /// `PIPELINE_DELIVERY_BUCKET` (default `pipeline-webhook-deliveries`): KV bucket of
-    /// handled webhook deliveries (created when missing).
+    /// `PIPELINE_DELIVERY_BUCKET` (default `pipeline-webhook-deliveries`): KV bucket (file
+    /// storage, so it outlives restarts) of handled webhook delivery ids and pushes (created
+    /// when missing).
     pub delivery_bucket: String,
-    /// `PIPELINE_DELIVERY_TTL_MS` (default 86400000): how long a delivery is remembered.
+    /// `PIPELINE_DELIVERY_TTL_MS` (default 86400000, a day): how long a delivery id and a push
+    /// (repository, branch, `after`) are remembered; a later replay still finds its runs by
+    /// the names derived from the push, while their objects exist.
     pub delivery_ttl: Duration,
-    /// `PIPELINE_DELIVERY_CACHE` (default 4096): deliveries remembered in process.
+    /// `PIPELINE_DELIVERY_CACHE` (default 4096): delivery ids and pushes remembered in process
+    /// (lost on restart; the only record without NATS).
     pub delivery_cache: usize,
     /// `PIPELINE_WEBHOOK_DEFER_SUBJECT` (default `ai.pipeline.trigger`; `off`: never): where a
     /// webhook trigger that failed for a passing reason (a held lock, the API down) is queued

@@ -245,8 +245,11 @@ async fn read_signed<'a>(
     Ok(SignedBody { bytes, _slot: slot })
 }
 
-/// Deliveries already handled: a JetStream KV bucket shared by every replica when NATS is
-/// configured, an in-process LRU otherwise (and when the bucket cannot be reached).
+/// Deliveries and pushes already handled, by key (`{provider}.{hash of the delivery id}` and
+/// `{provider}.push.{push identity}`): a JetStream KV bucket shared by every replica when NATS
+/// is configured, file-backed so it outlives restarts, entries expiring after
+/// `PIPELINE_DELIVERY_TTL_MS`; an in-process LRU otherwise (and when the bucket cannot be
+/// reached), lost on restart.
 #[derive(Debug)]
 pub struct Deliveries {
     bucket: String,
