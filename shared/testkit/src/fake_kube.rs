@@ -14,6 +14,9 @@
 //! - `PUT` an item replaces it; a stale `metadata.resourceVersion` is a 409 `Conflict` `Status`;
 //! - `DELETE` an item answers the deleted object (404 when missing).
 //!
+//! A test changes objects as a controller or a user would with [`FakeKube::update`] and
+//! [`FakeKube::remove`].
+//!
 //! Every request is recorded ([`Recorded`]: method, path, query, JSON body). Failures can be
 //! injected per method and path ([`FakeKube::fail`]: refused, nothing changes), answers lost
 //! after the request took effect ([`FakeKube::lose_answer`]: the object is stored, then the
