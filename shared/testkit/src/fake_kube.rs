@@ -25,7 +25,8 @@
 //! server, so a function under test goes through kube-rs' own configuration path.
 //!
 //! [`FakeKfp`] answers the Kubeflow Pipelines v2beta1 runs API: `POST /apis/v2beta1/runs`,
-//! `GET /apis/v2beta1/runs` (with a `filter` on `display_name`) and `GET /apis/v2beta1/runs/{id}`.
+//! `GET /apis/v2beta1/runs` (with a `filter` on `display_name`) and `GET /apis/v2beta1/runs/{id}`;
+//! [`FakeKfp::lose_create_answer`] loses the answer of a create that took effect.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -658,6 +659,8 @@ struct KfpShared {
 struct KfpState {
     runs: Vec<Value>,
     requests: Vec<Recorded>,
+    /// Answers that replace the next creates' (which still take effect).
+    lost_creates: Vec<LostAnswer>,
 }
 
 impl Drop for FakeKfp {
@@ -690,6 +693,13 @@ impl FakeKfp {
     /// Every run created so far.
     pub fn runs(&self) -> Vec<Value> {
         self.lock().runs.clone()
+    }
+
+    /// Lets the next create take effect (the run is stored) and answers it with `answer`
+    /// instead (a `Status` is answered as grpc-gateway's error of that code); several calls
+    /// queue up, one per create.
+    pub fn lose_create_answer(&self, answer: LostAnswer) {
+        self.lock().lost_creates.push(answer);
     }
 
     /// Sets the `state` (e.g. `RUNNING`, `SUCCEEDED`, `FAILED`) of the run `run_id`.
@@ -738,18 +748,29 @@ async fn kfp_handler(State(shared): State<Arc<KfpShared>>, request: Request) -> 
                     "Invalid input error: pipeline_version_reference is required",
                 );
             }
-            let mut state = lock();
-            let n = state.runs.len() + 1;
-            let mut run = body.clone();
-            run["run_id"] = json!(format!("00000000-0000-4000-9000-{n:012x}"));
-            run["state"] = json!("PENDING");
-            run["created_at"] = json!(now_rfc3339());
-            run["storage_state"] = json!("AVAILABLE");
-            if run["experiment_id"].is_null() {
-                run["experiment_id"] = json!("00000000-0000-4000-a000-000000000001");
+            let (run, lost) = {
+                let mut state = lock();
+                let n = state.runs.len() + 1;
+                let mut run = body.clone();
+                run["run_id"] = json!(format!("00000000-0000-4000-9000-{n:012x}"));
+                run["state"] = json!("PENDING");
+                run["created_at"] = json!(now_rfc3339());
+                run["storage_state"] = json!("AVAILABLE");
+                if run["experiment_id"].is_null() {
+                    run["experiment_id"] = json!("00000000-0000-4000-a000-000000000001");
+                }
+                state.runs.push(run.clone());
+                let lost = (!state.lost_creates.is_empty()).then(|| state.lost_creates.remove(0));
+                (run, lost)
+            };
+            match lost {
+                None => axum::Json(run).into_response(),
+                Some(LostAnswer::Hang(for_how_long)) => {
+                    tokio::time::sleep(for_how_long).await;
+                    axum::Json(run).into_response()
+                }
+                Some(LostAnswer::Status(code, reason)) => error(code, &reason),
             }
-            state.runs.push(run.clone());
-            axum::Json(run).into_response()
         }
         ("GET", "/apis/v2beta1/runs") => {
             let filter = url_decode_pairs(&recorded.query)

@@ -392,3 +392,37 @@ async fn kubernetes_error_text_never_reaches_a_webhook_sender() {
         &["EtcdLeaderSecretlyChanged", "injected", "kubernetes"],
     );
 }
+
+#[tokio::test]
+async fn a_kubeflow_create_whose_answer_is_lost_keeps_its_lock_and_is_found_by_the_redelivery() {
+    // The test catalog's kubeflow entry, with a lock.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let catalog = dir.path().join("locked-kfp.yaml");
+    std::fs::write(
+        &catalog,
+        "pipelines:\n  kfp-locked:\n    kind: kubeflow\n    namespace: ops\n    lock: kfp\n    \
+         kubeflow: {pipeline_id: p-1, pipeline_version_id: v-1, experiment_id: e-1}\n",
+    )
+    .expect("catalog");
+    let path = catalog.display().to_string();
+    let h = Harness::start_with(&[("PIPELINE_CATALOG", path.as_str())]).await;
+    h.kfp
+        .lose_create_answer(LostAnswer::Status(500, "the server went away".into()));
+    let trigger = |id: &str| json!({"request_id": id, "pipeline": "kfp-locked"});
+    assert_error(&h.trigger("ce-a", trigger("a")).await, 502, "backend_error");
+    assert_eq!(h.kfp.runs().len(), 1, "the run was started");
+    assert_eq!(lease_holder(&h, "kfp"), Some("a".into()));
+    assert_error(&h.trigger("ce-b", trigger("b")).await, 409, "held");
+    assert_eq!(h.kfp.runs().len(), 1, "no second run");
+    // The redelivery looks the run up by its name and answers it.
+    let again = h.trigger("ce-a", trigger("a")).await;
+    assert_eq!(
+        again.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&again.body)
+    );
+    assert_eq!(again.json()["created"], false);
+    assert_eq!(again.json()["run_id"], h.kfp.runs()[0]["run_id"]);
+    assert_eq!(h.kfp.runs().len(), 1);
+}
