@@ -14,6 +14,9 @@
 //! 503s). What is wrong with this request alone is final (422, with the API server's own
 //! message): 400/422 (an invalid object) and a create in a namespace that does not exist.
 //!
+//! A failed create also says whether the run may exist ([`CreateFailed`]): only a refusal
+//! (4xx but 408) stored nothing, so only then is the trigger's lock freed.
+//!
 //! Answers are read under a cap (`KUBE_MAX_RESPONSE_BYTES`), error bodies under
 //! [`handler_kit::http::ERROR_BODY_BYTES`]: an answer over its cap is a failed call (502).
 
@@ -187,23 +190,87 @@ struct StatusDetails {
 }
 
 /// What a 404 says was not found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Missing {
     /// The namespace the request is in: a `Status` naming a `namespaces` object, as the
     /// NamespaceLifecycle admission answers a create in a namespace that does not exist.
     Namespace,
-    /// Anything else: the object itself (a read), or the whole collection (a kind the API
-    /// server does not serve answers a plain-text `404 page not found`).
+    /// An object: a `NotFound` `Status` naming the resource (plural) it is of, the answer to
+    /// reading an object that does not exist.
+    Object(String),
+    /// Anything else: the whole collection (a kind the API server does not serve answers a
+    /// plain-text `404 page not found`).
     Other,
 }
 
 impl Missing {
     fn of(status: &Status) -> Self {
-        if status.details.kind == "namespaces" {
-            Self::Namespace
-        } else {
-            Self::Other
+        match status.details.kind.as_str() {
+            "namespaces" => Self::Namespace,
+            "" => Self::Other,
+            kind if status.reason == "NotFound" => Self::Object(kind.to_string()),
+            _ => Self::Other,
         }
+    }
+}
+
+/// A create that failed, and whether the run may exist anyway.
+///
+/// Only an answer of the API server that refuses the request (4xx but 408) is given before
+/// anything is stored: authentication, authorization, admission, validation and quota all run
+/// before the write. No answer (unreachable mid-request, a timeout), a 5xx (a `504 Timeout` is
+/// the API server giving up on etcd, which may still commit) or a `2xx` cut off mid-body say
+/// nothing about whether the object was stored.
+#[derive(Debug)]
+pub struct CreateFailed {
+    /// What the trigger answers.
+    pub error: HandlerError,
+    /// True only when nothing was created: the lock taken for it may be freed.
+    pub refused: bool,
+}
+
+impl CreateFailed {
+    /// A failure that created nothing (a refusal, or one before any create was sent).
+    pub fn refused(error: HandlerError) -> Self {
+        Self {
+            error,
+            refused: true,
+        }
+    }
+
+    /// A failure that may have created the run.
+    pub fn unclear(error: HandlerError) -> Self {
+        Self {
+            error,
+            refused: false,
+        }
+    }
+}
+
+impl From<CreateFailed> for HandlerError {
+    fn from(failed: CreateFailed) -> Self {
+        failed.error
+    }
+}
+
+/// What reading an object back came to.
+#[derive(Debug)]
+pub enum ReadBack {
+    /// The object, as the API server has it.
+    Found(Value),
+    /// The API server says there is no such object (a `NotFound` `Status` naming its kind).
+    Gone,
+}
+
+/// A call that failed, with the status the API server answered, if it answered.
+struct Failed {
+    error: HandlerError,
+    answered: Option<StatusCode>,
+}
+
+impl From<Failed> for HandlerError {
+    fn from(failed: Failed) -> Self {
+        failed.error
     }
 }
 
@@ -291,6 +358,17 @@ impl Cluster {
         body: Option<Vec<u8>>,
         what: impl Fn() -> String,
     ) -> Result<Answer, HandlerError> {
+        Ok(self.call(method, path, body, what).await?)
+    }
+
+    /// [`Self::send`], keeping the status of a failed call the API server answered.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        what: impl Fn() -> String,
+    ) -> Result<Answer, Failed> {
         let inner = &*self.inner;
         // Setting the path of the parsed URL: no scheme, host or IDNA parsing per request.
         let mut url = inner.base.clone();
@@ -301,7 +379,11 @@ impl Cluster {
             .timeout(inner.timeout)
             .headers(inner.headers.clone())
             .header(ACCEPT, "application/json");
-        if let Some(auth) = inner.auth.header()? {
+        let unanswered = |error: HandlerError| Failed {
+            error,
+            answered: None,
+        };
+        if let Some(auth) = inner.auth.header().map_err(unanswered)? {
             request = request.header(AUTHORIZATION, auth);
         }
         if let Some(body) = body {
@@ -316,7 +398,10 @@ impl Cluster {
             ),
             retry_after: UNREACHABLE_RETRY,
         };
-        let response = request.send().await.map_err(unreachable)?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| unanswered(unreachable(e)))?;
         let code = response.status();
         let retry_after = response
             .headers()
@@ -325,17 +410,21 @@ impl Cluster {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         if code.is_success() {
+            let failed = |error| Failed {
+                error,
+                answered: Some(code),
+            };
             return match read_body(response, inner.max_answer_bytes).await {
                 Ok(body) => Ok(Answer::Done(body)),
-                Err(BodyError::Broken(detail)) => Err(HandlerError::Unavailable {
+                Err(BodyError::Broken(detail)) => Err(failed(HandlerError::Unavailable {
                     backend: "kubernetes",
                     reason: format!("{}: API server unreachable: {detail}", what()),
                     retry_after: UNREACHABLE_RETRY,
-                }),
-                Err(too_large @ BodyError::TooLarge { .. }) => Err(HandlerError::Backend {
+                })),
+                Err(too_large @ BodyError::TooLarge { .. }) => Err(failed(HandlerError::Backend {
                     backend: "kubernetes",
                     detail: format!("{}: {too_large} (KUBE_MAX_RESPONSE_BYTES)", what()),
-                }),
+                })),
             };
         }
         let body = read_start(response, ERROR_BODY_BYTES).await;
@@ -361,7 +450,7 @@ impl Cluster {
                 status.message
             }
         );
-        Err(match code.as_u16() {
+        let error = match code.as_u16() {
             429 => HandlerError::Unavailable {
                 backend: "kubernetes",
                 reason: detail,
@@ -386,40 +475,62 @@ impl Cluster {
                 backend: "kubernetes",
                 detail,
             },
+        };
+        Err(Failed {
+            error,
+            answered: Some(code),
         })
     }
 
     /// Creates `object` (its JSON) named `name`: `Ok(None)` when it was created, the existing
     /// object when one of that name was already there, so a redelivered request never starts
     /// a second run. A created object's answer is not parsed: nothing in it is needed.
+    ///
+    /// A failure says whether the object may exist ([`CreateFailed::refused`]): only a refusal
+    /// of the create itself is sure to have stored nothing. An `AlreadyExists` whose read-back
+    /// fails is not one: the object was there.
     pub async fn create(
         &self,
         namespace: &str,
         resource: &Resource,
         name: &str,
         object: Vec<u8>,
-    ) -> Result<Option<Value>, HandlerError> {
+    ) -> Result<Option<Value>, CreateFailed> {
         let what = || format!("create {} {name}", resource.kind);
         let path = resource.collection(namespace);
-        match self.send(Method::POST, &path, Some(object), what).await? {
+        let answer = match self.call(Method::POST, &path, Some(object), what).await {
+            Ok(answer) => answer,
+            Err(Failed { error, answered }) => {
+                let refused = answered.is_some_and(|code| {
+                    code.is_client_error() && code != StatusCode::REQUEST_TIMEOUT
+                });
+                return Err(CreateFailed { error, refused });
+            }
+        };
+        match answer {
             Answer::Done(_) => Ok(None),
             Answer::AlreadyExists => {
                 // Deleted between the two calls: the next delivery creates it.
-                let existing = self.get(namespace, resource, name).await?;
+                let existing = self
+                    .get(namespace, resource, name)
+                    .await
+                    .map_err(CreateFailed::unclear)?;
                 existing.map(Some).ok_or_else(|| {
-                    HandlerError::Conflict(format!(
+                    CreateFailed::unclear(HandlerError::Conflict(format!(
                         "{} {name} vanished after AlreadyExists",
                         resource.kind
-                    ))
+                    )))
                 })
             }
-            Answer::NotFound(Missing::Namespace) => Err(HandlerError::BackendRejected {
-                backend: "kubernetes",
-                detail: format!("{}: the namespace {namespace} does not exist", what()),
-            }),
+            Answer::NotFound(Missing::Namespace) => {
+                Err(CreateFailed::refused(HandlerError::BackendRejected {
+                    backend: "kubernetes",
+                    detail: format!("{}: the namespace {namespace} does not exist", what()),
+                }))
+            }
             // The collection itself is missing: the kind is not served (its CRD not installed,
             // or being reinstalled), which fails every run of it until it is.
-            Answer::NotFound(Missing::Other) => Err(HandlerError::Backend {
+            Answer::NotFound(_) => Err(CreateFailed::refused(HandlerError::Backend {
                 backend: "kubernetes",
                 detail: format!(
                     "{}: the API server does not serve {} {} (is its CRD installed?)",
@@ -427,8 +538,43 @@ impl Cluster {
                     resource.api_version,
                     resource.plural
                 ),
+            })),
+            Answer::Stale => Err(CreateFailed::refused(HandlerError::Conflict(format!(
+                "{}: 409 Conflict",
+                what()
+            )))),
+        }
+    }
+
+    /// Reads the object `name` back, to check what an event says about it: [`ReadBack::Gone`]
+    /// only when the API server says the object does not exist. Any other 404 (the kind is not
+    /// served: a CRD being reinstalled) proves nothing, and is a retryable 502.
+    pub async fn read_back(
+        &self,
+        namespace: &str,
+        resource: &Resource,
+        name: &str,
+    ) -> Result<ReadBack, HandlerError> {
+        let what = || format!("read {} {name}", resource.kind);
+        let path = format!("{}/{name}", resource.collection(namespace));
+        match self.send(Method::GET, &path, None, what).await? {
+            Answer::Done(body) => serde_json::from_slice(&body)
+                .map(ReadBack::Found)
+                .map_err(|e| HandlerError::Backend {
+                    backend: "kubernetes",
+                    detail: format!("{}: unreadable answer: {e}", what()),
+                }),
+            Answer::NotFound(Missing::Object(kind)) if kind == resource.plural => {
+                Ok(ReadBack::Gone)
+            }
+            _ => Err(HandlerError::Backend {
+                backend: "kubernetes",
+                detail: format!(
+                    "{}: 404 without a NotFound for {} (is its CRD installed?)",
+                    what(),
+                    resource.plural
+                ),
             }),
-            Answer::Stale => Err(HandlerError::Conflict(format!("{}: 409 Conflict", what()))),
         }
     }
 
@@ -541,7 +687,13 @@ impl Cluster {
             let spec = &lease["spec"];
             let current = spec["holderIdentity"].as_str().filter(|h| !h.is_empty());
             if current == Some(holder) {
-                return Ok(());
+                // Renewed: the holder's redelivery is about to create again, and
+                // `release_settled` counts from here.
+                spec_mut(&mut lease).insert("renewTime".into(), json!(micro_time(now)));
+                if self.replace(namespace, &LEASES, name, &lease).await? {
+                    return Ok(());
+                }
+                continue;
             }
             if let Some(other) = current {
                 let left = time_left(spec, now);
@@ -582,12 +734,47 @@ impl Cluster {
         name: &str,
         holder: &str,
     ) -> Result<bool, HandlerError> {
+        self.release_after(namespace, name, holder, Duration::ZERO)
+            .await
+    }
+
+    /// [`Self::release`], but only once `holder` took or renewed it at least `settled` ago:
+    /// sooner, a create under it may still be on its way to the API server, and a 404 for the
+    /// run proves nothing yet. Then [`HandlerError::Held`] (409 with `Retry-After`: the time
+    /// left), so the event is judged again later.
+    pub async fn release_settled(
+        &self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        settled: Duration,
+    ) -> Result<bool, HandlerError> {
+        self.release_after(namespace, name, holder, settled).await
+    }
+
+    async fn release_after(
+        &self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        settled: Duration,
+    ) -> Result<bool, HandlerError> {
         for _ in 0..4 {
             let Some(mut lease) = self.get(namespace, &LEASES, name).await? else {
                 return Ok(false);
             };
             if lease["spec"]["holderIdentity"].as_str() != Some(holder) {
                 return Ok(false);
+            }
+            let held = held_for(&lease["spec"], Utc::now());
+            if held < settled {
+                return Err(HandlerError::Held {
+                    what: format!(
+                        "lock Lease {name} was taken {}s ago: a create under it may be in flight",
+                        held.as_secs()
+                    ),
+                    retry_after: settled - held,
+                });
             }
             let spec = spec_mut(&mut lease);
             spec.remove("holderIdentity");
@@ -616,6 +803,15 @@ fn spec_mut(lease: &mut Value) -> &mut serde_json::Map<String, Value> {
 /// A `metav1.MicroTime`: RFC 3339 with microseconds, in UTC.
 fn micro_time(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// How long since the holder last took or renewed the Lease (zero when it does not say).
+fn held_for(spec: &Value, now: DateTime<Utc>) -> Duration {
+    ["renewTime", "acquireTime"]
+        .iter()
+        .find_map(|field| DateTime::parse_from_rfc3339(spec[field].as_str()?).ok())
+        .and_then(|since| (now - since.with_timezone(&Utc)).to_std().ok())
+        .unwrap_or(Duration::ZERO)
 }
 
 /// How long the holder still has: from the last renewal (or acquisition) plus the duration.
@@ -716,6 +912,11 @@ mod tests {
         // Acquired but never renewed: counted from the acquisition.
         let acquired = json!({"acquireTime": at(30), "leaseDurationSeconds": 60});
         assert_eq!(time_left(&acquired, now), Duration::from_secs(30));
+        assert_eq!(held_for(&acquired, now).as_secs(), 30);
+        assert_eq!(held_for(&spec(10, 60), now).as_secs(), 10);
+        // A time in the future (clock skew) or none: not held long at all.
+        assert_eq!(held_for(&spec(-5, 60), now), Duration::ZERO);
+        assert_eq!(held_for(&json!({}), now), Duration::ZERO);
     }
 
     #[test]
@@ -738,7 +939,7 @@ mod tests {
         assert_eq!(parse("404 page not found"), Missing::Other);
         let object = r#"{"kind":"Status","reason":"NotFound",
             "details":{"name":"train-1","group":"argoproj.io","kind":"workflows"},"code":404}"#;
-        assert_eq!(parse(object), Missing::Other);
+        assert_eq!(parse(object), Missing::Object("workflows".into()));
     }
 
     #[test]

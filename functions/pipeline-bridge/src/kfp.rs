@@ -15,6 +15,7 @@ use handler_kit::resilience::{Backend, BackendConfig, CallError};
 use serde_json::{Value, json};
 
 use crate::catalog::KubeflowRef;
+use crate::cluster::CreateFailed;
 
 /// KFP's API server.
 #[derive(Debug, Clone)]
@@ -103,16 +104,22 @@ impl Kfp {
 
     /// Creates a run of `pipeline` named `display_name`; an existing run of that name is
     /// returned instead (`created: false`).
+    ///
+    /// A failure is a refusal ([`CreateFailed::refused`]) when the lookup failed (nothing was
+    /// sent) or KFP rejected the run (a 4xx verdict); any other failure of the `POST` (no
+    /// answer, a 5xx, an unreadable answer) may have started it, and the redelivery's lookup
+    /// finds it.
     pub async fn create(
         &self,
         display_name: &str,
         description: &str,
         pipeline: &KubeflowRef,
         parameters: &BTreeMap<String, String>,
-    ) -> Result<(Value, bool), HandlerError> {
+    ) -> Result<(Value, bool), CreateFailed> {
         if let Some(run) = self
             .find(display_name, pipeline.experiment_id.as_deref())
-            .await?
+            .await
+            .map_err(CreateFailed::refused)?
         {
             return Ok((run, false));
         }
@@ -136,7 +143,11 @@ impl Kfp {
                 let request = self.authorize(self.http.post(&url).json(&body))?;
                 self.answer(request).await
             })
-            .await?;
+            .await
+            .map_err(|error| match error {
+                HandlerError::BackendRejected { .. } => CreateFailed::refused(error),
+                _ => CreateFailed::unclear(error),
+            })?;
         Ok((run, true))
     }
 }

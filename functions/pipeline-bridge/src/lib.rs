@@ -13,8 +13,9 @@
 //! the entries whose path globs and branch match the pushed commits; a body is only read when
 //! it is signed, a few at a time and under a cap. Knative ApiServerSource
 //! events for the Workflows and Jobs it created publish their progress (`running`,
-//! `succeeded`, `failed`) and free their locks when they finish; `ai.pipeline.status.request`
-//! reads a run's state from the API.
+//! `succeeded`, `failed`) and free their locks when they finish, but only as far as reading
+//! the object back from the API confirms them; `ai.pipeline.status.request` reads a run's
+//! state from the API.
 //!
 //! # Layout
 //! - [`Config`]: every environment variable, with defaults; the catalog is read here.
@@ -23,7 +24,8 @@
 //! - [`names`]: run and lock names derived from request ids; labels and annotations.
 //! - [`cluster`]: the Kubernetes API (kube-rs): create, read, Lease locks, error sorting.
 //! - [`kfp`]: Kubeflow Pipelines' REST API.
-//! - [`run`]: trigger, status request, resource events.
+//! - [`run`]: trigger and status request.
+//! - [`observe`]: ApiServerSource events, checked against the API before they are acted on.
 //! - [`status`]: a run's state from its object.
 //! - [`webhook`]: signed git push webhooks, their bounded body reads, delivery deduplication.
 
@@ -31,6 +33,7 @@ pub mod catalog;
 pub mod cluster;
 pub mod kfp;
 pub mod names;
+pub mod observe;
 pub mod run;
 pub mod status;
 pub mod webhook;
@@ -84,7 +87,9 @@ pub struct Config {
     pub catalog: Arc<Catalog>,
     /// `KUBECONFIG` (unset: in-cluster service account, else `~/.kube/config`).
     pub kubeconfig: Option<PathBuf>,
-    /// `KUBE_TIMEOUT_MS` (default 10000): one Kubernetes API call's deadline.
+    /// `KUBE_TIMEOUT_MS` (default 10000): one Kubernetes API call's deadline. So also the
+    /// longest a create can be in flight: a delete event frees a lock only once it was taken or
+    /// renewed longer ago than this.
     pub kube_timeout: Duration,
     /// `KUBE_MAX_RESPONSE_BYTES` (default 4 MiB): the largest Kubernetes API answer read (502
     /// above). Each answer is one object, and etcd refuses to store more than 1.5 MiB (its
@@ -118,12 +123,16 @@ pub struct Config {
     /// `PIPELINE_WEBHOOK_READ_WAIT_MS` (default 2000, [`webhook::DEFAULT_READ_WAIT`] says why):
     /// how long a webhook waits for a read slot before 503 with `Retry-After`.
     pub webhook_read_wait: Duration,
-    /// `PIPELINE_DELIVERY_BUCKET` (default `pipeline-webhook-deliveries`): KV bucket of
-    /// handled webhook deliveries (created when missing).
+    /// `PIPELINE_DELIVERY_BUCKET` (default `pipeline-webhook-deliveries`): KV bucket (file
+    /// storage, so it outlives restarts) of handled webhook delivery ids and pushes (created
+    /// when missing).
     pub delivery_bucket: String,
-    /// `PIPELINE_DELIVERY_TTL_MS` (default 86400000): how long a delivery is remembered.
+    /// `PIPELINE_DELIVERY_TTL_MS` (default 86400000, a day): how long a delivery id and a push
+    /// (repository, branch, `after`) are remembered; a later replay still finds its runs by
+    /// the names derived from the push, while their objects exist.
     pub delivery_ttl: Duration,
-    /// `PIPELINE_DELIVERY_CACHE` (default 4096): deliveries remembered in process.
+    /// `PIPELINE_DELIVERY_CACHE` (default 4096): delivery ids and pushes remembered in process
+    /// (lost on restart; the only record without NATS).
     pub delivery_cache: usize,
     /// `PIPELINE_WEBHOOK_DEFER_SUBJECT` (default `ai.pipeline.trigger`; `off`: never): where a
     /// webhook trigger that failed for a passing reason (a held lock, the API down) is queued
@@ -348,7 +357,7 @@ async fn webhook(
 /// What an event is answered with: a reply event, or 202 for a resource event.
 enum Answer {
     Reply(Reply),
-    Accepted(run::Observed),
+    Accepted(observe::Observed),
 }
 
 impl IntoResponse for Answer {
@@ -389,7 +398,9 @@ async fn dispatch(state: &State, event: &CloudEvent) -> Result<Answer, HandlerEr
         }
         ty if RESOURCE_TYPES.contains(&ty) => {
             let object: serde_json::Value = event.data()?;
-            Ok(Answer::Accepted(run::observed(state, ty, &object).await?))
+            Ok(Answer::Accepted(
+                observe::observed(state, ty, &object).await?,
+            ))
         }
         _ => {
             let mut accepted = vec![TRIGGER_TYPE, STATUS_REQUEST_TYPE];
@@ -401,7 +412,7 @@ async fn dispatch(state: &State, event: &CloudEvent) -> Result<Answer, HandlerEr
 
 /// `expect_type` fails for every type not matched above; this keeps the types in one list.
 fn unreachable_answer() -> Answer {
-    Answer::Accepted(run::Observed {
+    Answer::Accepted(observe::Observed {
         request_id: None,
         state: None,
         ignored: Some("unhandled type".into()),

@@ -1,4 +1,5 @@
-//! A run's life: triggered (validated, locked, created, announced), watched, asked about.
+//! A run's life: triggered (validated, locked, created, announced) and asked about; what the
+//! cluster says about it afterwards is [`crate::observe`].
 
 use std::collections::BTreeMap;
 
@@ -10,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::State;
 use crate::catalog::{Entry, Kind, Target, fill, fill_value};
-use crate::cluster::{JOBS, Resource, WORKFLOWS};
+use crate::cluster::{CreateFailed, JOBS, Resource, WORKFLOWS};
 use crate::names::{
     LOCK_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, PIPELINE_LABEL, REQUEST_ID_ANNOTATION,
     lease_name, run_name,
@@ -112,12 +113,20 @@ pub async fn trigger(
     .await;
     let status = match created {
         Ok(status) => status,
-        Err(error) => {
-            // Refusals (401/403, 400/422, a missing namespace or kind) come before the API
-            // server stores anything, so no run holds the lock: free it for the next request.
-            // The retryable ones among them are redelivered, and take it again.
+        Err(CreateFailed { error, refused }) => {
             if let Some(lease) = &lock {
-                release(state, &entry.namespace, lease, request_id).await;
+                if refused {
+                    // Refusals (401/403, 400/422, a missing namespace or kind) come before the
+                    // API server stores anything, so no run holds the lock: free it for the
+                    // next request. The retryable ones are redelivered, and take it again.
+                    release(state, &entry.namespace, lease, request_id).await;
+                } else {
+                    // No answer, or a 5xx: the run may exist. The lock stays with this
+                    // request, whose redelivery takes it again (re-entrant) and finds the run
+                    // (`AlreadyExists`) or creates it; until then no other request can start a
+                    // second run under it. A redelivery that never comes leaves it to the TTL.
+                    tracing::warn!(lease = %lease, request_id, error = %error, "create outcome unknown; the lock stays held");
+                }
             }
             return Err(error);
         }
@@ -145,7 +154,7 @@ async fn create(
     name: &str,
     lock: Option<&str>,
     parameters: &BTreeMap<String, String>,
-) -> Result<RunStatus, HandlerError> {
+) -> Result<RunStatus, CreateFailed> {
     let kind = entry.kind();
     let mut status = RunStatus {
         request_id: request_id.to_string(),
@@ -161,9 +170,9 @@ async fn create(
     let existing = match &entry.target {
         Target::Kubeflow(pipeline) => {
             let kfp = state.kfp.as_ref().ok_or_else(|| {
-                HandlerError::Internal(
+                CreateFailed::refused(HandlerError::Internal(
                     "KFP_URL is not set but the catalog has kubeflow runs".into(),
-                )
+                ))
             })?;
             let description = format!("pipeline-bridge request {request_id}");
             let (run, created) = kfp.create(name, &description, pipeline, parameters).await?;
@@ -186,7 +195,8 @@ async fn create(
                 "workflowTemplateRef": reference,
                 "arguments": { "parameters": arguments },
             });
-            let object = run_object(&WORKFLOWS, entry, request_id, name, lock, &spec)?;
+            let object = run_object(&WORKFLOWS, entry, request_id, name, lock, &spec)
+                .map_err(CreateFailed::refused)?;
             state
                 .cluster
                 .create(&entry.namespace, &WORKFLOWS, name, object)
@@ -194,7 +204,8 @@ async fn create(
         }
         Target::Job(template) => {
             let spec = fill_value(template, parameters);
-            let object = run_object(&JOBS, entry, request_id, name, lock, &spec)?;
+            let object = run_object(&JOBS, entry, request_id, name, lock, &spec)
+                .map_err(CreateFailed::refused)?;
             state
                 .cluster
                 .create(&entry.namespace, &JOBS, name, object)
@@ -268,7 +279,7 @@ async fn release(state: &State, namespace: &str, lease: &str, holder: &str) {
 }
 
 /// Releases a lock held by `holder` (nothing when another holds it).
-async fn release_or_fail(
+pub(crate) async fn release_or_fail(
     state: &State,
     namespace: &str,
     lease: &str,
@@ -282,7 +293,7 @@ async fn release_or_fail(
 
 /// Publishes a status to `ai.pipeline.status.{request_id}`; `Nats-Msg-Id` is
 /// `{request_id}.{state}`, so a stream keeps each state of a run once.
-async fn publish(state: &State, status: &RunStatus) -> Result<(), HandlerError> {
+pub(crate) async fn publish(state: &State, status: &RunStatus) -> Result<(), HandlerError> {
     if !state.nats.is_enabled() {
         return Ok(());
     }
@@ -342,84 +353,4 @@ pub async fn status(state: &State, request: &StatusRequest) -> Result<RunStatus,
     }
     publish(state, &status).await?;
     Ok(status)
-}
-
-/// What a resource event did.
-#[derive(Debug, Serialize)]
-pub struct Observed {
-    /// The run's request id, when the object is one of ours.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
-    /// The state published.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub state: Option<RunState>,
-    /// Why nothing was published.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ignored: Option<String>,
-}
-
-/// An ApiServerSource event (mode `Resource`: the data is the whole object) for a Workflow or a
-/// Job: publishes its state, and frees its lock when it has finished (or was deleted).
-pub async fn observed(
-    state: &State,
-    event_type: &str,
-    object: &Value,
-) -> Result<Observed, HandlerError> {
-    let ignore = |why: &str| {
-        Ok(Observed {
-            request_id: None,
-            state: None,
-            ignored: Some(why.to_string()),
-        })
-    };
-    let metadata = &object["metadata"];
-    if metadata["labels"][MANAGED_BY_LABEL] != MANAGED_BY {
-        return ignore("not created by pipeline-bridge");
-    }
-    let Some(request_id) = metadata["annotations"][REQUEST_ID_ANNOTATION].as_str() else {
-        return ignore("no request id annotation");
-    };
-    // Written by a trigger, which checked it; anyone can label an object, though.
-    check_token(REQUEST_ID_ANNOTATION, request_id)?;
-    let kind = match (object["apiVersion"].as_str(), object["kind"].as_str()) {
-        (Some("argoproj.io/v1alpha1"), Some("Workflow")) => Kind::Argo,
-        (Some("batch/v1"), Some("Job")) => Kind::Job,
-        _ => return ignore("neither an Argo Workflow nor a batch/v1 Job"),
-    };
-    let namespace = metadata["namespace"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let (mut run_state, mut reason) = of_object(kind, object);
-    if event_type.ends_with(".delete") && !run_state.is_final() {
-        run_state = RunState::Failed;
-        reason = Some("deleted before it finished".into());
-    }
-    let status = RunStatus {
-        request_id: request_id.to_string(),
-        pipeline: metadata["labels"][PIPELINE_LABEL]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-        state: run_state,
-        kind,
-        name: metadata["name"].as_str().unwrap_or_default().to_string(),
-        namespace: namespace.clone(),
-        run_id: None,
-        created: None,
-        reason,
-    };
-    publish(state, &status).await?;
-    // A failed release is retried with the event (the publish repeats under the same
-    // Nats-Msg-Id), so a finished run does not keep its lock until the TTL.
-    if run_state.is_final()
-        && let Some(lease) = metadata["annotations"][LOCK_ANNOTATION].as_str()
-    {
-        release_or_fail(state, &namespace, lease, request_id).await?;
-    }
-    Ok(Observed {
-        request_id: Some(request_id.to_string()),
-        state: Some(run_state),
-        ignored: None,
-    })
 }

@@ -11,12 +11,21 @@
 //! arrives. Only then is the delivery looked up. A trigger that fails for a passing reason (a
 //! held lock, the API down) is queued through
 //! JetStream on `PIPELINE_WEBHOOK_DEFER_SUBJECT` for the event source to retry with backoff,
-//! since senders do not reliably redeliver (GitHub never does by itself). A delivery is recorded
-//! as seen once each of its triggers succeeded, failed for good or was queued, so one that could
-//! not queue is redone when the sender redelivers it, while a replay of a finished one is
-//! answered without touching the cluster. Each trigger's `request_id` is
-//! derived from the delivery id and the pipeline, so even a replay that slips past the record
-//! (two replicas at once, a restarted process without NATS) finds its runs already there.
+//! since senders do not reliably redeliver (GitHub never does by itself).
+//!
+//! Replays. The signature covers the body, not the delivery id header, so a captured body can
+//! be sent again under any delivery id. A push is therefore known by what the signature
+//! covers, its repository, branch and the commit it moved to (`after`), as well as by its
+//! delivery id: either one seen before makes it a duplicate. Both are recorded once each of
+//! its triggers succeeded, failed for good or was queued, so one that could not queue is redone
+//! when the sender redelivers it, while a replay of a finished one is answered without touching
+//! the cluster. Each trigger's `request_id` is derived from the push (provider, repository,
+//! branch, `after`) and the pipeline, so even a replay that slips past the record (two at once,
+//! a record expired or lost without NATS) finds its runs already there: one run per pipeline
+//! per pushed commit and branch. Only a push without `after` falls back to the delivery id.
+//!
+//! What goes back to the sender is the outcome's code and a fixed sentence: the detail of a
+//! failure, which can quote the Kubernetes API server, is only logged.
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -236,8 +245,11 @@ async fn read_signed<'a>(
     Ok(SignedBody { bytes, _slot: slot })
 }
 
-/// Deliveries already handled: a JetStream KV bucket shared by every replica when NATS is
-/// configured, an in-process LRU otherwise (and when the bucket cannot be reached).
+/// Deliveries and pushes already handled, by key (`{provider}.{hash of the delivery id}` and
+/// `{provider}.push.{push identity}`): a JetStream KV bucket shared by every replica when NATS
+/// is configured, file-backed so it outlives restarts, entries expiring after
+/// `PIPELINE_DELIVERY_TTL_MS`; an in-process LRU otherwise (and when the bucket cannot be
+/// reached), lost on restart.
 #[derive(Debug)]
 pub struct Deliveries {
     bucket: String,
@@ -375,6 +387,21 @@ struct Pushed {
     paths: Vec<String>,
 }
 
+impl Pushed {
+    /// What the push is, whatever delivery id it came under: 16 hex of SHA-256 over the
+    /// provider, repository, branch and `after` commit (`None` without an `after`).
+    fn identity(&self, provider: Provider) -> Option<String> {
+        if self.after.is_empty() {
+            return None;
+        }
+        let repository = self.repository.as_deref().unwrap_or("");
+        Some(short_hash(
+            &[provider.name(), repository, &self.branch, &self.after],
+            8,
+        ))
+    }
+}
+
 impl Push {
     /// The branch push in `body`, or why it starts nothing (a tag, a deleted branch).
     fn parse(body: &[u8]) -> Result<Result<Pushed, String>, HandlerError> {
@@ -456,19 +483,51 @@ pub async fn handle(
             return Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response());
         }
     };
-    let key = format!("{}.{}", provider.name(), short_hash(&[&delivery], 16));
-    if state.deliveries.seen(&state.nats, &key).await {
-        answer.duplicate = true;
-        return Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response());
+    let identity = pushed.identity(provider);
+    let mut keys = vec![format!(
+        "{}.{}",
+        provider.name(),
+        short_hash(&[&delivery], 16)
+    )];
+    if let Some(identity) = &identity {
+        keys.push(format!("{}.push.{identity}", provider.name()));
     }
-    let retry = trigger_selected(state, &delivery, &pushed, &mut answer.triggered).await;
+    for key in &keys {
+        if state.deliveries.seen(&state.nats, key).await {
+            tracing::info!(delivery = %delivery, key = %key, "webhook replay: already handled");
+            answer.duplicate = true;
+            return Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response());
+        }
+    }
+    // Runs are named from the push itself, so the same push under another delivery id (a
+    // replay past the record) finds them instead of starting them again.
+    let run_key = identity.as_deref().unwrap_or(&delivery);
+    let retry = trigger_selected(state, &delivery, run_key, &pushed, &mut answer.triggered).await;
     if let Some(error) = retry {
         // Not recorded: the sender's redelivery redoes it, and what was created is found again.
         tracing::warn!(delivery = %delivery, error = %error, "webhook delivery not finished; redeliver it");
         return Ok(error.response(&answer));
     }
-    state.deliveries.record(&state.nats, &key).await;
+    for key in &keys {
+        state.deliveries.record(&state.nats, key).await;
+    }
     Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response())
+}
+
+/// What a webhook sender is told about a trigger that failed: a fixed sentence per kind of
+/// failure. The error itself can quote the Kubernetes API server (object names, admission and
+/// quota messages) and is only logged; the catalog's own refusal of the push's parameters
+/// (`Unprocessable`) is the sender's configuration to fix, so it is shown.
+fn public_detail(error: &HandlerError) -> String {
+    match error {
+        HandlerError::Unprocessable(detail) => detail.clone(),
+        HandlerError::Held { .. } => "the pipeline's lock is held by another run".into(),
+        HandlerError::Unavailable { .. }
+        | HandlerError::Timeout { .. }
+        | HandlerError::Deadline(_) => "the cluster is unavailable".into(),
+        HandlerError::BackendRejected { .. } => "the cluster refused the run".into(),
+        _ => "the run could not be started".into(),
+    }
 }
 
 /// Triggers every catalog entry `pushed` selects, each outcome pushed onto `triggered`.
@@ -476,6 +535,7 @@ pub async fn handle(
 async fn trigger_selected(
     state: &State,
     delivery: &str,
+    run_key: &str,
     pushed: &Pushed,
     triggered: &mut Vec<Triggered>,
 ) -> Option<HandlerError> {
@@ -490,7 +550,7 @@ async fn trigger_selected(
         &pushed.branch,
         &pushed.paths,
     ) {
-        let request_id = format!("git-{delivery}-{}", entry.name);
+        let request_id = format!("git-{run_key}-{}", entry.name);
         let mut parameters = std::collections::BTreeMap::new();
         if let Some(rule) = &entry.git {
             for (name, template) in &rule.parameters {
@@ -517,8 +577,9 @@ async fn trigger_selected(
         match trigger(state, &request_id, &request).await {
             Ok(status) => item.status = Some(status),
             Err(e) => {
+                tracing::warn!(delivery, request_id = %request_id, error = %e, "webhook trigger failed");
                 item.error = Some(e.code());
-                item.detail = Some(e.to_string());
+                item.detail = Some(public_detail(&e));
                 if e.class().is_retryable() {
                     // Queued for the event source to retry; else the sender must redeliver.
                     match defer(state, &request).await {

@@ -14,13 +14,19 @@
 //! - `PUT` an item replaces it; a stale `metadata.resourceVersion` is a 409 `Conflict` `Status`;
 //! - `DELETE` an item answers the deleted object (404 when missing).
 //!
+//! A test changes objects as a controller or a user would with [`FakeKube::update`] and
+//! [`FakeKube::remove`].
+//!
 //! Every request is recorded ([`Recorded`]: method, path, query, JSON body). Failures can be
-//! injected per method and path ([`FakeKube::fail`]) and latency added to every answer
-//! ([`FakeKube::set_latency`]). [`FakeKube::write_kubeconfig`] writes a kubeconfig pointing at the
+//! injected per method and path ([`FakeKube::fail`]: refused, nothing changes), answers lost
+//! after the request took effect ([`FakeKube::lose_answer`]: the object is stored, then the
+//! answer hangs or is a 5xx, as when the API server or the network fails between etcd and the
+//! client), and latency added to every answer ([`FakeKube::set_latency`]). [`FakeKube::write_kubeconfig`] writes a kubeconfig pointing at the
 //! server, so a function under test goes through kube-rs' own configuration path.
 //!
 //! [`FakeKfp`] answers the Kubeflow Pipelines v2beta1 runs API: `POST /apis/v2beta1/runs`,
-//! `GET /apis/v2beta1/runs` (with a `filter` on `display_name`) and `GET /apis/v2beta1/runs/{id}`.
+//! `GET /apis/v2beta1/runs` (with a `filter` on `display_name`) and `GET /apis/v2beta1/runs/{id}`;
+//! [`FakeKfp::lose_create_answer`] loses the answer of a create that took effect.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -66,6 +72,28 @@ pub struct Failure {
     pub times: Option<usize>,
 }
 
+/// How a request that took effect is answered instead of with its result.
+#[derive(Debug, Clone)]
+pub enum LostAnswer {
+    /// No answer for this long (longer than the client's timeout: it gives up not knowing).
+    Hang(Duration),
+    /// A `Status` of this code and reason (e.g. 504 `Timeout`, 500 `InternalError`).
+    Status(u16, String),
+}
+
+/// Requests, matched by method and path, that take effect and whose answer is lost.
+#[derive(Debug, Clone)]
+pub struct Lost {
+    /// The method to match (e.g. `POST`).
+    pub method: String,
+    /// Matches when the request path contains this.
+    pub path_contains: String,
+    /// What the client gets instead of the result.
+    pub answer: LostAnswer,
+    /// How many requests it applies to (`None`: all of them).
+    pub times: Option<usize>,
+}
+
 #[derive(Debug, Default)]
 struct Store {
     /// Objects by collection path (`/apis/batch/v1/namespaces/ml/jobs`) and name.
@@ -74,6 +102,7 @@ struct Store {
     /// False: `requests` stays empty (the `fake-kube` process, whose log nobody reads).
     unrecorded: bool,
     failures: Vec<Failure>,
+    lost: Vec<Lost>,
     latency: Duration,
 }
 
@@ -158,9 +187,17 @@ impl FakeKube {
         self.shared.lock().failures.push(failure);
     }
 
-    /// Removes every injected failure.
+    /// Carries out matching requests, then answers them with `lost.answer` instead of their
+    /// result, until it is used up.
+    pub fn lose_answer(&self, lost: Lost) {
+        self.shared.lock().lost.push(lost);
+    }
+
+    /// Removes every injected failure and lost answer.
     pub fn clear_failures(&self) {
-        self.shared.lock().failures.clear();
+        let mut store = self.shared.lock();
+        store.failures.clear();
+        store.lost.clear();
     }
 
     /// The stored object at `path` (`/apis/batch/v1/namespaces/ml/jobs/NAME`).
@@ -194,6 +231,13 @@ impl FakeKube {
         change(object);
         object["metadata"]["resourceVersion"] = json!(version.to_string());
         Some(object.clone())
+    }
+
+    /// Deletes the object at `path` as a user or controller would; returns it, or `None` when
+    /// there is none.
+    pub fn remove(&self, path: &str) -> Option<Value> {
+        let (collection, name) = path.rsplit_once('/')?;
+        self.shared.lock().objects.get_mut(collection)?.remove(name)
     }
 
     /// Writes a kubeconfig whose current context points at this server (plain HTTP, no
@@ -339,14 +383,45 @@ async fn kube_handler(State(shared): State<Arc<Shared>>, request: Request) -> Re
         return (StatusCode::NOT_FOUND, "404 page not found").into_response();
     };
     let method = Method::from_bytes(recorded.method.as_bytes()).unwrap_or(Method::GET);
-    match (method, target.name.clone()) {
+    let lost = take_lost(&shared, &recorded);
+    let answer = match (method, target.name.clone()) {
         (Method::POST, None) => create(&shared, &target, recorded.body),
         (Method::GET, None) => list(&shared, &target, &recorded.query),
         (Method::GET, Some(name)) => get(&shared, &target, &name),
         (Method::PUT, Some(name)) => replace(&shared, &target, &name, recorded.body),
         (Method::DELETE, Some(name)) => delete(&shared, &target, &name),
         _ => status_response(405, "MethodNotAllowed", "method not allowed", "", "", ""),
+    };
+    match lost {
+        None => answer,
+        Some(LostAnswer::Hang(for_how_long)) => {
+            tokio::time::sleep(for_how_long).await;
+            answer
+        }
+        Some(LostAnswer::Status(code, reason)) => {
+            let name = target.name.as_deref().unwrap_or_default();
+            target.status(
+                code,
+                &reason,
+                format!("injected {reason} after the request took effect"),
+                name,
+            )
+        }
     }
+}
+
+fn take_lost(shared: &Shared, recorded: &Recorded) -> Option<LostAnswer> {
+    let mut store = shared.lock();
+    let index = store.lost.iter().position(|l| {
+        l.method == recorded.method
+            && recorded.path.contains(&l.path_contains)
+            && l.times != Some(0)
+    })?;
+    let lost = &mut store.lost[index];
+    if let Some(times) = lost.times.as_mut() {
+        *times -= 1;
+    }
+    Some(lost.answer.clone())
 }
 
 fn take_failure(shared: &Shared, recorded: &Recorded) -> Option<Failure> {
@@ -584,6 +659,8 @@ struct KfpShared {
 struct KfpState {
     runs: Vec<Value>,
     requests: Vec<Recorded>,
+    /// Answers that replace the next creates' (which still take effect).
+    lost_creates: Vec<LostAnswer>,
 }
 
 impl Drop for FakeKfp {
@@ -616,6 +693,13 @@ impl FakeKfp {
     /// Every run created so far.
     pub fn runs(&self) -> Vec<Value> {
         self.lock().runs.clone()
+    }
+
+    /// Lets the next create take effect (the run is stored) and answers it with `answer`
+    /// instead (a `Status` is answered as grpc-gateway's error of that code); several calls
+    /// queue up, one per create.
+    pub fn lose_create_answer(&self, answer: LostAnswer) {
+        self.lock().lost_creates.push(answer);
     }
 
     /// Sets the `state` (e.g. `RUNNING`, `SUCCEEDED`, `FAILED`) of the run `run_id`.
@@ -664,18 +748,29 @@ async fn kfp_handler(State(shared): State<Arc<KfpShared>>, request: Request) -> 
                     "Invalid input error: pipeline_version_reference is required",
                 );
             }
-            let mut state = lock();
-            let n = state.runs.len() + 1;
-            let mut run = body.clone();
-            run["run_id"] = json!(format!("00000000-0000-4000-9000-{n:012x}"));
-            run["state"] = json!("PENDING");
-            run["created_at"] = json!(now_rfc3339());
-            run["storage_state"] = json!("AVAILABLE");
-            if run["experiment_id"].is_null() {
-                run["experiment_id"] = json!("00000000-0000-4000-a000-000000000001");
+            let (run, lost) = {
+                let mut state = lock();
+                let n = state.runs.len() + 1;
+                let mut run = body.clone();
+                run["run_id"] = json!(format!("00000000-0000-4000-9000-{n:012x}"));
+                run["state"] = json!("PENDING");
+                run["created_at"] = json!(now_rfc3339());
+                run["storage_state"] = json!("AVAILABLE");
+                if run["experiment_id"].is_null() {
+                    run["experiment_id"] = json!("00000000-0000-4000-a000-000000000001");
+                }
+                state.runs.push(run.clone());
+                let lost = (!state.lost_creates.is_empty()).then(|| state.lost_creates.remove(0));
+                (run, lost)
+            };
+            match lost {
+                None => axum::Json(run).into_response(),
+                Some(LostAnswer::Hang(for_how_long)) => {
+                    tokio::time::sleep(for_how_long).await;
+                    axum::Json(run).into_response()
+                }
+                Some(LostAnswer::Status(code, reason)) => error(code, &reason),
             }
-            state.runs.push(run.clone());
-            axum::Json(run).into_response()
         }
         ("GET", "/apis/v2beta1/runs") => {
             let filter = url_decode_pairs(&recorded.query)

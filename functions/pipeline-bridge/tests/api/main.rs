@@ -9,5 +9,6 @@ mod request_values;
 mod status;
 mod support;
 mod trigger;
+mod trust;
 mod webhook_reads;
 mod webhooks;

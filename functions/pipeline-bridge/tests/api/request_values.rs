@@ -1,5 +1,6 @@
 //! Ids that become status subjects, `Nats-Msg-Id`s, annotations and Lease holders are checked
 //! before the cluster is touched: a bad one is a final 422 naming it, and nothing is published.
+//! (An id read back from the API, as a run's annotation, is not acted on when it is bad.)
 
 use serde_json::json;
 
@@ -62,20 +63,45 @@ async fn a_request_id_of_exactly_256_bytes_starts_its_run() {
     assert_eq!(data["request_id"], request_id.as_str());
 }
 
-/// Anyone can label an object as ours; its request-id annotation is checked like a request's.
+/// A request-id annotation is checked like a request's, as the API server has it: a run whose
+/// annotation was edited to hold a newline is not acted on (nothing published, lock kept).
 #[tokio::test]
-async fn a_resource_event_whose_request_id_annotation_has_a_newline_is_422() {
+async fn a_run_whose_request_id_annotation_has_a_newline_is_ignored_and_keeps_its_lock() {
     let h = Harness::start().await;
     let mut statuses = h.statuses().await;
-    let forged = json!({"apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": "forged", "namespace": "ops", "resourceVersion": "1",
-            "labels": {"app.kubernetes.io/managed-by": "pipeline-bridge"},
-            "annotations": {"pipeline-bridge/request-id": "a\nb"}},
-        "status": {"conditions": [{"type": "Complete", "status": "True"}]}});
-    let answer = h.resource_event("update", &forged).await;
-    assert_names(&answer, "pipeline-bridge/request-id");
+    let trigger = json!({"request_id": "n-1", "pipeline": "deploy", "parameters": {"env": "prod"}});
+    assert_eq!(h.trigger("ce-1", trigger).await.status, 200);
+    statuses.next().await;
+    let path = format!(
+        "/apis/batch/v1/namespaces/ops/jobs/{}",
+        crate::support::run_name("deploy", "n-1")
+    );
+    let edited = h
+        .kube
+        .update(&path, |j| {
+            j["metadata"]["annotations"]["pipeline-bridge/request-id"] = json!("a\nb");
+            j["status"] = json!({"conditions": [{"type": "Complete", "status": "True"}]});
+        })
+        .expect("job");
+    let answer = h.resource_event("update", &edited).await;
+    assert_eq!(
+        answer.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert!(
+        answer.json()["ignored"]
+            .as_str()
+            .is_some_and(|why| why.contains("request id")),
+        "{}",
+        answer.json()
+    );
     statuses.assert_quiet().await;
-    assert!(h.kube.requests().is_empty());
+    assert_eq!(
+        crate::support::lease_holder(&h, "deploy-prod"),
+        Some("n-1".into())
+    );
 }
 
 /// A delivery id is a header value, which can still hold a tab; it names the triggers' runs.

@@ -1,5 +1,7 @@
 //! Run status: ApiServerSource events and `ai.pipeline.status.request`.
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use crate::support::{Harness, assert_error, event, run_name};
@@ -56,7 +58,8 @@ async fn workflow_events_publish_running_then_succeeded_and_free_nothing_they_do
 
 #[tokio::test]
 async fn a_job_deleted_before_it_finished_is_failed_and_its_lock_freed() {
-    let h = Harness::start().await;
+    // A lock is freed by a delete only once no create under it can be in flight.
+    let h = Harness::start_with(&[("KUBE_TIMEOUT_MS", "300")]).await;
     let mut statuses = h.statuses().await;
     let trigger = json!({"request_id": "j-1", "pipeline": "deploy", "parameters": {"env": "prod"}});
     assert_eq!(h.trigger("ce-1", trigger).await.status, 200);
@@ -73,7 +76,16 @@ async fn a_job_deleted_before_it_finished_is_failed_and_its_lock_freed() {
         .expect("job");
     assert_eq!(h.resource_event("update", &running).await.status, 202);
     assert_eq!(statuses.next().await.1["state"], "running");
-    assert_eq!(h.resource_event("delete", &running).await.status, 202);
+    h.kube.remove(&path).expect("deleted");
+    let deleted = crate::support::eventually(Duration::from_secs(5), || {
+        let (h, running) = (&h, &running);
+        async move {
+            let answer = h.resource_event("delete", running).await;
+            (answer.status == 202).then_some(())
+        }
+    })
+    .await;
+    assert!(deleted.is_some(), "the delete was never acted on");
     let data = statuses.next().await.1;
     assert_eq!(data["state"], "failed");
     assert_eq!(data["reason"], "deleted before it finished");
@@ -98,7 +110,29 @@ async fn objects_not_created_here_are_ignored() {
     assert_eq!(answer.status, 202);
     assert!(answer.json()["ignored"].is_string());
     statuses.assert_quiet().await;
-    assert!(h.kube.requests().is_empty());
+    // Read back (the event is only a hint), never written to.
+    let calls: Vec<(String, String)> = h
+        .kube
+        .requests()
+        .into_iter()
+        .map(|r| (r.method, r.path))
+        .collect();
+    assert_eq!(
+        calls,
+        [(
+            "GET".to_string(),
+            "/apis/batch/v1/namespaces/ops/jobs/other".to_string()
+        )]
+    );
+    // In a namespace no pipeline runs in, or not a run's name: not even read.
+    h.kube.clear_requests();
+    let mut elsewhere = foreign.clone();
+    elsewhere["metadata"]["namespace"] = json!("kube-system");
+    assert!(h.resource_event("update", &elsewhere).await.json()["ignored"].is_string());
+    let mut path_like = foreign.clone();
+    path_like["metadata"]["name"] = json!("../../../api/v1/secrets");
+    assert!(h.resource_event("update", &path_like).await.json()["ignored"].is_string());
+    assert!(h.kube.requests().is_empty(), "{:?}", h.kube.requests());
     // Not an object at all: a final 400.
     let bad = event("dev.knative.apiserver.resource.update")
         .raw("application/json", "[")

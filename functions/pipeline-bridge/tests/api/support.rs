@@ -190,6 +190,24 @@ impl Statuses {
     }
 }
 
+/// Who holds the lock `key` (its Lease's `holderIdentity`), `None` when free or never taken.
+pub fn lease_holder(h: &Harness, key: &str) -> Option<String> {
+    let path = format!(
+        "/apis/coordination.k8s.io/v1/namespaces/ops/leases/{}",
+        pipeline_bridge::names::lease_name(key)
+    );
+    h.kube.object(&path)?["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// The `request_id` a push (GitHub or Gitea, to `ai/platform`) triggers `pipeline` under:
+/// derived from the push, not from its delivery id.
+pub fn push_request_id(provider: &str, branch: &str, after: &str, pipeline: &str) -> String {
+    let push = pipeline_bridge::names::short_hash(&[provider, "ai/platform", branch, after], 8);
+    format!("git-{push}-{pipeline}")
+}
+
 /// The requests that changed something (everything but GETs).
 pub fn writes(kube: &FakeKube) -> Vec<testkit::fake_kube::Recorded> {
     kube.requests()

@@ -2,7 +2,9 @@
 
 use serde_json::json;
 
-use crate::support::{Harness, assert_error, push, run_name, sign, webhook, writes};
+use crate::support::{
+    Harness, assert_error, push, push_request_id, run_name, sign, webhook, writes,
+};
 
 pub(crate) const AFTER: &str = "0123456789abcdef0123456789abcdef01234567";
 
@@ -79,9 +81,12 @@ async fn a_signed_push_triggers_every_entry_whose_paths_changed_once_per_deliver
         .map(|t| t["pipeline"].as_str().unwrap_or(""))
         .collect();
     assert_eq!(names, ["deploy", "train"], "{reply}");
-    assert_eq!(triggered[0]["request_id"], "git-d-1-deploy");
+    // Named from the push (repository, branch, commit), not from the delivery id.
+    let deploy_id = push_request_id("github", "main", AFTER, "deploy");
+    let train_id = push_request_id("github", "main", AFTER, "train");
+    assert_eq!(triggered[0]["request_id"], deploy_id.as_str());
     assert_eq!(triggered[0]["state"], "submitted");
-    assert_eq!(triggered[0]["name"], run_name("deploy", "git-d-1-deploy"));
+    assert_eq!(triggered[0]["name"], run_name("deploy", &deploy_id));
     // Parameters came from the push: the Job got the pushed revision, the Workflow the branch.
     let job = &h.kube.requests_to("POST", "/jobs")[0].body;
     assert_eq!(
@@ -95,13 +100,12 @@ async fn a_signed_push_triggers_every_entry_whose_paths_changed_once_per_deliver
     );
     let mut subjects = vec![statuses.next().await.0, statuses.next().await.0];
     subjects.sort();
-    assert_eq!(
-        subjects,
-        [
-            "ai.pipeline.status.git-d-1-deploy",
-            "ai.pipeline.status.git-d-1-train"
-        ]
-    );
+    let mut expected = [
+        format!("ai.pipeline.status.{deploy_id}"),
+        format!("ai.pipeline.status.{train_id}"),
+    ];
+    expected.sort();
+    assert_eq!(subjects, expected);
 
     // The sender replays the delivery: answered from the record, nothing sent to Kubernetes.
     let before = h.kube.requests().len();
@@ -245,18 +249,20 @@ async fn gitea_pushes_map_paths_and_branches_to_entries() {
         String::from_utf8_lossy(&answer.body)
     );
     assert!(names(&answer).is_empty());
-    // A removed file counts as a change.
-    let body = push("main", AFTER, &[(&[], &[], &["charts/app.yaml"])]);
+    // A removed file counts as a change. (Each push moves the branch to another commit: the
+    // same commit pushed to the same branch again is a replay.)
+    let body = push("main", &"2".repeat(40), &[(&[], &[], &["charts/app.yaml"])]);
     assert_eq!(
         names(&h.send(gitea("g-2", "push", &body)).await),
         ["deploy"]
     );
     // Another branch selects nothing.
-    let body = push("feature", AFTER, &[(&["models/x"], &[], &[])]);
+    let body = push("feature", &"3".repeat(40), &[(&["models/x"], &[], &[])]);
     assert!(names(&h.send(gitea("g-3", "push", &body)).await).is_empty());
     // Tags and other events are accepted and ignored.
     let mut tag: serde_json::Value =
-        serde_json::from_slice(&push("main", AFTER, &[(&["models/x"], &[], &[])])).expect("json");
+        serde_json::from_slice(&push("main", &"4".repeat(40), &[(&["models/x"], &[], &[])]))
+            .expect("json");
     tag["ref"] = json!("refs/tags/v1");
     let tag = serde_json::to_vec(&tag).expect("json");
     let answer = h.send(gitea("g-4", "push", &tag)).await;
@@ -359,7 +365,8 @@ async fn a_trigger_that_hit_a_held_lock_is_queued_for_the_source_and_the_deliver
     // Queued once, as the trigger the webhook would have run, deduplicated by its request id.
     assert_eq!(stream.info().await.expect("info").state.messages, 1);
     let queued = stream.get_raw_message(1).await.expect("message");
-    let request_id = "git-q-1-deploy";
+    let request_id = push_request_id("github", "main", AFTER, "deploy");
+    let request_id = request_id.as_str();
     assert_eq!(
         queued.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
         Some(request_id)
@@ -405,4 +412,71 @@ async fn a_trigger_that_hit_a_held_lock_is_queued_for_the_source_and_the_deliver
             .object(&format!("{jobs}/{}", run_name("deploy", request_id)))
             .is_some()
     );
+}
+
+#[tokio::test]
+async fn a_signed_push_resent_under_new_delivery_ids_starts_no_second_run() {
+    let h = Harness::start().await;
+    let jobs = "/apis/batch/v1/namespaces/ops/jobs";
+    let body = push("main", AFTER, &[(&["deploy/values.yaml"], &[], &[])]);
+    let first = h.send(github("p-1", "push", &body, "github-secret")).await;
+    assert_eq!(
+        first.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    assert_eq!(first.json()["triggered"][0]["created"], true);
+    // The signature covers the body, not the delivery id: the same body under a new id is a
+    // replay, answered from the record.
+    let replay = h.send(github("p-2", "push", &body, "github-secret")).await;
+    assert_eq!(replay.json()["duplicate"], true, "{}", replay.json());
+    assert_eq!(replay.json()["triggered"], json!([]));
+    // The record is the KV bucket: an instance started afterwards (a restart) knows it too.
+    let instance = |nats_url: Option<&str>| {
+        let mut env = crate::support::base_env(&h.kube, &h.kfp, &h.nats, &h.dir);
+        if let Some(url) = nats_url {
+            env.retain(|(k, _)| k != "NATS_URL");
+            env.push(("NATS_URL".into(), url.into()));
+        }
+        async move {
+            let config =
+                handler_kit::config::load(&env, pipeline_bridge::Config::read).expect("config");
+            pipeline_bridge::app(pipeline_bridge::State::new(config).await.expect("state"))
+        }
+    };
+    let restarted = instance(None).await;
+    let replay =
+        crate::support::send(&restarted, github("p-3", "push", &body, "github-secret")).await;
+    assert_eq!(replay.json()["duplicate"], true, "{}", replay.json());
+    // With no record at all (a restart without NATS), the run is named from the push, so it
+    // is found, not started again.
+    let forgetful = instance(Some("")).await;
+    let replay =
+        crate::support::send(&forgetful, github("p-4", "push", &body, "github-secret")).await;
+    assert_eq!(
+        replay.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&replay.body)
+    );
+    assert_eq!(replay.json()["duplicate"], false);
+    assert_eq!(replay.json()["triggered"][0]["created"], false);
+    assert_eq!(h.kube.objects(jobs).len(), 1);
+    // Two replays at once, before either is recorded: still one run (of `train`, which has
+    // no lock to keep the second out).
+    let other = push("main", &"9".repeat(40), &[(&["models/x"], &[], &[])]);
+    let (a, b) = tokio::join!(
+        h.send(github("p-5", "push", &other, "github-secret")),
+        h.send(github("p-6", "push", &other, "github-secret")),
+    );
+    assert_eq!((a.status, b.status), (202, 202), "{a:?} {b:?}");
+    let workflows = "/apis/argoproj.io/v1alpha1/namespaces/ml/workflows";
+    assert_eq!(h.kube.objects(workflows).len(), 1);
+    // Whichever of them got past the record created or found the same run.
+    let handled = [&a, &b]
+        .iter()
+        .filter(|r| r.json()["duplicate"] == false)
+        .count();
+    assert_eq!(h.kube.requests_to("POST", "/workflows").len(), handled);
 }
