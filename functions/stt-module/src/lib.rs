@@ -10,9 +10,12 @@
 //!   concurrency on the revision, so any replica can take the next chunk. When an utterance
 //!   closes (enough silence, or `final`) it is transcribed and published to
 //!   `ai.stt.transcript.{session_id}`. A redelivered `seq` is ignored; a chunk that arrives
-//!   before its predecessor is answered 409 (retried later); a chunk with bad audio is answered
-//!   422 and skipped, so the session goes on. Order comes from nats-source
-//!   with `ORDERING=subject` on `ai.stt.stream.{session_id}`.
+//!   before its predecessor is answered 409 (retried later), for at most `STT_SESSION_GAP_MS`,
+//!   after which the missing seqs count as lost; a chunk with bad audio is answered 422 and
+//!   skipped, so the session goes on. Transcripts say which seqs were skipped. Order comes from
+//!   nats-source with `ORDERING=subject` on `ai.stt.stream.{session_id}`.
+//! - Either way the audio is read where it lies in the request body and decoded in one pass
+//!   (`handler_kit::stt::audio_field`): a request holds its body and the 16 kHz audio.
 //!
 //! # Layout
 //! - [`Config`], [`State`], [`app`].
