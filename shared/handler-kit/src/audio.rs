@@ -113,15 +113,29 @@ impl Wav {
     }
 
     /// Joins pieces in order under one header.
+    ///
+    /// The whole is allocated once, at its final size, and each piece is let go as soon as it
+    /// was copied: growing the first piece instead would hold the old and the new buffer at
+    /// each doubling, up to twice the result besides the pieces.
     pub fn concat(pieces: impl IntoIterator<Item = Self>) -> Result<Option<Self>, String> {
+        let pieces: Vec<Self> = pieces.into_iter().collect();
+        let total: usize = pieces.iter().map(|p| p.samples.len()).sum();
         let mut pieces = pieces.into_iter();
-        let Some(mut first) = pieces.next() else {
+        let Some(first) = pieces.next() else {
             return Ok(None);
         };
+        let mut merged = Self {
+            spec: first.spec,
+            samples: match &first.samples {
+                Samples::Int(_) => Samples::Int(Vec::with_capacity(total)),
+                Samples::Float(_) => Samples::Float(Vec::with_capacity(total)),
+            },
+        };
+        merged.append(first)?;
         for piece in pieces {
-            first.append(piece)?;
+            merged.append(piece)?;
         }
-        Ok(Some(first))
+        Ok(Some(merged))
     }
 
     /// Encodes as a WAV file.
