@@ -157,31 +157,16 @@ fn streaming_equals_batch(config: &VadConfig, samples: &[i16], seed: u64) {
         assert!(span.start_ms < span.end_ms, "{span:?}");
         assert!(span.start_ms >= floor, "spans overlap: {batch:?}");
         assert!(span.end_ms <= audio_ms, "{span:?} past {audio_ms} ms");
-        // The last span may be closed by `finish` at the end of the audio, which reaches up
-        // to a frame past the last judged one, so it may exceed the limit by less than a frame.
-        let slack = if std::ptr::eq(span, batch.last().unwrap_or(span)) {
-            u64::from(config.frame_ms) - 1
-        } else {
-            0
-        };
         assert!(
-            span.duration_ms() <= u64::from(config.max_utterance_ms) + slack,
+            span.duration_ms() <= u64::from(config.max_utterance_ms),
             "{span:?} longer than {} ms",
             config.max_utterance_ms
         );
         floor = span.end_ms;
     }
-    // Known gap: after an utterance cut at the length limit carries on and is then dropped
-    // (too little voice), `keep_from_ms` is that carried-on start, while the next utterance's
-    // leading padding reaches up to `padding_ms` before it. Checked up to that margin until
-    // the segmenter keeps the padding too.
-    let margin = u64::from(config.padding_ms);
     for (emitted, keep) in keeps {
         for later in &batch[emitted..] {
-            assert!(
-                keep <= later.start_ms + margin,
-                "keep_from_ms {keep} > {later:?}"
-            );
+            assert!(keep <= later.start_ms, "keep_from_ms {keep} > {later:?}");
         }
     }
 }

@@ -10,9 +10,12 @@
 //!   concurrency on the revision, so any replica can take the next chunk. When an utterance
 //!   closes (enough silence, or `final`) it is transcribed and published to
 //!   `ai.stt.transcript.{session_id}`. A redelivered `seq` is ignored; a chunk that arrives
-//!   before its predecessor is answered 409 (retried later); a chunk with bad audio is answered
-//!   422 and skipped, so the session goes on. Order comes from nats-source
-//!   with `ORDERING=subject` on `ai.stt.stream.{session_id}`.
+//!   before its predecessor is answered 409 (retried later), for at most `STT_SESSION_GAP_MS`,
+//!   after which the missing seqs count as lost; a chunk with bad audio is answered 422 and
+//!   skipped, so the session goes on. Transcripts say which seqs were skipped. Order comes from
+//!   nats-source with `ORDERING=subject` on `ai.stt.stream.{session_id}`.
+//! - Either way the audio is read where it lies in the request body and decoded in one pass
+//!   (`handler_kit::stt::audio_field`): a request holds its body and the 16 kHz audio.
 //!
 //! # Layout
 //! - [`Config`], [`State`], [`app`].
@@ -27,10 +30,9 @@ use axum::extract::State as Extract;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use handler_kit::config::{BaseConfig, ConfigReader};
-use handler_kit::event::bytes_field;
 use handler_kit::nats::{Nats, subject};
 use handler_kit::serve::{Health, function_router};
-use handler_kit::stt::{SttClient, SttConfig, TranscriptSegment};
+use handler_kit::stt::{SttClient, SttConfig, TranscriptSegment, audio_field};
 use handler_kit::{CloudEvent, HandlerError};
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +54,14 @@ pub struct Config {
     pub session_bucket: String,
     /// `STT_SESSION_TTL_MS` (default 600000): idle sessions expire after this.
     pub session_ttl: std::time::Duration,
+    /// `STT_SESSION_GAP_MS` (default 5000): how long a session waits for a missing `seq`
+    /// while later chunks arrive (each answered 409, so the source retries it); past that the
+    /// missing chunks count as lost and the session goes on. A chunk refused before the
+    /// session could record it (unreadable data, over the body cap, a session expired
+    /// mid-stream) leaves such a gap; with `ORDERING=subject` a later chunk only arrives once
+    /// the source gave up on its predecessor, so waiting longer than a retry or two saves
+    /// nothing and holds the session's subject.
+    pub session_gap: std::time::Duration,
     /// `STT_REPLY_SUBJECT` (default `ai.stt.response.{request_id}`).
     pub reply_subject: String,
     /// `STT_TRANSCRIPT_SUBJECT` (default `ai.stt.transcript.{session_id}`).
@@ -66,6 +76,7 @@ impl Config {
             stt: SttConfig::read(r),
             session_bucket: r.string("STT_SESSION_BUCKET", "stt-sessions"),
             session_ttl: r.millis("STT_SESSION_TTL_MS", 600_000),
+            session_gap: r.millis("STT_SESSION_GAP_MS", 5_000),
             reply_subject: r.string("STT_REPLY_SUBJECT", "ai.stt.response.{request_id}"),
             transcript_subject: r
                 .string("STT_TRANSCRIPT_SUBJECT", "ai.stt.transcript.{session_id}"),
@@ -113,12 +124,12 @@ pub fn app(state: State) -> Router {
     function_router(events, health, limit)
 }
 
-/// `ai.stt.request` data.
+/// `ai.stt.request` data. The audio is checked here and read in place by [`audio_field`].
 #[derive(Debug, Deserialize)]
 struct SttRequest {
     request_id: Option<String>,
-    #[serde(with = "bytes_field")]
-    audio: Vec<u8>,
+    #[allow(dead_code)] // required; read by `audio_field`
+    audio: serde::de::IgnoredAny,
     language: Option<String>,
     prompt: Option<String>,
 }
@@ -142,7 +153,7 @@ async fn handle(
     let work = async {
         if event.ty() == CHUNK_TYPE {
             let chunk: session::Chunk = event.data()?;
-            session::handle_chunk(&state, chunk)
+            session::handle_chunk(&state, chunk, audio_field(&event)?)
                 .await
                 .map(IntoResponse::into_response)
         } else {
@@ -158,13 +169,14 @@ async fn handle(
 
 async fn recording(state: &State, event: &CloudEvent) -> Result<handler_kit::Reply, HandlerError> {
     let request: SttRequest = event.data()?;
+    let audio = audio_field(event)?;
     let request_id = event.request_id(request.request_id.as_deref())?;
     // Learn that NATS is up before spending backend time on a transcript it must carry.
     state.nats.max_payload().await?;
     let transcript = state
         .stt
         .transcribe_recording(
-            &request.audio,
+            &audio,
             request.language.as_deref(),
             request.prompt.as_deref(),
         )

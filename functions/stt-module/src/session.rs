@@ -14,6 +14,14 @@
 //! A chunk whose audio is rejected (422, dead-lettered) is recorded as skipped in its turn:
 //! `next_seq` moves past it in the same revision-checked write, the segmenter is untouched,
 //! and the session goes on with the next chunk.
+//!
+//! A chunk that never reaches this code (refused as unreadable or over the body cap before
+//! its session is known, or lost with a session whose state expired) leaves a gap: later
+//! chunks are answered 409 while the session waits for it, from the first such answer
+//! (`gap_since_ms`, stored, so every replica counts the same wait) for `STT_SESSION_GAP_MS`.
+//! Then the missing seqs count as lost, like rejected ones, and the waiting chunk goes on.
+//! Skipped and lost seqs are reported in the next transcript published (`skipped_seqs`, as
+//! inclusive ranges, and `skipped_total` for the session so far) and in each chunk's answer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +31,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use handler_kit::HandlerError;
+use handler_kit::audio::AudioBytes;
 use handler_kit::event::bytes_field;
 use handler_kit::nats::subject;
 use handler_kit::vad::{Segmenter, Span, VAD_RATE};
@@ -31,21 +40,27 @@ use tokio::sync::OnceCell;
 
 use crate::{Config, State};
 
-/// `ai.stt.chunk` data.
+/// `ai.stt.chunk` data; the audio is read in place by `audio_field`.
 #[derive(Debug, Deserialize)]
 pub(crate) struct Chunk {
     session_id: String,
     seq: u64,
-    #[serde(with = "bytes_field", default)]
-    audio: Vec<u8>,
+    #[allow(dead_code)] // optional; read by `audio_field`
+    #[serde(default)]
+    audio: Option<serde::de::IgnoredAny>,
     #[serde(default, rename = "final")]
     is_final: bool,
     language: Option<String>,
     prompt: Option<String>,
 }
 
-/// What a session keeps between chunks.
+/// The most seq ranges a transcript lists as skipped; more are only counted.
+const MAX_SKIPPED_RANGES: usize = 16;
+
+/// What a session keeps between chunks. Missing fields load as their defaults, so a state
+/// written before a field existed still loads during a rolling update.
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 struct Session {
     next_seq: u64,
     /// Utterances closed so far, with or without words.
@@ -57,6 +72,30 @@ struct Session {
     pending: Vec<u8>,
     segmenter: Segmenter,
     finished: bool,
+    /// Wall-clock ms (Unix) when a later chunk first found `next_seq` missing; 0: no gap.
+    gap_since_ms: u64,
+    /// Seqs skipped (rejected or lost) in the session so far.
+    skipped_total: u64,
+    /// Skipped seq ranges (inclusive) not yet reported in a transcript.
+    unreported: Vec<[u64; 2]>,
+}
+
+impl Session {
+    /// Records seqs `first..=last` as skipped.
+    fn skip(&mut self, first: u64, last: u64) {
+        self.skipped_total += last - first + 1;
+        if let Some(range) = self.unreported.last_mut().filter(|r| r[1] + 1 == first) {
+            range[1] = last;
+        } else if self.unreported.len() < MAX_SKIPPED_RANGES {
+            self.unreported.push([first, last]);
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// `ai.stt.transcript.{session_id}` messages.
@@ -67,6 +106,11 @@ struct Transcript<'a> {
     text: &'a str,
     start_ms: u64,
     end_ms: u64,
+    /// Seqs skipped since the previous transcript (rejected audio, or lost to the gap
+    /// timeout), as inclusive ranges; at most 16, the rest only counted in `skipped_total`.
+    skipped_seqs: &'a [[u64; 2]],
+    /// Seqs skipped in the session so far.
+    skipped_total: u64,
 }
 
 /// The answer to a chunk (202: nothing to reply; transcripts go to NATS).
@@ -76,6 +120,8 @@ pub(crate) struct Accepted {
     seq: u64,
     duplicate: bool,
     utterances: u64,
+    /// Seqs skipped in the session so far (rejected or lost).
+    skipped_total: u64,
 }
 
 impl IntoResponse for Accepted {
@@ -89,6 +135,7 @@ impl IntoResponse for Accepted {
 pub(crate) struct Sessions {
     bucket: String,
     ttl: Duration,
+    gap: Duration,
     store: Arc<OnceCell<kv::Store>>,
 }
 
@@ -97,6 +144,7 @@ impl Sessions {
         Self {
             bucket: config.session_bucket.clone(),
             ttl: config.session_ttl,
+            gap: config.session_gap,
             store: Arc::default(),
         }
     }
@@ -140,7 +188,11 @@ fn bytes_from(samples: &[i16]) -> Vec<u8> {
 
 const SAMPLES_PER_MS: u64 = VAD_RATE as u64 / 1000;
 
-pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted, HandlerError> {
+pub(crate) async fn handle_chunk(
+    state: &State,
+    chunk: Chunk,
+    audio: AudioBytes<'_>,
+) -> Result<Accepted, HandlerError> {
     if !valid_session_id(&chunk.session_id) {
         return Err(HandlerError::Unprocessable(
             "session_id must be 1-128 letters, digits, '-' or '_'".into(),
@@ -155,11 +207,12 @@ pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted
     // Decode before touching shared state: bad audio is the chunk's fault alone. It is still
     // answered with its 4xx, but only after its seq is recorded as skipped below: otherwise the
     // session would wait for it forever and every later chunk would get 409 until the TTL.
-    let decoded = if chunk.audio.is_empty() && chunk.is_final {
+    let decoded = if audio.is_empty() && chunk.is_final {
         Ok(Vec::new())
     } else {
-        state.stt.prepare(&chunk.audio)
+        state.stt.prepare_audio(&audio)
     };
+    drop(audio);
     let (samples, rejected) = match decoded {
         Ok(samples) => (samples, None),
         Err(e) if e.class().is_retryable() => return Err(e),
@@ -185,6 +238,7 @@ pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted
         seq: chunk.seq,
         duplicate,
         utterances: s.utterance_seq,
+        skipped_total: s.skipped_total,
     };
     if chunk.seq < session.next_seq || session.finished {
         // A redelivery: of a skipped chunk, its error again; else the duplicate is ignored.
@@ -195,10 +249,35 @@ pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted
     }
     // Even a rejected chunk waits for its predecessor: it can only be skipped in its turn.
     if chunk.seq > session.next_seq {
-        return Err(HandlerError::Conflict(format!(
-            "session {} expects seq {} before {}",
-            chunk.session_id, session.next_seq, chunk.seq
-        )));
+        let now = now_ms();
+        if session.gap_since_ms == 0 {
+            // The wait starts now, for every replica: stored before the 409.
+            session.gap_since_ms = now.max(1);
+            write(store, key, &session, revision).await?;
+        }
+        let waited = Duration::from_millis(now.saturating_sub(session.gap_since_ms));
+        if waited < state.sessions.gap {
+            return Err(HandlerError::Conflict(format!(
+                "session {} expects seq {} before {} (waiting {} ms of STT_SESSION_GAP_MS={})",
+                chunk.session_id,
+                session.next_seq,
+                chunk.seq,
+                waited.as_millis(),
+                state.sessions.gap.as_millis()
+            )));
+        }
+        tracing::warn!(
+            session_id = key,
+            lost_from = session.next_seq,
+            lost_to = chunk.seq - 1,
+            "chunks never arrived within STT_SESSION_GAP_MS: counted as lost"
+        );
+        session.skip(session.next_seq, chunk.seq - 1);
+        session.next_seq = chunk.seq;
+    }
+    session.gap_since_ms = 0;
+    if rejected.is_some() {
+        session.skip(chunk.seq, chunk.seq);
     }
 
     let vad = &state.stt.config().vad;
@@ -244,6 +323,8 @@ pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted
             text: &text,
             start_ms: span.start_ms,
             end_ms: span.end_ms,
+            skipped_seqs: &session.unreported,
+            skipped_total: session.skipped_total,
         };
         // Named by where the utterance starts in the session, which the segmenter's saved state
         // fixes: a retry of this chunk republishes each utterance under the same id, so the
@@ -252,6 +333,7 @@ pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted
         transcripts
             .publish(transcript_subject.clone(), &message, Some(&msg_id))
             .await?;
+        session.unreported.clear();
     }
     transcripts.kept().await?;
 
@@ -269,10 +351,25 @@ pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted
         session.finished = true;
         session.pending.clear();
     }
-    let value: bytes::Bytes = rmp_serde::to_vec_named(&session)
+    write(store, key, &session, revision).await?;
+    match rejected {
+        Some(e) => Err(e),
+        None => Ok(accepted(false, &session)),
+    }
+}
+
+/// Writes `session` under `key` if the revision is still `revision` (or, with none, if the
+/// key does not exist yet); another writer in between is a 409, so the chunk is retried.
+async fn write(
+    store: &kv::Store,
+    key: &str,
+    session: &Session,
+    revision: Option<u64>,
+) -> Result<(), HandlerError> {
+    let value: bytes::Bytes = rmp_serde::to_vec_named(session)
         .map_err(|e| HandlerError::Internal(e.to_string()))?
         .into();
-    let written = match revision {
+    match revision {
         Some(rev) => store
             .update(key, value, rev)
             .await
@@ -291,10 +388,5 @@ pub(crate) async fn handle_chunk(state: &State, chunk: Chunk) -> Result<Accepted
                 unavailable(&e.to_string())
             }
         }),
-    };
-    written?;
-    match rejected {
-        Some(e) => Err(e),
-        None => Ok(accepted(false, &session)),
     }
 }

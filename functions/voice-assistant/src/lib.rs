@@ -26,14 +26,14 @@ use axum::Router;
 use axum::extract::State as Extract;
 use axum::routing::post;
 use futures::StreamExt as _;
-use handler_kit::audio::Wav;
+use handler_kit::audio::{AudioBytes, Wav};
 use handler_kit::chat::{Chat, ChatConfig, ChatRequest, DeltaSink, SourceDoc};
 use handler_kit::config::{BaseConfig, ConfigReader};
 use handler_kit::event::bytes_field;
 use handler_kit::nats::{Nats, subject};
 use handler_kit::serve::{Health, function_router};
 use handler_kit::stream::{AudioReply, AudioStream};
-use handler_kit::stt::{SttClient, SttConfig};
+use handler_kit::stt::{SttClient, SttConfig, audio_field};
 use handler_kit::text::SentenceBuffer;
 use handler_kit::tts::{Speech, TtsClient, TtsConfig};
 use handler_kit::{CloudEvent, HandlerError, Reply};
@@ -127,11 +127,12 @@ pub fn app(state: State) -> Router {
     function_router(events, health, limit)
 }
 
-/// `ai.voice.request` data: audio, voice options, and every chat option.
+/// `ai.voice.request` data: audio, voice options, and every chat option. The audio is checked
+/// here and read in place, where it lies in the event, by [`audio_field`].
 #[derive(Debug, Deserialize)]
 struct VoiceRequest {
-    #[serde(with = "bytes_field")]
-    audio: Vec<u8>,
+    #[allow(dead_code)] // required; read by `audio_field`
+    audio: serde::de::IgnoredAny,
     language: Option<String>,
     voice: Option<String>,
     speaker_id: Option<String>,
@@ -179,9 +180,10 @@ fn ms(d: Duration) -> u64 {
 async fn handle(Extract(state): Extract<State>, event: CloudEvent) -> Result<Reply, HandlerError> {
     event.expect_type(&[REQUEST_TYPE])?;
     let request: VoiceRequest = event.data()?;
+    let audio = audio_field(&event)?;
     let request_id = event.request_id(request.chat.request_id.as_deref())?;
     let deadline = EventDeadline::starting_now(state.config.base.event_timeout);
-    let response = answer(&state, request, request_id, deadline).await?;
+    let response = answer(&state, request, &audio, request_id, deadline).await?;
     event.reply(RESPONSE_TYPE, &state.config.base.source, &response)
 }
 
@@ -226,6 +228,7 @@ fn after_audio(published: usize, error: HandlerError) -> HandlerError {
 async fn answer(
     state: &State,
     request: VoiceRequest,
+    audio: &AudioBytes<'_>,
     request_id: String,
     deadline: EventDeadline,
 ) -> Result<VoiceResponse, HandlerError> {
@@ -238,7 +241,7 @@ async fn answer(
         .bound(
             state
                 .stt
-                .transcribe_recording(&request.audio, request.language.as_deref(), None),
+                .transcribe_recording(audio, request.language.as_deref(), None),
         )
         .await?;
     let stt_ms = ms(started.elapsed());

@@ -6,15 +6,66 @@
 //! So [`SttClient::transcribe_recording`] first brings the audio to 16 kHz mono, finds the
 //! utterances with the VAD ([`crate::vad`]), and sends only those, a few at a time, putting the
 //! texts back together in order.
+//!
+//! A recording is read where it lies in the request ([`audio_field`]) and decoded, downmixed,
+//! resampled and segmented in one pass ([`crate::audio::Downmix`]): besides the request body,
+//! a request holds only its 16 kHz audio (32 KB per second, at most 19.2 MB at the default
+//! `STT_MAX_AUDIO_MS`) and the segments in flight to the backend.
 
+use std::borrow::Cow;
+
+use cloudevents::event::Data;
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
-use crate::HandlerError;
-use crate::audio::{Wav, encode_pcm16, resample};
+use crate::audio::{AudioBytes, AudioReader, Downmix, encode_pcm16, format_tag};
 use crate::config::ConfigReader;
+use crate::event::{DataFormat, MAX_DATA_DEPTH};
 use crate::resilience::{Backend, BackendConfig, CallError};
-use crate::vad::{Span, VAD_RATE, VadConfig, segments};
+use crate::vad::{Segmenter, Span, VAD_RATE, VadConfig};
+use crate::{CloudEvent, HandlerError};
+
+/// How much of a file is read to find its `fmt ` chunk: headers put it first, after at most a
+/// few small chunks.
+const HEAD_BYTES: usize = 64 * 1024;
+
+/// The `audio` field of an event's data, borrowed from the data it lies in (see
+/// [`AudioBytes`]); a missing field is no audio.
+///
+/// Call it after the request was decoded with [`CloudEvent::data`], its `audio` field typed
+/// `serde::de::IgnoredAny`: that checks the data's shape and nesting, with the extractor's
+/// limits, without copying the audio, and this reads the one field again in place.
+pub fn audio_field(event: &CloudEvent) -> Result<AudioBytes<'_>, HandlerError> {
+    #[derive(Deserialize)]
+    struct Field<'a> {
+        #[serde(borrow, default)]
+        audio: AudioBytes<'a>,
+    }
+    let invalid = |e: &dyn std::fmt::Display| HandlerError::InvalidPayload(e.to_string());
+    let field: Field<'_> = match (event.data_format()?, event.event().data()) {
+        (_, None) => return Err(HandlerError::InvalidPayload("the event has no data".into())),
+        (DataFormat::Msgpack, Some(Data::Binary(bytes))) => {
+            let mut decoder = rmp_serde::Deserializer::from_read_ref(bytes.as_slice());
+            decoder.set_max_depth(MAX_DATA_DEPTH + 1);
+            Field::deserialize(&mut decoder).map_err(|e| invalid(&e))?
+        }
+        (DataFormat::Msgpack, Some(_)) => {
+            return Err(HandlerError::InvalidPayload(
+                "datacontenttype is msgpack but data is not binary (use data_base64)".into(),
+            ));
+        }
+        (DataFormat::Json, Some(Data::Json(value))) => {
+            Field::deserialize(value).map_err(|e| invalid(&e))?
+        }
+        (DataFormat::Json, Some(Data::Binary(bytes))) => {
+            serde_json::from_slice(bytes).map_err(|e| invalid(&e))?
+        }
+        (DataFormat::Json, Some(Data::String(text))) => {
+            serde_json::from_str(text).map_err(|e| invalid(&e))?
+        }
+    };
+    Ok(field.audio)
+}
 
 /// Configuration of the transcription backend and of how recordings are cut.
 #[derive(Debug, Clone)]
@@ -172,42 +223,49 @@ impl SttClient {
     /// mono. Not a WAV, truncated, an unsupported encoding (A-law, mu-law, ADPCM, ...),
     /// empty, or longer than `STT_MAX_AUDIO_MS`: [`HandlerError::Unprocessable`] saying which.
     pub fn prepare(&self, wav: &[u8]) -> Result<Vec<i16>, HandlerError> {
-        let bad = |what: String| HandlerError::Unprocessable(format!("audio: {what}"));
-        // The header first: refuse what is too long or unreadable before decoding it all.
-        let reader = hound::WavReader::new(std::io::Cursor::new(wav)).map_err(|e| match e {
+        self.prepare_audio(&AudioBytes::Raw(Cow::Borrowed(wav)))
+    }
+
+    /// [`Self::prepare`] for audio as it lies in a request.
+    pub fn prepare_audio(&self, audio: &AudioBytes<'_>) -> Result<Vec<i16>, HandlerError> {
+        let mut decoding = self.open(audio)?;
+        while !decoding.step(self, usize::MAX)? {}
+        decoding.finish(self)
+    }
+
+    /// Reads the header and refuses what is unreadable or too long before decoding anything.
+    fn open<'a>(&self, audio: &'a AudioBytes<'_>) -> Result<Decoding<'a>, HandlerError> {
+        let head = audio.head(HEAD_BYTES);
+        let downmix = Downmix::new(audio.reader(), VAD_RATE).map_err(|e| match e {
             hound::Error::Unsupported => bad(format!(
                 "unsupported WAV encoding{}: send PCM (8 to 32-bit integer) or 32-bit float",
-                format_tag(wav)
+                format_tag(&head)
                     .map(|tag| format!(" (format code {tag:#06x}, {})", tag_name(tag)))
                     .unwrap_or_default()
             )),
             other => bad(format!("not a valid WAV file: {other}")),
         })?;
-        let spec = reader.spec();
-        if spec.sample_rate == 0 || spec.channels == 0 {
-            return Err(bad(
-                "the WAV header declares no samples per second or no channels".into(),
-            ));
-        }
+        downmix.check(&head).map_err(bad)?;
+        let spec = downmix.spec();
         // A header claiming more data than the file holds is truncated (or was written to a
-        // pipe with a placeholder length): parsing below says so, not "too long".
-        let frames = u64::from(reader.duration());
+        // pipe with a placeholder length): decoding says so, not "too long".
+        let frames = downmix.declared_frames();
         let frame_bytes = u64::from(spec.channels) * u64::from(spec.bits_per_sample.div_ceil(8));
-        if frames * frame_bytes <= wav.len() as u64 {
+        let declared_fits = frames * frame_bytes <= audio.len() as u64;
+        if declared_fits {
             self.check_length(frames * 1000 / u64::from(spec.sample_rate))?;
         }
-        let parsed = Wav::parse(wav).map_err(bad)?;
-        if parsed.frames() == 0 {
-            return Err(bad("the recording is empty".into()));
-        }
-        self.check_length(parsed.duration_ms())?;
-        Ok(resample(
-            &parsed.to_mono_i16(),
-            parsed.sample_rate(),
-            VAD_RATE,
-        ))
+        // The output's exact size, reserved once, when the header can be believed.
+        let capacity = if declared_fits {
+            usize::try_from(downmix.output_len(frames)).unwrap_or(0)
+        } else {
+            0
+        };
+        Ok(Decoding {
+            downmix,
+            samples: Vec::with_capacity(capacity),
+        })
     }
-
     fn check_length(&self, ms: u64) -> Result<(), HandlerError> {
         if ms > self.config.max_audio_ms {
             return Err(HandlerError::Unprocessable(format!(
@@ -236,27 +294,37 @@ impl SttClient {
         self.transcribe(wav, language, prompt).await
     }
 
-    /// The whole pipeline for a recording: [`Self::prepare`], VAD segments, then only the
-    /// speech is sent, `STT_PARALLELISM` segments at a time, order kept. The first failure
-    /// fails the recording (the calls still in flight are dropped).
+    /// The whole pipeline for a recording: [`Self::prepare`] and the VAD in one pass, then
+    /// only the speech is sent, `STT_PARALLELISM` segments at a time, order kept. The first
+    /// failure fails the recording (the calls still in flight are dropped).
     ///
-    /// Decoding, resampling and VAD run on tokio's blocking pool: measured in a debug build
-    /// they take about 60 ms of CPU per minute of 44.1 kHz stereo (less in release), so a long
-    /// recording would otherwise hold an async worker for a noticeable time.
+    /// Decoding, resampling and VAD run in slices of one second of the recording's audio,
+    /// yielding to the runtime between slices, so a long recording does not hold an async
+    /// worker for long (measured in a debug build they take about 60 ms of CPU per minute of
+    /// 44.1 kHz stereo, less in release). The audio stays borrowed from the request: moving
+    /// the work to the blocking pool would need a copy of the whole recording.
     pub async fn transcribe_recording(
         &self,
-        wav: &[u8],
+        audio: &AudioBytes<'_>,
         language: Option<&str>,
         prompt: Option<&str>,
     ) -> Result<Transcript, HandlerError> {
-        let (this, wav) = (self.clone(), wav.to_vec());
-        let (samples, spans) = tokio::task::spawn_blocking(move || {
-            let samples = this.prepare(&wav)?;
-            let spans = segments(&this.config.vad, &samples);
-            Ok::<_, HandlerError>((samples, spans))
-        })
-        .await
-        .map_err(|e| HandlerError::Internal(format!("preparing audio: {e}")))??;
+        let mut decoding = self.open(audio)?;
+        let vad = &self.config.vad;
+        let slice = usize::try_from(decoding.downmix.spec().sample_rate).unwrap_or(usize::MAX);
+        let mut segmenter = Segmenter::new();
+        let mut spans = Vec::new();
+        loop {
+            let before = decoding.samples.len();
+            let done = decoding.step(self, slice)?;
+            spans.extend(segmenter.push(vad, &decoding.samples[before..]));
+            if done {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        spans.extend(segmenter.finish(vad));
+        let samples = decoding.finish(self)?;
         tracing::debug!(
             utterances = spans.len(),
             audio_ms = samples.len() as u64 * 1000 / u64::from(VAD_RATE),
@@ -302,22 +370,37 @@ fn span_wav(samples_16k: &[i16], span: Span) -> Result<Vec<u8>, HandlerError> {
         .map_err(|e| HandlerError::Internal(format!("encoding a segment as WAV: {e}")))
 }
 
-/// The format code in the `fmt ` chunk of a RIFF/WAVE file, if one can be found.
-fn format_tag(wav: &[u8]) -> Option<u16> {
-    if wav.get(0..4)? != b"RIFF" || wav.get(8..12)? != b"WAVE" {
-        return None;
+fn bad(what: String) -> HandlerError {
+    HandlerError::Unprocessable(format!("audio: {what}"))
+}
+
+/// A recording being decoded to 16 kHz mono.
+struct Decoding<'a> {
+    downmix: Downmix<AudioReader<'a>>,
+    samples: Vec<i16>,
+}
+
+impl Decoding<'_> {
+    /// Decodes up to `frames` more frames; returns whether the end was reached. Stops with
+    /// `STT_MAX_AUDIO_MS` exceeded as soon as it is, whatever the header said.
+    fn step(&mut self, stt: &SttClient, frames: usize) -> Result<bool, HandlerError> {
+        let done = self
+            .downmix
+            .read_into(&mut self.samples, frames)
+            .map_err(bad)?;
+        let rate = u64::from(self.downmix.spec().sample_rate);
+        stt.check_length(self.downmix.frames_read() * 1000 / rate)?;
+        Ok(done)
     }
-    let mut at = 12usize;
-    while let Some(header) = wav.get(at..at + 8) {
-        let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
-        if &header[0..4] == b"fmt " {
-            let tag = wav.get(at + 8..at + 10)?;
-            return Some(u16::from_le_bytes([tag[0], tag[1]]));
+
+    fn finish(self, stt: &SttClient) -> Result<Vec<i16>, HandlerError> {
+        if self.downmix.frames_read() == 0 {
+            return Err(bad("the recording is empty".into()));
         }
-        // Chunks are padded to an even length.
-        at = at.checked_add(8)?.checked_add(len)?.checked_add(len % 2)?;
+        let rate = u64::from(self.downmix.spec().sample_rate);
+        stt.check_length(self.downmix.frames_read() * 1000 / rate)?;
+        Ok(self.samples)
     }
-    None
 }
 
 fn tag_name(tag: u16) -> &'static str {
@@ -342,7 +425,12 @@ mod tests {
     use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
     use super::*;
+    use crate::audio::Wav;
     use crate::config::load;
+
+    fn raw(bytes: &[u8]) -> AudioBytes<'_> {
+        AudioBytes::Raw(Cow::Borrowed(bytes))
+    }
 
     fn client(url: &str, api_key: Option<&str>) -> SttClient {
         let mut env = vec![("STT_URL", url.to_string())];
@@ -516,7 +604,10 @@ mod tests {
                 .await;
             let stt = client(&server.uri(), None);
             let input = testkit::fixtures::speech(name);
-            let transcript = stt.transcribe_recording(&input, None, None).await.unwrap();
+            let transcript = stt
+                .transcribe_recording(&raw(&input), None, None)
+                .await
+                .unwrap();
 
             let known = testkit::fixtures::speech_boundaries(name);
             let requests = server.received_requests().await.unwrap();
@@ -577,7 +668,7 @@ mod tests {
         let server = MockServer::start().await;
         let stt = client(&server.uri(), None);
         let transcript = stt
-            .transcribe_recording(&testkit::wav::silence_wav(3000, 22_050), None, None)
+            .transcribe_recording(&raw(&testkit::wav::silence_wav(3000, 22_050)), None, None)
             .await
             .unwrap();
         assert_eq!(transcript.text, "");
@@ -631,7 +722,7 @@ mod tests {
         let stt = client(&server.uri(), None);
         let input = testkit::fixtures::speech("two-utterances-16k.wav");
         let err = stt
-            .transcribe_recording(&input, None, None)
+            .transcribe_recording(&raw(&input), None, None)
             .await
             .unwrap_err();
         assert!(matches!(err, HandlerError::Backend { .. }), "{err:?}");
@@ -744,7 +835,7 @@ mod tests {
         let stt = SttClient::new(crate::http::client(Duration::from_secs(1)).unwrap(), config);
         let input = testkit::fixtures::speech("two-utterances-16k.wav");
         let err = stt
-            .transcribe_recording(&input, None, None)
+            .transcribe_recording(&raw(&input), None, None)
             .await
             .unwrap_err();
         let HandlerError::Unprocessable(message) = err else {

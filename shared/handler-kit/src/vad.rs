@@ -221,26 +221,35 @@ impl Segmenter {
 
     /// End of audio: closes an utterance in progress (if it has at least `min_speech_ms` of
     /// voice). The trailing partial frame is too short to judge but counts as audio, so the
-    /// span's padding may reach into it.
+    /// span's padding may reach into it, though never past `max_utterance_ms` from the
+    /// span's start: the limit holds for the last span too.
     pub fn finish(&mut self, config: &VadConfig) -> Vec<Span> {
         let mut spans = Vec::new();
         if self.in_speech {
             let audio_end = self.processed_ms + self.partial.len() as u64 / SAMPLES_PER_MS;
-            self.close(config, audio_end, &mut spans);
+            let longest = self.utterance_start_ms + u64::from(config.max_utterance_ms);
+            self.close(config, audio_end.min(longest), &mut spans);
         }
         spans
     }
 
-    /// Audio before this ms can never be part of a future span (the caller may drop it): the
-    /// open utterance's start (padding included), or, when not in speech, `processed_ms`
-    /// minus padding (never before the end of the last span returned).
+    /// Audio before this ms can never be part of a future span (the caller may drop it).
+    ///
+    /// A future span is either the open utterance (starting at its start) or one that opens
+    /// later, whose leading padding reaches at most `padding_ms` before the audio not yet
+    /// judged (and never before the end of the last span returned). Both count while an
+    /// utterance is open: it may still be dropped for too little voice, and an utterance
+    /// carried on after a cut at `max_utterance_ms` starts where the cut was, which can be
+    /// later than the next utterance's padding.
     pub fn keep_from_ms(&self, config: &VadConfig) -> u64 {
+        let next = self
+            .processed_ms
+            .saturating_sub(u64::from(config.padding_ms))
+            .max(self.floor_ms);
         if self.in_speech {
-            self.utterance_start_ms
+            self.utterance_start_ms.min(next)
         } else {
-            self.processed_ms
-                .saturating_sub(u64::from(config.padding_ms))
-                .max(self.floor_ms)
+            next
         }
     }
 
@@ -590,6 +599,83 @@ mod tests {
             vec![],
             "finish twice closes nothing"
         );
+    }
+
+    /// Uniform noise of +-10000: loud enough that every frame of it is voiced.
+    fn noise(rng: &mut XorShift, ms: u64) -> Vec<i16> {
+        (0..ms * SAMPLES_PER_MS)
+            .map(|_| rng.below(20_001) as i16 - 10_000)
+            .collect()
+    }
+
+    #[test]
+    fn the_last_span_closed_by_finish_keeps_to_the_length_limit() {
+        // Found by fuzzing: voice to the very end, cut at the limit once, then the rest of the
+        // audio (29 ms of it an unjudged partial frame) closed by finish: that span was 1019 ms
+        // with a limit of 1000.
+        let config = VadConfig {
+            max_utterance_ms: 1000,
+            ..VadConfig::default()
+        };
+        let mut rng = XorShift(99);
+        let mut samples = noise(&mut rng, 2009);
+        samples.extend([1000; 8]);
+        let spans = segments(&config, &samples);
+        // Cut at 990 ms; the rest, to 2009 ms, is closed by finish at the limit.
+        assert_eq!(
+            spans,
+            vec![
+                Span {
+                    start_ms: 0,
+                    end_ms: 990
+                },
+                Span {
+                    start_ms: 990,
+                    end_ms: 1990
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn keep_from_never_passes_the_padding_of_the_utterance_after_a_dropped_cut() {
+        // Found by fuzzing: 150 ms of voice (too little to keep), a silence just short of
+        // closing it when the length limit cuts it at 990 ms; the utterance carried on from
+        // the cut is dropped a frame later, and the next one, voiced from 1080 ms, starts at
+        // 880 ms with its padding. Between the cut and the drop keep_from_ms said 990.
+        let config = VadConfig {
+            padding_ms: 200,
+            min_silence_ms: 900,
+            min_speech_ms: 200,
+            max_utterance_ms: 1000,
+            ..VadConfig::default()
+        };
+        let mut rng = XorShift(5);
+        let mut samples = noise(&mut rng, 150);
+        samples.extend(vec![0; 930 * 16]);
+        samples.extend(noise(&mut rng, 420));
+        samples.extend(vec![0; 1200 * 16]);
+        let batch = segments(&config, &samples);
+        assert_eq!(
+            batch,
+            vec![Span {
+                start_ms: 880,
+                end_ms: 1700
+            }]
+        );
+        let mut segmenter = Segmenter::new();
+        let mut emitted = 0;
+        for frame in samples.chunks(480) {
+            emitted += segmenter.push(&config, frame).len();
+            let keep = segmenter.keep_from_ms(&config);
+            for later in &batch[emitted..] {
+                assert!(
+                    keep <= later.start_ms,
+                    "at {} ms: keep {keep} > {later:?}",
+                    segmenter.processed_ms()
+                );
+            }
+        }
     }
 
     #[test]

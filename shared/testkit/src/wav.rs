@@ -79,6 +79,57 @@ fn tone_wav(duration_ms: u32, sample_rate: u32, freq_hz: f32, amplitude: f32) ->
     cursor.into_inner()
 }
 
+/// An 8 or 16-bit PCM WAV of `channels` at `sample_rate` whose data is `data_bytes` long (cut
+/// to whole frames): `speech_16k` (16 kHz mono) repeated, taken at the nearest sample for the
+/// rate, the same in every channel. For recordings as large as a body cap, in the formats a
+/// client may send, that still hold speech a VAD finds; written directly rather than sample by
+/// sample through hound, as tens of MiB are.
+///
+/// # Panics
+///
+/// If `bits` is not 8 or 16, `speech_16k` is empty, or the data would not fit a WAV file.
+pub fn tiled_speech_wav(
+    speech_16k: &[i16],
+    sample_rate: u32,
+    channels: u16,
+    bits: u16,
+    data_bytes: usize,
+) -> Vec<u8> {
+    assert!(matches!(bits, 8 | 16), "8 or 16 bits, not {bits}");
+    assert!(!speech_16k.is_empty(), "no speech to repeat");
+    let sample_bytes = usize::from(bits / 8);
+    let frame_bytes = sample_bytes * usize::from(channels);
+    let frames = data_bytes / frame_bytes;
+    let data_len = u32::try_from(frames * frame_bytes).expect("data under 4 GiB");
+    let mut wav = Vec::with_capacity(44 + frames * frame_bytes);
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + data_len).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    wav.extend_from_slice(&16u32.to_le_bytes());
+    wav.extend_from_slice(&1u16.to_le_bytes());
+    wav.extend_from_slice(&channels.to_le_bytes());
+    wav.extend_from_slice(&sample_rate.to_le_bytes());
+    let block_align = u16::try_from(frame_bytes).expect("a small frame");
+    wav.extend_from_slice(&(sample_rate * u32::from(block_align)).to_le_bytes());
+    wav.extend_from_slice(&block_align.to_le_bytes());
+    wav.extend_from_slice(&bits.to_le_bytes());
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&data_len.to_le_bytes());
+    for n in 0..frames as u64 {
+        let at = (n * 16_000 / u64::from(sample_rate)) as usize % speech_16k.len();
+        let sample = speech_16k[at];
+        for _ in 0..channels {
+            if bits == 8 {
+                // 8-bit WAV is unsigned, centred on 128.
+                wav.push(((sample >> 8) + 128) as u8);
+            } else {
+                wav.extend_from_slice(&sample.to_le_bytes());
+            }
+        }
+    }
+    wav
+}
+
 /// Reads the header of WAV `bytes`.
 pub fn wav_info(bytes: &[u8]) -> anyhow::Result<WavInfo> {
     let reader = hound::WavReader::new(Cursor::new(bytes)).context("not a readable WAV file")?;
@@ -157,6 +208,26 @@ mod tests {
     fn zero_duration_is_a_valid_empty_wav() {
         let info = wav_info(&sine_wav(0, 22_050, 440.0)).unwrap();
         assert_eq!((info.frames, info.duration_ms), (0, 0));
+    }
+
+    #[test]
+    fn tiled_speech_has_the_size_and_format_asked_for() {
+        let speech: Vec<i16> = (0..1600).map(|i| (i * 20 - 16_000) as i16).collect();
+        for (rate, channels, bits) in [(44_100, 2, 8), (48_000, 1, 16)] {
+            let bytes = tiled_speech_wav(&speech, rate, channels, bits, 100_001);
+            let info = wav_info(&bytes).unwrap();
+            let frame = usize::from(channels * bits / 8);
+            assert_eq!(bytes.len(), 44 + 100_001 / frame * frame);
+            assert_eq!(
+                (info.sample_rate, info.channels, info.bits_per_sample),
+                (rate, channels, bits)
+            );
+            let samples = samples_i16(&bytes).unwrap();
+            // hound reads 8-bit samples as -128..=127.
+            let first = if bits == 8 { -16_000 >> 8 } else { -16_000 };
+            assert_eq!(samples[0], first);
+            assert_eq!(samples.len(), 100_001 / frame * usize::from(channels));
+        }
     }
 
     #[test]

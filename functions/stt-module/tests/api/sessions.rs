@@ -259,3 +259,116 @@ async fn a_retried_chunk_never_loses_an_utterance_to_dedupe() {
     seen.sort_unstable();
     assert_eq!(seen, (0..utterances as u64).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_that_never_arrives_is_lost_after_the_gap_timeout_and_the_session_goes_on() {
+    const GAP_MS: u64 = 2_000;
+    let nats = NatsServer::start().await.expect("nats");
+    let client = nats.client().await.expect("client");
+    let env = [
+        ("NATS_URL", nats.url()),
+        ("STT_SESSION_GAP_MS", GAP_MS.to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = app(&simulator().await, &env).await;
+    let mut sub = client
+        .subscribe("ai.stt.transcript.lost")
+        .await
+        .expect("sub");
+    client.flush().await.expect("flush");
+    // seq 1..=20: the fixture in 400 ms chunks, then silence; the last one final.
+    let mut pieces = chunks();
+    let silence = encode_pcm16(&[0; 6_400], 16_000).expect("encode");
+    pieces.resize(20, silence);
+
+    // seq 0 cannot even be read: refused before the session knows of it, so it never comes.
+    let unreadable = send(
+        &app,
+        event("ai.stt.chunk")
+            .id("lost-0")
+            .raw(
+                "application/json",
+                br#"{"session_id": "lost", "seq": 0, "audio": "#.to_vec(),
+            )
+            .binary(),
+    )
+    .await;
+    assert_error(&unreadable, 400, "invalid_payload");
+
+    // seq 1 waits for it, answered 409 (the source retries) until the gap timeout.
+    let waiting = std::time::Instant::now();
+    let early = send(&app, chunk_event("lost", 1, &pieces[0], false)).await;
+    assert_error(&early, 409, "conflict");
+    // Meanwhile a one-shot request is answered at once: the waiting session holds nothing.
+    let one_shot = send(
+        &app,
+        event("ai.stt.request")
+            .id("one-shot")
+            .json(&json!({"audio": crate::recording::b64(&testkit::fixtures::speech("two-utterances-16k.wav"))}))
+            .binary(),
+    )
+    .await;
+    assert_eq!(
+        one_shot.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&one_shot.body)
+    );
+    let answered_in = waiting.elapsed();
+    let still = send(&app, chunk_event("lost", 1, &pieces[0], false)).await;
+    if waiting.elapsed() < Duration::from_millis(GAP_MS) {
+        assert_error(&still, 409, "conflict");
+        assert!(answered_in < Duration::from_millis(GAP_MS));
+    }
+    // The source's retries of seq 1, until the session gives up on seq 0.
+    let accepted = testkit::cloudevent::eventually(Duration::from_secs(30), || async {
+        let answer = send(&app, chunk_event("lost", 1, &pieces[0], false)).await;
+        (answer.status == 202).then(|| answer.json())
+    })
+    .await
+    .expect("seq 1 taken once the gap timed out");
+    assert!(
+        waiting.elapsed() >= Duration::from_millis(GAP_MS),
+        "taken after {:?}, before STT_SESSION_GAP_MS",
+        waiting.elapsed()
+    );
+    assert_eq!(accepted["skipped_total"], 1, "{accepted}");
+
+    let mut utterances = 0;
+    for seq in 2..=20 {
+        let answer = send(&app, chunk_event("lost", seq, &pieces[seq - 1], seq == 20)).await;
+        assert_eq!(
+            answer.status,
+            202,
+            "seq {seq}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert_eq!(answer.json()["duplicate"], false);
+        utterances = answer.json()["utterances"].as_u64().expect("utterances");
+    }
+    assert_eq!(utterances, 2, "both sentences of the fixture");
+    let published = transcripts(&mut sub, 2).await;
+    // The first transcript after the loss says so; the next has nothing new to report.
+    assert_eq!(
+        published[0]["skipped_seqs"],
+        json!([[0, 0]]),
+        "{}",
+        published[0]
+    );
+    assert_eq!(published[0]["skipped_total"], 1);
+    assert_eq!(published[1]["skipped_seqs"], json!([]), "{}", published[1]);
+    assert_eq!(published[1]["skipped_total"], 1);
+    for t in &published {
+        assert!(
+            t["text"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("simulated transcript of"),
+            "{t}"
+        );
+    }
+    // seq 0, should it turn up after all, is behind the session: a duplicate.
+    let late = send(&app, chunk_event("lost", 0, &pieces[0], false)).await;
+    assert_eq!(late.status, 202);
+    assert_eq!(late.json()["duplicate"], true);
+}
