@@ -13,7 +13,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 /// Largest response body read; anything bigger is an error, not a buffer that keeps growing.
-const MAX_BODY: usize = 16 * 1024 * 1024;
+/// tts-module's answer to a text of 5000 characters (max-body section) is ~18 MB of base64.
+const MAX_BODY: usize = 64 * 1024 * 1024;
 /// Longest status or header line.
 const MAX_LINE: u64 = 16 * 1024;
 

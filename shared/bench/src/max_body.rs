@@ -1,0 +1,617 @@
+//! The max-body section: each function's peak memory for ONE request with a body at its
+//! default `MAX_BODY_BYTES`, a valid one that does the whole work.
+//!
+//! This is the per-request worst case the Knative manifests size their memory limits with
+//! (`limit >= idle + containerConcurrency x peak`, see knative/README.md). For every function,
+//! in a fresh process:
+//!
+//! 1. start it, answer one ordinary sample event (connection pools and lazy state exist, as in
+//!    the idle RSS measurement), wait [`IDLE_SETTLE`], read `VmRSS` (idle);
+//! 2. reset the peak (`echo 5 > /proc/<pid>/clear_refs` sets `VmHWM` to the current RSS);
+//! 3. send the max-size event on a fresh connection, require 200 and a reply that shows the
+//!    work was done (a transcript with speech, audio, an answer, a created run);
+//! 4. read `VmHWM`: peak over idle = `VmHWM - idle`, and its ratio to the body's size;
+//! 5. send a body one byte over the cap and require 413, which proves the cap used is the
+//!    function's own default (a changed default fails the run instead of measuring the wrong
+//!    size).
+//!
+//! The bodies (see [`case`]):
+//! - tts-module: a text of `TTS_MAX_TEXT_CHARS` (5000) characters, the rest of the cap JSON
+//!   whitespace: the text is what costs (its audio), the body only has to be buffered;
+//! - chat-handler: a message of `CHAT_MAX_MESSAGE_CHARS` (8000) characters and history turns
+//!   filling the cap (history has no limit of its own; all of it goes into the prompt);
+//! - stt-module, voice-assistant: msgpack `{audio: <WAV>}` (raw bytes, the most audio per body
+//!   byte) with a 16-bit mono WAV filling the cap, the speech fixture tiled, at the lowest
+//!   common rate that keeps the recording within `STT_MAX_AUDIO_MS` (600 s): the most samples
+//!   per byte left after resampling to the VAD's 16 kHz;
+//! - pipeline-bridge: a trigger of the bench catalog's `bench-max-body` entry, as many
+//!   parameters of the longest allowed value (1024 characters) as fit, every one used in the
+//!   Job it creates on fake-kube.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+use serde::Serialize;
+
+use crate::functions::{
+    CHAT_HANDLER, Endpoints, Function, PIPELINE_BRIDGE, STT_MODULE, TTS_MODULE, VOICE_ASSISTANT,
+};
+use crate::http::{Request, Response, exchange};
+use crate::measure::{IDLE_SETTLE, start_ready};
+use crate::proc::Proc;
+use crate::report::{TargetCheck, check_bound};
+use crate::stats::mib;
+
+/// The section's name in `BENCH_ONLY`: the max-body figure of every function, alone.
+pub const SECTION: &str = "max-body";
+/// Longest the max-size request may take per socket operation (a 32 MiB upload, minutes of
+/// audio decoded, segmented and transcribed on two shared cores).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// The target for stt-module and voice-assistant: peak over idle at most this many times the
+/// body (their audio path holds about 5x today).
+pub const SPEECH_MAX_X_BODY: f64 = 2.5;
+/// `TTS_MAX_TEXT_CHARS`' default.
+pub const TTS_MAX_TEXT_CHARS: usize = 5000;
+/// `CHAT_MAX_MESSAGE_CHARS`' default.
+pub const CHAT_MAX_MESSAGE_CHARS: usize = 8000;
+/// `STT_MAX_AUDIO_MS`' default.
+pub const STT_MAX_AUDIO_MS: u64 = 600_000;
+/// The longest parameter value pipeline-bridge accepts, characters.
+pub const PIPELINE_MAX_VALUE_CHARS: usize = 1024;
+/// The catalog entry the pipeline-bridge body triggers.
+pub const PIPELINE_ENTRY: &str = "bench-max-body";
+/// The rates tried for the speech bodies, lowest first.
+const RATES: [u32; 6] = [16_000, 22_050, 24_000, 32_000, 44_100, 48_000];
+
+/// How one function's max-size body is made.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    /// The function's default `MAX_BODY_BYTES` (checked: one byte over must be 413).
+    pub cap: usize,
+    /// The CloudEvent type.
+    pub ce_type: &'static str,
+    /// What fills the body, for the report.
+    pub content: &'static str,
+    build: fn(usize) -> anyhow::Result<Body>,
+    check: fn(&Response) -> anyhow::Result<()>,
+}
+
+/// A built body.
+#[derive(Debug, Clone)]
+pub struct Body {
+    /// `content-type`.
+    pub content_type: &'static str,
+    /// The bytes, at most the cap.
+    pub bytes: Vec<u8>,
+    /// What is in it, e.g. `WAV 32 kHz mono, 524.3 s`.
+    pub detail: String,
+}
+
+/// The case for `function`, if it has one.
+pub fn case(function: &str) -> Option<Case> {
+    Some(match function {
+        TTS_MODULE => Case {
+            cap: 256 * 1024,
+            ce_type: "ai.tts.request",
+            content: "JSON: text of TTS_MAX_TEXT_CHARS, the rest whitespace",
+            build: tts_body,
+            check: tts_check,
+        },
+        CHAT_HANDLER => Case {
+            cap: 256 * 1024,
+            ce_type: "ai.chat.request",
+            content: "JSON: message of CHAT_MAX_MESSAGE_CHARS plus history filling the cap",
+            build: chat_body,
+            check: chat_check,
+        },
+        STT_MODULE => Case {
+            cap: 32 * 1024 * 1024,
+            ce_type: "ai.stt.request",
+            content: "msgpack: a 16-bit mono WAV filling the cap (speech fixture tiled)",
+            build: speech_body,
+            check: stt_check,
+        },
+        VOICE_ASSISTANT => Case {
+            cap: 32 * 1024 * 1024,
+            ce_type: "ai.voice.request",
+            content: "msgpack: a 16-bit mono WAV filling the cap (speech fixture tiled)",
+            build: speech_body,
+            check: voice_check,
+        },
+        PIPELINE_BRIDGE => Case {
+            cap: 64 * 1024,
+            ce_type: "ai.pipeline.trigger",
+            content: "JSON: parameters of the longest allowed value filling the cap",
+            build: pipeline_body,
+            check: pipeline_check,
+        },
+        _ => return None,
+    })
+}
+
+/// One function's figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MaxBodyResult {
+    /// The function.
+    pub name: String,
+    /// Its default `MAX_BODY_BYTES`.
+    pub max_body_bytes: usize,
+    /// The body sent, bytes (the cap, or a byte under it where the format allows no exact fit).
+    pub body_bytes: usize,
+    /// What the body holds.
+    pub content: String,
+    /// `VmRSS` before the request, MiB.
+    pub idle_rss_mib: f64,
+    /// `VmHWM` after the request (reset to idle just before), MiB.
+    pub peak_rss_mib: f64,
+    /// Peak over idle, MiB.
+    pub peak_over_idle_mib: f64,
+    /// Peak over idle / body size.
+    pub x_body: f64,
+    /// Whether the peak could be reset before the request (else `VmHWM` includes start-up).
+    pub hwm_reset: bool,
+    /// How long the request took, ms.
+    pub request_ms: f64,
+    /// The status of a body one byte over the cap (413 expected).
+    pub over_cap_status: u16,
+}
+
+/// The section's results.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MaxBodySection {
+    /// One entry per function measured.
+    pub results: Vec<MaxBodyResult>,
+    /// Failed measurements, as `function: error`.
+    pub errors: Vec<String>,
+}
+
+/// Measures every function in `functions` that has a [`case`].
+pub fn run(functions: &[&Function], endpoints: &Endpoints, logs: &Path) -> MaxBodySection {
+    let mut section = MaxBodySection::default();
+    for f in functions {
+        let Some(case) = case(f.name) else { continue };
+        eprintln!(
+            "bench: {}: peak RSS for one body at MAX_BODY_BYTES ({} bytes)",
+            f.name, case.cap
+        );
+        match measure(f, &case, endpoints, logs) {
+            Ok(r) => section.results.push(r),
+            Err(e) => section.errors.push(format!("{}: {e:#}", f.name)),
+        }
+    }
+    section
+}
+
+fn measure(
+    f: &Function,
+    case: &Case,
+    endpoints: &Endpoints,
+    logs: &Path,
+) -> anyhow::Result<MaxBodyResult> {
+    let body = (case.build)(case.cap)?;
+    ensure!(
+        body.bytes.len() <= case.cap && body.bytes.len() + 1 >= case.cap,
+        "the {} body is {} bytes, not the cap {}",
+        f.name,
+        body.bytes.len(),
+        case.cap
+    );
+    let mut running = start_ready(f, endpoints, None, logs)?;
+    let addr = running.addr;
+    let warm = exchange(
+        addr,
+        &f.event.request(addr, "bench-max-warm", false),
+        REQUEST_TIMEOUT,
+    )?;
+    ensure!(
+        warm.status == 200,
+        "the sample event answered HTTP {}",
+        warm.status
+    );
+    std::thread::sleep(IDLE_SETTLE);
+    let idle_kib = running.proc.rss_kib()?;
+    let hwm_reset = reset_peak(&running.proc).is_ok();
+
+    let request = event(addr, case.ce_type, "bench-max-body", &body);
+    let started = Instant::now();
+    let reply = exchange(addr, &request, REQUEST_TIMEOUT)
+        .with_context(|| format!("sending the max-size body ({})", body.detail))?;
+    let request_ms = started.elapsed().as_secs_f64() * 1000.0;
+    running.proc.check_alive()?;
+    let peak_kib = running.proc.hwm_kib()?;
+    ensure!(
+        reply.status == 200,
+        "the max-size body ({}) answered HTTP {}: {}",
+        body.detail,
+        reply.status,
+        String::from_utf8_lossy(&reply.body[..reply.body.len().min(500)])
+    );
+    (case.check)(&reply).with_context(|| format!("the reply to {}", body.detail))?;
+
+    let mut over = body.clone();
+    over.bytes.resize(case.cap + 1, b' ');
+    let over_reply = exchange(
+        addr,
+        &event(addr, case.ce_type, "bench-max-over", &over),
+        REQUEST_TIMEOUT,
+    )?;
+    ensure!(
+        over_reply.status == 413,
+        "a body of {} bytes (one over the cap the bench assumes) answered HTTP {}, not 413: \
+         the function's default MAX_BODY_BYTES is not {} (update max_body::case)",
+        case.cap + 1,
+        over_reply.status,
+        case.cap
+    );
+
+    let peak_over = peak_kib.saturating_sub(idle_kib) * 1024;
+    Ok(MaxBodyResult {
+        name: f.name.to_string(),
+        max_body_bytes: case.cap,
+        body_bytes: body.bytes.len(),
+        content: format!("{} ({})", case.content, body.detail),
+        idle_rss_mib: mib(idle_kib * 1024),
+        peak_rss_mib: mib(peak_kib * 1024),
+        peak_over_idle_mib: mib(peak_over),
+        x_body: peak_over as f64 / body.bytes.len() as f64,
+        hwm_reset,
+        request_ms,
+        over_cap_status: over_reply.status,
+    })
+}
+
+/// Resets the process' `VmHWM` to its current RSS (Linux >= 4.0).
+fn reset_peak(proc: &Proc) -> std::io::Result<()> {
+    std::fs::write(format!("/proc/{}/clear_refs", proc.pid()), "5")
+}
+
+fn event(addr: SocketAddr, ce_type: &str, id: &str, body: &Body) -> Request {
+    Request::new(
+        "POST",
+        addr,
+        "/",
+        &[
+            ("ce-specversion", "1.0"),
+            ("ce-type", ce_type),
+            ("ce-source", "bench"),
+            ("ce-id", id),
+            ("content-type", body.content_type),
+        ],
+        &body.bytes,
+        false,
+    )
+}
+
+/// `json` followed by spaces up to `cap` bytes (JSON allows whitespace after the value).
+fn pad_json(json: String, cap: usize) -> anyhow::Result<Vec<u8>> {
+    ensure!(
+        json.len() <= cap,
+        "the JSON is {} bytes, over the cap {cap}",
+        json.len()
+    );
+    let mut bytes = json.into_bytes();
+    bytes.resize(cap, b' ');
+    Ok(bytes)
+}
+
+/// `chars` characters of plain sentences.
+fn sentences(chars: usize) -> String {
+    const SENTENCE: &str = "The quick brown fox jumps over the lazy dog. ";
+    SENTENCE.chars().cycle().take(chars).collect()
+}
+
+fn tts_body(cap: usize) -> anyhow::Result<Body> {
+    let json = serde_json::json!({ "text": sentences(TTS_MAX_TEXT_CHARS) }).to_string();
+    Ok(Body {
+        content_type: "application/json",
+        bytes: pad_json(json, cap)?,
+        detail: format!("{TTS_MAX_TEXT_CHARS} characters of text"),
+    })
+}
+
+fn chat_body(cap: usize) -> anyhow::Result<Body> {
+    const TURN_CHARS: usize = 4000;
+    let message = sentences(CHAT_MAX_MESSAGE_CHARS);
+    let mut history = Vec::new();
+    let size = |history: &Vec<serde_json::Value>| {
+        serde_json::json!({ "message": message, "history": history })
+            .to_string()
+            .len()
+    };
+    // Whole turns while they fit, then one turn cut to the room left.
+    loop {
+        let role = if history.len() % 2 == 0 {
+            "user"
+        } else {
+            "assistant"
+        };
+        let turn = serde_json::json!({ "role": role, "content": sentences(TURN_CHARS) });
+        history.push(turn);
+        let over = size(&history).saturating_sub(cap);
+        if over > 0 {
+            let cut = TURN_CHARS.checked_sub(over).context("no room for a turn")?;
+            history.pop();
+            history.push(serde_json::json!({ "role": role, "content": sentences(cut) }));
+            break;
+        }
+    }
+    let turns = history.len();
+    let json = serde_json::json!({ "message": message, "history": history }).to_string();
+    Ok(Body {
+        content_type: "application/json",
+        bytes: pad_json(json, cap)?,
+        detail: format!("{CHAT_MAX_MESSAGE_CHARS}-character message, {turns} history turns"),
+    })
+}
+
+/// The speech request: msgpack `{"audio": bin}`.
+#[derive(Serialize)]
+struct Audio<'a> {
+    #[serde(with = "handler_kit::event::bytes_field")]
+    audio: &'a [u8],
+}
+
+fn audio_msgpack(samples: &[i16], rate: u32) -> anyhow::Result<Vec<u8>> {
+    let wav = handler_kit::audio::encode_pcm16(samples, rate).map_err(|e| anyhow!(e))?;
+    rmp_serde::to_vec_named(&Audio { audio: &wav }).context("encoding msgpack")
+}
+
+fn speech_body(cap: usize) -> anyhow::Result<Body> {
+    use handler_kit::audio::{Wav, resample};
+    let name = crate::speech::FIXTURES[0];
+    let path = crate::speech::fixture_dir().join(name);
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let wav = Wav::parse(&bytes).map_err(|e| anyhow!(e))?;
+    let speech = wav.to_mono_i16();
+    ensure!(!speech.is_empty(), "{name} has no samples");
+    let max_samples = |rate: u32| (STT_MAX_AUDIO_MS * u64::from(rate) / 1000) as usize;
+    // Bytes besides the samples: the WAV header and msgpack's framing (bin32 for any size here).
+    let overhead = audio_msgpack(&[0; 70_000], 16_000)?.len() - 140_000;
+    let samples = (cap - overhead) / 2;
+    let rate = RATES
+        .into_iter()
+        .find(|&r| samples <= max_samples(r))
+        .with_context(|| format!("a {cap}-byte WAV is longer than STT_MAX_AUDIO_MS at any rate"))?;
+    let tile = resample(&speech, wav.sample_rate(), rate);
+    let audio: Vec<i16> = tile.iter().copied().cycle().take(samples).collect();
+    let body = audio_msgpack(&audio, rate)?;
+    Ok(Body {
+        content_type: "application/msgpack",
+        detail: format!(
+            "WAV {:.1} kHz mono, {:.1} s: {name} tiled",
+            f64::from(rate) / 1000.0,
+            samples as f64 / f64::from(rate)
+        ),
+        bytes: body,
+    })
+}
+
+/// The parameters of [`PIPELINE_ENTRY`] that fit a trigger of `cap` bytes.
+pub fn pipeline_parameters(cap: usize) -> usize {
+    // `"p000":"<value>",` per parameter; the rest of the trigger is under 100 bytes.
+    (cap - 100) / (PIPELINE_MAX_VALUE_CHARS + 10)
+}
+
+/// The catalog entry [`PIPELINE_ENTRY`]: `count` parameters, every one in the Job's args.
+pub fn pipeline_entry(count: usize) -> String {
+    let mut entry =
+        format!("  {PIPELINE_ENTRY}:\n    kind: job\n    namespace: bench\n    parameters:\n");
+    for i in 0..count {
+        let _ = writeln!(entry, "      p{i:03}: {{pattern: \"[a-z]+\"}}");
+    }
+    entry.push_str(
+        "    job:\n      template:\n        spec:\n          restartPolicy: Never\n          \
+         containers:\n            - name: work\n              image: busybox\n              args:\n",
+    );
+    for i in 0..count {
+        let _ = writeln!(entry, "                - \"{{{{parameters.p{i:03}}}}}\"");
+    }
+    entry
+}
+
+fn pipeline_body(cap: usize) -> anyhow::Result<Body> {
+    let count = pipeline_parameters(cap);
+    let value: String = "abcdefghijklmnopqrstuvwxyz"
+        .chars()
+        .cycle()
+        .take(PIPELINE_MAX_VALUE_CHARS)
+        .collect();
+    let parameters: serde_json::Map<String, serde_json::Value> = (0..count)
+        .map(|i| (format!("p{i:03}"), value.clone().into()))
+        .collect();
+    let json = serde_json::json!({
+        "request_id": "bench-max-body",
+        "pipeline": PIPELINE_ENTRY,
+        "parameters": parameters,
+    })
+    .to_string();
+    Ok(Body {
+        content_type: "application/json",
+        bytes: pad_json(json, cap)?,
+        detail: format!("{count} parameters of {PIPELINE_MAX_VALUE_CHARS} characters"),
+    })
+}
+
+fn json_reply(r: &Response) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_slice(&r.body).context("the reply is not JSON")
+}
+
+fn positive(v: &serde_json::Value, field: &str) -> anyhow::Result<()> {
+    match v.get(field).and_then(serde_json::Value::as_u64) {
+        Some(n) if n > 0 => Ok(()),
+        other => bail!("{field} is {other:?}, not above 0"),
+    }
+}
+
+fn tts_check(r: &Response) -> anyhow::Result<()> {
+    let v = json_reply(r)?;
+    positive(&v, "duration_ms")?;
+    ensure!(
+        v.get("audio").and_then(serde_json::Value::as_str).is_some(),
+        "no audio in the reply"
+    );
+    Ok(())
+}
+
+fn chat_check(r: &Response) -> anyhow::Result<()> {
+    let v = json_reply(r)?;
+    match v.get("response").and_then(serde_json::Value::as_str) {
+        Some(answer) if !answer.is_empty() => Ok(()),
+        _ => bail!("no answer in the reply"),
+    }
+}
+
+fn stt_check(r: &Response) -> anyhow::Result<()> {
+    // msgpack in, msgpack out; the transcript holds no bytes, so it reads as JSON values.
+    let v: serde_json::Value =
+        rmp_serde::from_slice(&r.body).context("the reply is not msgpack")?;
+    positive(&v, "speech_ms")?;
+    match v.get("segments").and_then(serde_json::Value::as_array) {
+        Some(s) if !s.is_empty() => Ok(()),
+        _ => bail!("no transcript segments"),
+    }
+}
+
+fn voice_check(r: &Response) -> anyhow::Result<()> {
+    ensure!(
+        r.header("ce-type") == Some("ai.voice.response"),
+        "the reply is {:?}, not ai.voice.response",
+        r.header("ce-type")
+    );
+    ensure!(!r.body.is_empty(), "an empty reply");
+    Ok(())
+}
+
+fn pipeline_check(r: &Response) -> anyhow::Result<()> {
+    ensure!(!json_reply(r)?.is_null(), "an empty reply");
+    Ok(())
+}
+
+/// stt-module's and voice-assistant's target: peak over idle <= [`SPEECH_MAX_X_BODY`] x body.
+pub fn check_targets(section: &MaxBodySection) -> Vec<TargetCheck> {
+    [STT_MODULE, VOICE_ASSISTANT]
+        .into_iter()
+        .filter_map(|name| section.results.iter().find(|r| r.name == name))
+        .map(|r| {
+            check_bound(
+                &r.name,
+                format!("peak over idle, one max-size body <= {SPEECH_MAX_X_BODY}x the body"),
+                Some(r.x_body),
+                Some(SPEECH_MAX_X_BODY),
+                "x body",
+                crate::report::Bound::Max,
+            )
+        })
+        .collect()
+}
+
+/// The printed section.
+pub fn section(s: &MaxBodySection) -> String {
+    let mut out = String::from(
+        "max-size body: one request with a body at the default MAX_BODY_BYTES (peak = VmHWM, \
+         reset to idle just before; idle = VmRSS after one sample event):\n",
+    );
+    let _ = writeln!(
+        out,
+        "{:<17}{:>12}{:>12}{:>12}{:>14}{:>9}{:>11}",
+        "function", "body MiB", "idle MiB", "peak MiB", "peak-idle MiB", "x body", "request ms"
+    );
+    for r in &s.results {
+        let _ = writeln!(
+            out,
+            "{:<17}{:>12.2}{:>12.2}{:>12.2}{:>14.2}{:>9.2}{:>11.0}{}",
+            r.name,
+            mib(r.body_bytes as u64),
+            r.idle_rss_mib,
+            r.peak_rss_mib,
+            r.peak_over_idle_mib,
+            r.x_body,
+            r.request_ms,
+            if r.hwm_reset {
+                ""
+            } else {
+                "  (VmHWM not reset: includes start-up)"
+            }
+        );
+    }
+    for r in &s.results {
+        let _ = writeln!(out, "  {}: {}", r.name, r.content);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_body_fills_its_cap_and_parses() {
+        for name in [TTS_MODULE, CHAT_HANDLER, PIPELINE_BRIDGE] {
+            let case = case(name).unwrap();
+            let body = (case.build)(case.cap).unwrap();
+            assert_eq!(body.bytes.len(), case.cap, "{name}");
+            let v: serde_json::Value = serde_json::from_slice(&body.bytes).unwrap();
+            assert!(v.is_object(), "{name}");
+        }
+        let chat: serde_json::Value =
+            serde_json::from_slice(&(chat_body(256 * 1024).unwrap().bytes)).unwrap();
+        assert_eq!(
+            chat["message"].as_str().unwrap().chars().count(),
+            CHAT_MAX_MESSAGE_CHARS
+        );
+        assert!(chat["history"].as_array().unwrap().len() > 50);
+    }
+
+    #[test]
+    fn speech_bodies_are_valid_wavs_within_the_audio_limit() {
+        for cap in [16 * 1024 * 1024, 32 * 1024 * 1024] {
+            let body = speech_body(cap).unwrap();
+            assert!(
+                body.bytes.len() <= cap && body.bytes.len() + 1 >= cap,
+                "{cap}"
+            );
+            #[derive(serde::Deserialize)]
+            struct Back {
+                #[serde(with = "handler_kit::event::bytes_field")]
+                audio: Vec<u8>,
+            }
+            let back: Back = rmp_serde::from_slice(&body.bytes).unwrap();
+            let wav = handler_kit::audio::Wav::parse(&back.audio).unwrap();
+            assert!(wav.duration_ms() <= STT_MAX_AUDIO_MS, "{cap}");
+            assert!(wav.duration_ms() > STT_MAX_AUDIO_MS * 3 / 4, "{cap}");
+        }
+        // 16 MiB of 16 kHz mono is 524 s: no resampling needed; 32 MiB needs 32 kHz.
+        assert!(
+            speech_body(16 * 1024 * 1024)
+                .unwrap()
+                .detail
+                .starts_with("WAV 16.0 kHz")
+        );
+        assert!(
+            speech_body(32 * 1024 * 1024)
+                .unwrap()
+                .detail
+                .starts_with("WAV 32.0 kHz")
+        );
+    }
+
+    #[test]
+    fn the_pipeline_entry_declares_every_parameter_the_body_sends() {
+        let count = pipeline_parameters(64 * 1024);
+        let entry = pipeline_entry(count);
+        let body: serde_json::Value =
+            serde_json::from_slice(&pipeline_body(64 * 1024).unwrap().bytes).unwrap();
+        let sent = body["parameters"].as_object().unwrap();
+        assert_eq!(sent.len(), count);
+        for name in sent.keys() {
+            assert!(entry.contains(&format!("{name}: {{pattern")), "{name}");
+            assert!(
+                entry.contains(&format!("{{{{parameters.{name}}}}}")),
+                "{name}"
+            );
+        }
+    }
+}
