@@ -51,6 +51,30 @@ impl Request {
         Self { bytes }
     }
 
+    /// The head of a `method path` request announcing a body of `content_length` bytes with
+    /// `expect: 100-continue`, and no body: a server that refuses a body by its declared length
+    /// answers at once, before a byte of it is sent (a big body written anyway would meet a
+    /// closed connection).
+    pub fn announce(
+        method: &str,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        content_length: usize,
+    ) -> Self {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\n");
+        for (name, value) in headers {
+            let _ = write!(head, "{name}: {value}\r\n");
+        }
+        let _ = write!(
+            head,
+            "connection: close\r\nexpect: 100-continue\r\ncontent-length: {content_length}\r\n\r\n"
+        );
+        Self {
+            bytes: head.into_bytes(),
+        }
+    }
+
     /// A `GET path` asking for the connection to be closed afterwards.
     pub fn get(addr: SocketAddr, path: &str) -> Self {
         Self::new("GET", addr, path, &[], &[], false)

@@ -15,6 +15,11 @@
 //!    function's own default (a changed default fails the run instead of measuring the wrong
 //!    size).
 //!
+//! Then each function is held to its manifests (knative/<function>/service.yaml and
+//! config.yaml, see [`Manifest`]): idle + `containerConcurrency` x the worst request must fit
+//! the memory limit, the worst request being the measured peak over idle scaled to the
+//! manifests' `MAX_BODY_BYTES` where they set one (the memory a body costs grows with it).
+//!
 //! The bodies (see [`case`]):
 //! - tts-module: a text of `TTS_MAX_TEXT_CHARS` (5000) characters, the rest of the cap JSON
 //!   whitespace: the text is what costs (its audio), the body only has to be buffered;
@@ -51,7 +56,7 @@ pub const SECTION: &str = "max-body";
 /// audio decoded, segmented and transcribed on two shared cores).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// The target for stt-module and voice-assistant: peak over idle at most this many times the
-/// body (their audio path holds about 5x today).
+/// body (their audio path holds about 7x at the cap today).
 pub const SPEECH_MAX_X_BODY: f64 = 2.5;
 /// `TTS_MAX_TEXT_CHARS`' default.
 pub const TTS_MAX_TEXT_CHARS: usize = 5000;
@@ -159,11 +164,112 @@ pub struct MaxBodyResult {
     pub over_cap_status: u16,
 }
 
+/// What a function's Knative manifests allow it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Manifest {
+    /// `containerConcurrency` in service.yaml.
+    pub container_concurrency: u64,
+    /// The container's memory limit in service.yaml, MiB.
+    pub memory_limit_mib: f64,
+    /// `MAX_BODY_BYTES` in config.yaml, else the function's default.
+    pub max_body_bytes: usize,
+}
+
+/// A function's memory limit against its measured worst request.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fit {
+    /// The function.
+    pub name: String,
+    /// What its manifests set.
+    pub manifest: Manifest,
+    /// Idle RSS, MiB (measured).
+    pub idle_mib: f64,
+    /// The worst request at the manifests' body cap, MiB: the measured peak over idle x
+    /// (manifest cap / measured cap).
+    pub worst_request_mib: f64,
+    /// idle + containerConcurrency x worst request, MiB.
+    pub needed_mib: f64,
+}
+
+/// Where the manifests are.
+pub fn knative_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../knative")
+}
+
+/// Reads `function`'s service.yaml and config.yaml under `dir` (plain line scans: our own files,
+/// one container each).
+pub fn manifest(dir: &Path, function: &str, default_cap: usize) -> anyhow::Result<Manifest> {
+    let read = |name: &str| {
+        let path = dir.join(function).join(name);
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let service = read("service.yaml")?;
+    let config = read("config.yaml")?;
+    let value = |text: &str, key: &str| -> Option<String> {
+        text.lines().find_map(|l| {
+            let rest = l.trim_start().strip_prefix(key)?.strip_prefix(':')?;
+            Some(rest.trim().trim_matches('"').to_string())
+        })
+    };
+    let container_concurrency = value(&service, "containerConcurrency")
+        .context("no containerConcurrency in service.yaml")?
+        .parse()
+        .context("containerConcurrency is not a number")?;
+    let limits = service
+        .split_once("limits:")
+        .context("no resources.limits in service.yaml")?
+        .1;
+    let memory = value(limits, "memory").context("no memory limit in service.yaml")?;
+    let memory_limit_mib = if let Some(mi) = memory.strip_suffix("Mi") {
+        mi.parse::<f64>()?
+    } else if let Some(gi) = memory.strip_suffix("Gi") {
+        gi.parse::<f64>()? * 1024.0
+    } else {
+        bail!("memory limit {memory:?} is not in Mi or Gi")
+    };
+    let max_body_bytes = match value(&config, "MAX_BODY_BYTES") {
+        Some(v) => v
+            .parse()
+            .context("MAX_BODY_BYTES in config.yaml is not a number")?,
+        None => default_cap,
+    };
+    Ok(Manifest {
+        container_concurrency,
+        memory_limit_mib,
+        max_body_bytes,
+    })
+}
+
+/// Every measured function against its manifests.
+pub fn fits(section: &MaxBodySection, dir: &Path) -> (Vec<Fit>, Vec<String>) {
+    let mut fits = Vec::new();
+    let mut errors = Vec::new();
+    for r in &section.results {
+        match manifest(dir, &r.name, r.max_body_bytes) {
+            Ok(m) => {
+                let worst =
+                    r.peak_over_idle_mib * m.max_body_bytes as f64 / r.max_body_bytes as f64;
+                fits.push(Fit {
+                    name: r.name.clone(),
+                    idle_mib: r.idle_rss_mib,
+                    worst_request_mib: worst,
+                    needed_mib: r.idle_rss_mib + m.container_concurrency as f64 * worst,
+                    manifest: m,
+                });
+            }
+            Err(e) => errors.push(format!("{}: {e:#}", r.name)),
+        }
+    }
+    (fits, errors)
+}
+
 /// The section's results.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MaxBodySection {
     /// One entry per function measured.
     pub results: Vec<MaxBodyResult>,
+    /// Each against its manifests' memory limit.
+    pub fits: Vec<Fit>,
     /// Failed measurements, as `function: error`.
     pub errors: Vec<String>,
 }
@@ -182,6 +288,9 @@ pub fn run(functions: &[&Function], endpoints: &Endpoints, logs: &Path) -> MaxBo
             Err(e) => section.errors.push(format!("{}: {e:#}", f.name)),
         }
     }
+    let (fits, errors) = fits(&section, &knative_dir());
+    section.fits = fits;
+    section.errors.extend(errors);
     section
 }
 
@@ -231,13 +340,16 @@ fn measure(
     );
     (case.check)(&reply).with_context(|| format!("the reply to {}", body.detail))?;
 
-    let mut over = body.clone();
-    over.bytes.resize(case.cap + 1, b' ');
-    let over_reply = exchange(
+    // One byte over: announced, not sent, so the refusal comes before any of it is read.
+    let over = Request::announce(
+        "POST",
         addr,
-        &event(addr, case.ce_type, "bench-max-over", &over),
-        REQUEST_TIMEOUT,
-    )?;
+        "/",
+        &headers(case.ce_type, "bench-max-over", &body),
+        case.cap + 1,
+    );
+    let over_reply = exchange(addr, &over, REQUEST_TIMEOUT)
+        .context("announcing a body one byte over the cap")?;
     ensure!(
         over_reply.status == 413,
         "a body of {} bytes (one over the cap the bench assumes) answered HTTP {}, not 413: \
@@ -268,18 +380,22 @@ fn reset_peak(proc: &Proc) -> std::io::Result<()> {
     std::fs::write(format!("/proc/{}/clear_refs", proc.pid()), "5")
 }
 
+fn headers<'a>(ce_type: &'a str, id: &'a str, body: &Body) -> [(&'a str, &'a str); 5] {
+    [
+        ("ce-specversion", "1.0"),
+        ("ce-type", ce_type),
+        ("ce-source", "bench"),
+        ("ce-id", id),
+        ("content-type", body.content_type),
+    ]
+}
+
 fn event(addr: SocketAddr, ce_type: &str, id: &str, body: &Body) -> Request {
     Request::new(
         "POST",
         addr,
         "/",
-        &[
-            ("ce-specversion", "1.0"),
-            ("ce-type", ce_type),
-            ("ce-source", "bench"),
-            ("ce-id", id),
-            ("content-type", body.content_type),
-        ],
+        &headers(ce_type, id, body),
         &body.bytes,
         false,
     )
@@ -490,9 +606,27 @@ fn pipeline_check(r: &Response) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// stt-module's and voice-assistant's target: peak over idle <= [`SPEECH_MAX_X_BODY`] x body.
+/// stt-module's and voice-assistant's target, peak over idle <= [`SPEECH_MAX_X_BODY`] x body,
+/// and every function's fit in its memory limit.
 pub fn check_targets(section: &MaxBodySection) -> Vec<TargetCheck> {
-    [STT_MODULE, VOICE_ASSISTANT]
+    let fits = section.fits.iter().map(|f| {
+        check_bound(
+            &f.name,
+            format!(
+                "idle + containerConcurrency ({}) x worst request ({:.1} MiB at MAX_BODY_BYTES \
+                 {}) <= memory limit (knative/{}/service.yaml)",
+                f.manifest.container_concurrency,
+                f.worst_request_mib,
+                f.manifest.max_body_bytes,
+                f.name
+            ),
+            Some(f.needed_mib),
+            Some(f.manifest.memory_limit_mib),
+            "MiB",
+            crate::report::Bound::Max,
+        )
+    });
+    let speech = [STT_MODULE, VOICE_ASSISTANT]
         .into_iter()
         .filter_map(|name| section.results.iter().find(|r| r.name == name))
         .map(|r| {
@@ -504,8 +638,8 @@ pub fn check_targets(section: &MaxBodySection) -> Vec<TargetCheck> {
                 "x body",
                 crate::report::Bound::Max,
             )
-        })
-        .collect()
+        });
+    speech.chain(fits).collect()
 }
 
 /// The printed section.
@@ -539,6 +673,32 @@ pub fn section(s: &MaxBodySection) -> String {
     }
     for r in &s.results {
         let _ = writeln!(out, "  {}: {}", r.name, r.content);
+    }
+    if !s.fits.is_empty() {
+        let _ = writeln!(
+            out,
+            "against the manifests (knative/<function>/: limit >= idle + containerConcurrency x \
+             worst request, the worst scaled to the manifests' MAX_BODY_BYTES):"
+        );
+        for f in &s.fits {
+            let m = &f.manifest;
+            let _ = writeln!(
+                out,
+                "  {:<16} {:.1} + {} x {:.1} = {:.0} MiB {} {:.0}Mi (MAX_BODY_BYTES {})",
+                f.name,
+                f.idle_mib,
+                m.container_concurrency,
+                f.worst_request_mib,
+                f.needed_mib,
+                if f.needed_mib <= m.memory_limit_mib {
+                    "<="
+                } else {
+                    "> "
+                },
+                m.memory_limit_mib,
+                m.max_body_bytes
+            );
+        }
     }
     out
 }
@@ -596,6 +756,56 @@ mod tests {
                 .detail
                 .starts_with("WAV 32.0 kHz")
         );
+    }
+
+    #[test]
+    fn every_function_has_a_manifest_the_fit_check_reads() {
+        for name in [
+            TTS_MODULE,
+            CHAT_HANDLER,
+            STT_MODULE,
+            VOICE_ASSISTANT,
+            PIPELINE_BRIDGE,
+        ] {
+            let cap = case(name).unwrap().cap;
+            let m = manifest(&knative_dir(), name, cap).unwrap();
+            assert!(
+                m.container_concurrency > 0 && m.memory_limit_mib >= 32.0,
+                "{name}"
+            );
+            assert!(m.max_body_bytes > 0 && m.max_body_bytes <= cap, "{name}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("f")).unwrap();
+        std::fs::write(
+            dir.path().join("f/service.yaml"),
+            "      containerConcurrency: 8\n          resources:\n            requests:\n              memory: 32Mi\n            limits:\n              memory: 1Gi\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("f/config.yaml"),
+            "data:\n  MAX_BODY_BYTES: \"1024\"\n",
+        )
+        .unwrap();
+        let m = manifest(dir.path(), "f", 4096).unwrap();
+        assert_eq!(m.container_concurrency, 8);
+        assert!((m.memory_limit_mib - 1024.0).abs() < f64::EPSILON);
+        assert_eq!(m.max_body_bytes, 1024);
+        let section = MaxBodySection {
+            results: vec![MaxBodyResult {
+                name: "f".into(),
+                max_body_bytes: 4096,
+                idle_rss_mib: 10.0,
+                peak_over_idle_mib: 40.0,
+                ..MaxBodyResult::default()
+            }],
+            ..MaxBodySection::default()
+        };
+        let (fits, errors) = fits(&section, dir.path());
+        assert!(errors.is_empty(), "{errors:?}");
+        // 40 MiB at 4 KiB scales to 10 MiB at the manifests' 1 KiB: 10 + 8 x 10 = 90.
+        assert!((fits[0].worst_request_mib - 10.0).abs() < 1e-9);
+        assert!((fits[0].needed_mib - 90.0).abs() < 1e-9);
     }
 
     #[test]
