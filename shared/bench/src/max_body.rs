@@ -15,6 +15,9 @@
 //!    function's own default (a changed default fails the run instead of measuring the wrong
 //!    size).
 //!
+//! `BENCH_MAX_BODY_CAPS=stt-module=16777216,...` measures a function at another cap instead
+//! (set as its `MAX_BODY_BYTES`), e.g. the one its manifests set.
+//!
 //! Then each function is held to its manifests (knative/<function>/service.yaml and
 //! config.yaml, see [`Manifest`]): idle + `containerConcurrency` x the worst request must fit
 //! the memory limit, the worst request being the measured peak over idle scaled to the
@@ -45,7 +48,7 @@ use crate::functions::{
     CHAT_HANDLER, Endpoints, Function, PIPELINE_BRIDGE, STT_MODULE, TTS_MODULE, VOICE_ASSISTANT,
 };
 use crate::http::{Request, Response, exchange};
-use crate::measure::{IDLE_SETTLE, start_ready};
+use crate::measure::{IDLE_SETTLE, start_ready_with};
 use crate::proc::Proc;
 use crate::report::{TargetCheck, check_bound};
 use crate::stats::mib;
@@ -142,7 +145,7 @@ pub fn case(function: &str) -> Option<Case> {
 pub struct MaxBodyResult {
     /// The function.
     pub name: String,
-    /// Its default `MAX_BODY_BYTES`.
+    /// The `MAX_BODY_BYTES` measured at: its default, or `BENCH_MAX_BODY_CAPS`'.
     pub max_body_bytes: usize,
     /// The body sent, bytes (the cap, or a byte under it where the format allows no exact fit).
     pub body_bytes: usize,
@@ -274,16 +277,49 @@ pub struct MaxBodySection {
     pub errors: Vec<String>,
 }
 
-/// Measures every function in `functions` that has a [`case`].
-pub fn run(functions: &[&Function], endpoints: &Endpoints, logs: &Path) -> MaxBodySection {
+/// `BENCH_MAX_BODY_CAPS`: `name=bytes` pairs, comma-separated.
+pub fn caps_from_env() -> anyhow::Result<Vec<(String, usize)>> {
+    let Ok(raw) = std::env::var("BENCH_MAX_BODY_CAPS") else {
+        return Ok(Vec::new());
+    };
+    raw.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| {
+            let (name, bytes) = pair
+                .split_once('=')
+                .with_context(|| format!("BENCH_MAX_BODY_CAPS: {pair:?} is not name=bytes"))?;
+            let bytes: usize = bytes
+                .trim()
+                .parse()
+                .with_context(|| format!("BENCH_MAX_BODY_CAPS: {bytes:?} is not a size"))?;
+            ensure!(bytes > 0, "BENCH_MAX_BODY_CAPS: {name} must be above 0");
+            Ok((name.trim().to_string(), bytes))
+        })
+        .collect()
+}
+
+/// Measures every function in `functions` that has a [`case`], at its default cap or the one
+/// `caps` names for it (then set as `MAX_BODY_BYTES` in its environment).
+pub fn run(
+    functions: &[&Function],
+    caps: &[(String, usize)],
+    endpoints: &Endpoints,
+    logs: &Path,
+) -> MaxBodySection {
     let mut section = MaxBodySection::default();
     for f in functions {
-        let Some(case) = case(f.name) else { continue };
+        let Some(mut case) = case(f.name) else {
+            continue;
+        };
+        let set = caps.iter().find(|(n, _)| n == f.name).map(|&(_, c)| c);
+        if let Some(cap) = set {
+            case.cap = cap;
+        }
         eprintln!(
             "bench: {}: peak RSS for one body at MAX_BODY_BYTES ({} bytes)",
             f.name, case.cap
         );
-        match measure(f, &case, endpoints, logs) {
+        match measure(f, &case, set.is_some(), endpoints, logs) {
             Ok(r) => section.results.push(r),
             Err(e) => section.errors.push(format!("{}: {e:#}", f.name)),
         }
@@ -297,6 +333,7 @@ pub fn run(functions: &[&Function], endpoints: &Endpoints, logs: &Path) -> MaxBo
 fn measure(
     f: &Function,
     case: &Case,
+    set_cap: bool,
     endpoints: &Endpoints,
     logs: &Path,
 ) -> anyhow::Result<MaxBodyResult> {
@@ -308,7 +345,11 @@ fn measure(
         body.bytes.len(),
         case.cap
     );
-    let mut running = start_ready(f, endpoints, None, logs)?;
+    let mut env = f.environment(0, endpoints, None);
+    if set_cap {
+        crate::functions::set_var(&mut env, "MAX_BODY_BYTES", case.cap.to_string());
+    }
+    let mut running = start_ready_with(f, env, logs)?;
     let addr = running.addr;
     let warm = exchange(
         addr,
@@ -353,7 +394,7 @@ fn measure(
     ensure!(
         over_reply.status == 413,
         "a body of {} bytes (one over the cap the bench assumes) answered HTTP {}, not 413: \
-         the function's default MAX_BODY_BYTES is not {} (update max_body::case)",
+         the function's MAX_BODY_BYTES is not {} (update max_body::case)",
         case.cap + 1,
         over_reply.status,
         case.cap
@@ -645,7 +686,8 @@ pub fn check_targets(section: &MaxBodySection) -> Vec<TargetCheck> {
 /// The printed section.
 pub fn section(s: &MaxBodySection) -> String {
     let mut out = String::from(
-        "max-size body: one request with a body at the default MAX_BODY_BYTES (peak = VmHWM, \
+        "max-size body: one request with a body at MAX_BODY_BYTES (the default, or as \
+         BENCH_MAX_BODY_CAPS sets it; peak = VmHWM, \
          reset to idle just before; idle = VmRSS after one sample event):\n",
     );
     let _ = writeln!(
