@@ -200,6 +200,9 @@ pub fn floor(bin_dir: &Path) -> Function {
     }
 }
 
+/// tts-module's name in [`functions`].
+pub const TTS_MODULE: &str = "tts-module";
+
 /// chat-handler's name in [`functions`]; the chat section measures it further.
 pub const CHAT_HANDLER: &str = "chat-handler";
 
@@ -229,8 +232,8 @@ pub const PIPELINE_BRIDGE: &str = "pipeline-bridge";
 pub fn functions(bin_dir: &Path) -> Vec<Function> {
     vec![
         Function {
-            name: "tts-module",
-            binary: bin_dir.join("tts-module"),
+            name: TTS_MODULE,
+            binary: bin_dir.join(TTS_MODULE),
             env: vec![("TTS_URL", BACKEND)],
             // The default TTS_CONCURRENCY (8) would queue 92 of the 100 held events and time them
             // out after TTS_QUEUE_TIMEOUT_MS (5 s); 100 lets every one of them reach the backend.

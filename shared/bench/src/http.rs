@@ -13,7 +13,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 /// Largest response body read; anything bigger is an error, not a buffer that keeps growing.
-const MAX_BODY: usize = 16 * 1024 * 1024;
+/// tts-module's answer to a text of 5000 characters (max-body section) is ~18 MB of base64.
+const MAX_BODY: usize = 64 * 1024 * 1024;
 /// Longest status or header line.
 const MAX_LINE: u64 = 16 * 1024;
 
@@ -48,6 +49,30 @@ impl Request {
         let mut bytes = head.into_bytes();
         bytes.extend_from_slice(body);
         Self { bytes }
+    }
+
+    /// The head of a `method path` request announcing a body of `content_length` bytes with
+    /// `expect: 100-continue`, and no body: a server that refuses a body by its declared length
+    /// answers at once, before a byte of it is sent (a big body written anyway would meet a
+    /// closed connection).
+    pub fn announce(
+        method: &str,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        content_length: usize,
+    ) -> Self {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\n");
+        for (name, value) in headers {
+            let _ = write!(head, "{name}: {value}\r\n");
+        }
+        let _ = write!(
+            head,
+            "connection: close\r\nexpect: 100-continue\r\ncontent-length: {content_length}\r\n\r\n"
+        );
+        Self {
+            bytes: head.into_bytes(),
+        }
     }
 
     /// A `GET path` asking for the connection to be closed afterwards.

