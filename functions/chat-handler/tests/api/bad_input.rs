@@ -81,7 +81,11 @@ async fn a_top_k_at_its_cap_is_the_search_limit_and_defaults_over_the_caps_are_c
     let app = app(&b.env(), &[("CHAT_MAX_TOP_K", "100")]).await;
     let answer = send(&app, chat(json!({"message": "hi", "top_k": 100}))).await;
     assert_eq!(answer.status, 200, "{}", answer.json());
-    let searches = b.milvus.received_requests().await.unwrap_or_default();
+    let searches = b
+        .milvus
+        .received_requests()
+        .await
+        .expect("wiremock records requests");
     let search: serde_json::Value = serde_json::from_slice(&searches[0].body).expect("json");
     assert_eq!(search["limit"], 100);
 

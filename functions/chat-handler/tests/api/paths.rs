@@ -129,7 +129,7 @@ async fn history_and_system_prompt_reach_the_llm_in_order() {
         b.rerank
             .received_requests()
             .await
-            .unwrap_or_default()
+            .expect("wiremock records requests")
             .is_empty(),
         "reranker disabled"
     );
@@ -204,7 +204,7 @@ async fn rag_disabled_goes_straight_to_the_llm() {
         b.embed
             .received_requests()
             .await
-            .unwrap_or_default()
+            .expect("wiremock records requests")
             .is_empty(),
         "no embedding without RAG"
     );
@@ -212,7 +212,7 @@ async fn rag_disabled_goes_straight_to_the_llm() {
         b.milvus
             .received_requests()
             .await
-            .unwrap_or_default()
+            .expect("wiremock records requests")
             .is_empty()
     );
 }
@@ -290,7 +290,11 @@ async fn identical_concurrent_requests_share_one_llm_call() {
         "one LLM call for five identical requests"
     );
     assert_eq!(
-        b.embed.received_requests().await.unwrap_or_default().len(),
+        b.embed
+            .received_requests()
+            .await
+            .expect("wiremock records requests")
+            .len(),
         1
     );
 

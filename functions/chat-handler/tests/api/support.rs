@@ -91,7 +91,10 @@ impl Backends {
     /// Asserts that no backend received a request.
     pub async fn assert_untouched(&self) {
         for server in [&self.llm, &self.embed, &self.milvus, &self.rerank] {
-            let calls = server.received_requests().await.unwrap_or_default();
+            let calls = server
+                .received_requests()
+                .await
+                .expect("wiremock records requests");
             assert!(calls.is_empty(), "a backend was called: {calls:?}");
         }
     }
@@ -101,7 +104,7 @@ impl Backends {
         self.llm
             .received_requests()
             .await
-            .unwrap_or_default()
+            .expect("wiremock records requests")
             .iter()
             .map(|r| serde_json::from_slice(&r.body).unwrap_or_default())
             .collect()

@@ -18,7 +18,10 @@ async fn app_and_backend() -> (axum::Router, MockServer) {
 }
 
 async fn assert_backend_untouched(tts: &MockServer) {
-    let calls = tts.received_requests().await.unwrap_or_default();
+    let calls = tts
+        .received_requests()
+        .await
+        .expect("wiremock records requests");
     assert!(calls.is_empty(), "bad input reached the backend: {calls:?}");
 }
 

@@ -51,7 +51,10 @@ async fn a_request_id_with_a_newline_or_over_the_cap_is_422_and_nothing_is_publi
             "{detail}"
         );
     }
-    let calls = tts.received_requests().await.unwrap_or_default();
+    let calls = tts
+        .received_requests()
+        .await
+        .expect("wiremock records requests");
     assert!(calls.is_empty(), "a bad id reached the backend: {calls:?}");
     assert_nothing_published(&client, &mut all, "test.sentinel").await;
 }

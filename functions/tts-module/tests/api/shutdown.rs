@@ -23,7 +23,12 @@ async fn sigterm_lets_in_flight_events_finish() {
     );
     // Only signal once the backend has the call: the event is genuinely in flight.
     let reached = eventually(Duration::from_secs(5), || async {
-        (!tts.received_requests().await.unwrap_or_default().is_empty()).then_some(())
+        (!tts
+            .received_requests()
+            .await
+            .expect("wiremock records requests")
+            .is_empty())
+        .then_some(())
     })
     .await;
     assert!(reached.is_some());

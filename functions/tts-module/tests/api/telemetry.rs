@@ -41,7 +41,10 @@ async fn spans_continue_the_callers_trace_and_go_out_over_otlp() {
         .map(|i| u8::from_str_radix(&TRACE_ID[2 * i..2 * i + 2], 16).expect("hex"))
         .collect();
     let exported = eventually(Duration::from_secs(10), || async {
-        let received = collector.received_requests().await.unwrap_or_default();
+        let received = collector
+            .received_requests()
+            .await
+            .expect("wiremock records requests");
         let traced = received.iter().any(|r| {
             r.url.path() == "/v1/traces" && r.body.windows(16).any(|w| w == trace_bytes.as_slice())
         });
