@@ -33,7 +33,7 @@ async fn replies_stream(client: &async_nats::Client) -> stream::Stream {
 
 /// A function's `Nats` on `server`, connected.
 async fn functions_nats(server: &NatsServer) -> Nats {
-    let nats = Nats::connect(Some(&server.url()), "publish-test")
+    let nats = Nats::connect(Some(&crate::config(&server.url())), "publish-test")
         .await
         .expect("connect");
     nats.max_payload().await.expect("connected");
