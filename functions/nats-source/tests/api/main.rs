@@ -7,5 +7,6 @@ mod delivery;
 mod end_to_end;
 mod faults;
 mod hostile;
+mod nats_auth;
 mod redrive;
 mod support;
