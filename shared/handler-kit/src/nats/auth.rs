@@ -676,4 +676,21 @@ mod tests {
         .expect_err("swapped");
         assert_eq!(err.0.len(), 2, "{err}");
     }
+
+    #[test]
+    fn the_readme_lists_every_nats_credential_variable() {
+        let readme = include_str!("../../../../README.md");
+        let section = readme
+            .split("### NATS credentials")
+            .nth(1)
+            .and_then(|rest| rest.split("\n#").next())
+            .expect("a NATS credentials section");
+        let listed: Vec<&str> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .collect();
+        let defined: Vec<&str> = CREDENTIAL_VARS.iter().chain(&TLS_VARS).copied().collect();
+        assert_eq!(listed, defined);
+    }
 }
