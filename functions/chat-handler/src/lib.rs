@@ -73,7 +73,7 @@ impl State {
     /// Builds clients; NATS connects in the background so this never waits on the network.
     pub async fn new(config: Config) -> Result<Self, HandlerError> {
         let http = handler_kit::http::client(std::time::Duration::from_secs(5))?;
-        let nats = Nats::connect(config.base.nats_url.as_deref(), "chat-handler").await?;
+        let nats = Nats::connect(config.base.nats.as_ref(), "chat-handler").await?;
         Ok(Self {
             chat: Chat::new(http, config.chat.clone()),
             config: Arc::new(config),

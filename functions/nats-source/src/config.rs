@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use handler_kit::config::ConfigReader;
+use handler_kit::nats::NatsConfig;
 
 /// How messages are scheduled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,7 +22,10 @@ pub struct Config {
     pub port: u16,
     /// `NATS_URL` (required): the NATS server, or a comma-separated list of a cluster's
     /// servers (`nats://a:4222,nats://b:4222`); the client moves to another when one is down.
-    pub nats_servers: Vec<async_nats::ServerAddr>,
+    /// With it, the credential and TLS files (`NATS_CREDS_FILE`, `NATS_NKEY_FILE`,
+    /// `NATS_TOKEN_FILE`, `NATS_USER_FILE` + `NATS_PASSWORD_FILE`, `NATS_TLS_*_FILE`), read
+    /// again at every reconnect: see [`handler_kit::nats::NatsConfig`].
+    pub nats: NatsConfig,
     /// `K_SINK` (required; a SinkBinding sets it): where events are POSTed.
     pub sink: String,
     /// `STREAM` (required): the JetStream stream to consume.
@@ -129,7 +133,7 @@ impl Config {
         }
         Self {
             port: r.parse("PORT", 8080),
-            nats_servers: nats_servers(r),
+            nats: nats(r),
             sink: r.http_url("K_SINK", "where events are delivered"),
             consumer: r.required("CONSUMER", "the durable consumer's name"),
             subjects,
@@ -189,14 +193,11 @@ fn list(raw: Option<String>) -> Vec<String> {
     .unwrap_or_default()
 }
 
-fn nats_servers(r: &mut ConfigReader) -> Vec<async_nats::ServerAddr> {
-    let url = r.required("NATS_URL", "the NATS server");
-    if url.is_empty() {
-        return Vec::new();
-    }
-    handler_kit::nats::servers(&url).unwrap_or_else(|e| {
-        r.problem(format!("NATS_URL: {e}"));
-        Vec::new()
+fn nats(r: &mut ConfigReader) -> NatsConfig {
+    NatsConfig::read(r).unwrap_or_else(|| {
+        r.problem("NATS_URL is required (the NATS server)");
+        // Never used: the problem stops start-up.
+        NatsConfig::from_url("nats://127.0.0.1").expect("a valid URL")
     })
 }
 
@@ -311,7 +312,7 @@ mod tests {
             ("CONSUMER", "c"),
         ];
         let c = handler_kit::config::load(&env, Config::read).expect("valid");
-        assert_eq!(c.nats_servers.len(), 2);
+        assert_eq!(c.nats.servers().len(), 2);
     }
 
     #[test]

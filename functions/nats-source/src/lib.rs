@@ -131,7 +131,7 @@ pub async fn run(
     let http = handler_kit::http::client(Duration::from_secs(5))?;
     let sink = reqwest::Url::parse(&config.sink)
         .map_err(|e| handler_kit::HandlerError::Internal(format!("K_SINK: {e}")))?;
-    let client = connect(&config.nats_servers).await;
+    let client = connect(&config.nats).await;
     let jetstream = jetstream::new(client.clone());
     let permits = Arc::new(Semaphore::new(config.max_in_flight));
     let tracker = TaskTracker::new();
@@ -414,18 +414,25 @@ async fn hand_back(mut batch: pull::Batch, s: Arc<Shared>) {
     }
 }
 
-async fn connect(servers: &[async_nats::ServerAddr]) -> async_nats::Client {
+async fn connect(nats: &handler_kit::nats::NatsConfig) -> async_nats::Client {
     // Connects in the background: health answers at once, readiness waits for the consumer.
+    // A refused credential shows as `authorization violation` events while it retries.
     loop {
-        match async_nats::ConnectOptions::new()
-            .name("nats-source")
+        match nats
+            .connect_options("nats-source")
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("nats connected"),
+                    other => tracing::warn!(event = %other, "nats connection event"),
+                }
+            })
             .retry_on_initial_connect()
-            .connect(servers)
+            .connect(nats.servers())
             .await
         {
             Ok(client) => return client,
             Err(e) => {
-                tracing::error!(error = %e, "cannot connect to NATS");
+                tracing::error!(servers = %nats.shown_url(), error = %e, "cannot connect to NATS");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }

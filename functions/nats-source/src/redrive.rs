@@ -55,6 +55,7 @@ use async_nats::jetstream::{
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use handler_kit::config::{Env, parse_duration};
+use handler_kit::nats::NatsConfig;
 
 use crate::config::subject_matches;
 
@@ -73,7 +74,8 @@ Options:
   --newer-than DURATION  only dead letters less than DURATION old
   --limit N              at most N dead letters (of those selected, oldest first)
   --dry-run              print what would be moved; change nothing
-  --nats-url URL         the NATS server, or several comma-separated (default: $NATS_URL)
+  --nats-url URL         the NATS server, or several comma-separated (default: $NATS_URL);
+                         credentials and TLS come from NATS_*_FILE, as for the source
   -h, --help             print this text
 
 Exit status: 0 when every selected dead letter was moved (or, with --dry-run, listed),
@@ -102,7 +104,7 @@ pub enum RedriveError {
     /// No connection to NATS.
     #[error("cannot connect to {url}: {detail}")]
     Connect {
-        /// The URL given.
+        /// The URL given, its credentials hidden.
         url: String,
         /// The client's error.
         detail: String,
@@ -505,21 +507,24 @@ pub async fn command(args: &[String], env: &dyn Env) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let servers = match handler_kit::nats::servers(&options.nats_url) {
-        Ok(servers) => servers,
+    // The credential and TLS files come from the environment, as for the source.
+    let nats = match handler_kit::config::load(env, |r| NatsConfig::read_for(r, &options.nats_url))
+    {
+        Ok(nats) => nats,
         Err(e) => {
-            eprintln!("nats-source redrive: {e}");
+            for problem in &e.0 {
+                eprintln!("nats-source redrive: {problem}");
+            }
             return ExitCode::from(EXIT_USAGE);
         }
     };
     let run = async {
-        let client = async_nats::ConnectOptions::new()
-            .name("nats-source-redrive")
-            .connection_timeout(Duration::from_secs(5))
-            .connect(servers)
+        let client = nats
+            .connect_options("nats-source-redrive")
+            .connect(nats.servers())
             .await
             .map_err(|e| RedriveError::Connect {
-                url: options.nats_url.clone(),
+                url: nats.shown_url().to_string(),
                 detail: e.to_string(),
             })?;
         redrive(&client, &options, Utc::now(), &mut std::io::stdout()).await

@@ -290,7 +290,7 @@ impl State {
             )),
             None => None,
         };
-        let nats = Nats::connect(config.base.nats_url.as_deref(), "pipeline-bridge").await?;
+        let nats = Nats::connect(config.base.nats.as_ref(), "pipeline-bridge").await?;
         let deliveries = Deliveries::new(
             config.delivery_bucket.clone(),
             config.delivery_ttl,

@@ -98,7 +98,7 @@ impl State {
     /// Builds clients; NATS connects in the background so this never waits on the network.
     pub async fn new(config: Config) -> Result<Self, HandlerError> {
         let http = handler_kit::http::client(std::time::Duration::from_secs(5))?;
-        let nats = Nats::connect(config.base.nats_url.as_deref(), "stt-module").await?;
+        let nats = Nats::connect(config.base.nats.as_ref(), "stt-module").await?;
         Ok(Self {
             stt: SttClient::new(http, config.stt.clone()),
             sessions: session::Sessions::new(&config),

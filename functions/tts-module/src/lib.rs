@@ -91,7 +91,7 @@ impl State {
                 .timeout
                 .min(std::time::Duration::from_secs(5)),
         )?;
-        let nats = Nats::connect(config.base.nats_url.as_deref(), "tts-module").await?;
+        let nats = Nats::connect(config.base.nats.as_ref(), "tts-module").await?;
         Ok(Self {
             tts: TtsClient::new(http, config.tts.clone()),
             config: Arc::new(config),

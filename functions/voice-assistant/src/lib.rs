@@ -100,7 +100,7 @@ impl State {
     /// Builds clients; NATS connects in the background so this never waits on the network.
     pub async fn new(config: Config) -> Result<Self, HandlerError> {
         let http = handler_kit::http::client(Duration::from_secs(5))?;
-        let nats = Nats::connect(config.base.nats_url.as_deref(), "voice-assistant").await?;
+        let nats = Nats::connect(config.base.nats.as_ref(), "voice-assistant").await?;
         Ok(Self {
             stt: SttClient::new(http.clone(), config.stt.clone()),
             chat: Chat::new(http.clone(), config.chat.clone()),

@@ -236,8 +236,12 @@ pub struct BaseConfig {
     /// `SHUTDOWN_GRACE_MS` (default 20000): how long in-flight events may finish after
     /// SIGTERM; keep it below the pod's `terminationGracePeriodSeconds`.
     pub shutdown_grace: Duration,
-    /// `NATS_URL` (unset: no publishing): where replies and stream chunks are published.
-    pub nats_url: Option<String>,
+    /// `NATS_URL` (unset: no publishing): where replies and stream chunks are published; with
+    /// the credential (`NATS_CREDS_FILE`, `NATS_NKEY_FILE`, `NATS_TOKEN_FILE`,
+    /// `NATS_USER_FILE` + `NATS_PASSWORD_FILE`) and TLS (`NATS_TLS_*_FILE`) files, see
+    /// [`crate::nats::NatsConfig`].
+    #[cfg(feature = "nats")]
+    pub nats: Option<crate::nats::NatsConfig>,
 }
 
 impl BaseConfig {
@@ -250,7 +254,8 @@ impl BaseConfig {
             max_body_bytes: r.positive("MAX_BODY_BYTES", default_body_bytes),
             event_timeout: r.millis("EVENT_TIMEOUT_MS", 60_000),
             shutdown_grace: r.millis("SHUTDOWN_GRACE_MS", 20_000),
-            nats_url: r.optional("NATS_URL"),
+            #[cfg(feature = "nats")]
+            nats: crate::nats::NatsConfig::read(r),
         }
     }
 }
@@ -298,7 +303,8 @@ mod tests {
         let base = load(&env, |r| BaseConfig::read(r, "tts-module", 1024)).expect("valid");
         assert_eq!(base.port, 8080);
         assert_eq!(base.source, "tts");
-        assert_eq!(base.nats_url, None);
+        #[cfg(feature = "nats")]
+        assert!(base.nats.is_none());
         assert_eq!(base.max_body_bytes, 1024);
     }
 

@@ -18,7 +18,9 @@
 //!   traces that continue the caller's `traceparent`.
 //! - [`serve`]: the standard router (health, metrics, panic guard) and serve-with-drain.
 //! - [`text`]: sentence splitting for speech synthesis.
-//! - `nats` (feature `nats`): a lazily connected NATS client publishing MessagePack.
+//! - `nats` (feature `nats`): a lazily connected NATS client publishing MessagePack, and
+//!   `NatsConfig`: `NATS_URL`, the credential file (token, user/password, nkey, `.creds`, read
+//!   again at every reconnect) and TLS, turned into the client's connect options in one place.
 //! - `resilience`, `http` (feature `http-client`): timeouts, circuit breaker, concurrency limit;
 //!   every backend answer read under its cap (`{PREFIX}_MAX_RESPONSE_BYTES`).
 //! - `audio` (feature `audio`): WAV parsing, merging and splitting; conversion to 16 kHz mono.

@@ -36,6 +36,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use crate::HandlerError;
 use crate::event::DataFormat;
 
+mod auth;
+
+pub use auth::{CREDENTIAL_VARS, NatsConfig, TLS_VARS};
+
 /// How long [`Nats::max_payload`] waits for the very first connection before giving up with
 /// 503.
 pub const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(3);
@@ -60,36 +64,59 @@ pub struct Nats {
     publisher: Option<Publisher>,
     /// Becomes true at the first successful connection and stays true.
     ever_connected: Option<watch::Receiver<bool>>,
+    /// Why the last connection attempt failed (`authorization violation`, ...), cleared when
+    /// one succeeds: the 503 of a publish that cannot be made says it.
+    last_failure: Arc<Mutex<Option<String>>>,
 }
 
 impl Nats {
-    /// Starts connecting to `url` in the background (or does nothing when `url` is `None`).
-    /// `url` is `NATS_URL`: one server or a comma-separated list of them ([`servers`]).
-    pub async fn connect(url: Option<&str>, name: &str) -> Result<Self, HandlerError> {
-        let Some(url) = url else {
+    /// Starts connecting to `config`'s servers in the background (or does nothing when
+    /// `config` is `None`: `NATS_URL` is unset), with its credential and TLS.
+    pub async fn connect(config: Option<&NatsConfig>, name: &str) -> Result<Self, HandlerError> {
+        let Some(config) = config else {
             return Ok(Self::default());
         };
         let (connected_tx, connected_rx) = watch::channel(false);
-        let client = async_nats::ConnectOptions::new()
-            .name(name)
+        let last_failure = Arc::new(Mutex::new(None));
+        let failure = last_failure.clone();
+        // 0 until the first connection: a function that never reaches NATS is seen as down.
+        let connected = &crate::telemetry::metrics().nats_connected;
+        connected.record(0, &[]);
+        let client = config
+            .connect_options(name)
             .event_callback(move |event| {
-                if matches!(event, async_nats::Event::Connected) {
-                    connected_tx.send_replace(true);
-                }
                 match &event {
-                    async_nats::Event::Connected => tracing::info!("nats connected"),
+                    async_nats::Event::Connected => {
+                        connected_tx.send_replace(true);
+                        *failure.lock().expect("last failure") = None;
+                        crate::telemetry::metrics().nats_connected.record(1, &[]);
+                        tracing::info!("nats connected");
+                    }
+                    async_nats::Event::Disconnected => {
+                        crate::telemetry::metrics().nats_connected.record(0, &[]);
+                        tracing::warn!(event = %event, "nats connection event");
+                    }
+                    async_nats::Event::ClientError(async_nats::ClientError::Other(why)) => {
+                        *failure.lock().expect("last failure") = Some(why.clone());
+                        tracing::warn!(event = %event, "nats connection event");
+                    }
                     other => tracing::warn!(event = %other, "nats connection event"),
                 }
                 async {}
             })
             .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(5))
-            .connect(servers(url).map_err(HandlerError::Internal)?)
+            .connect(config.servers())
             .await
-            .map_err(|e| HandlerError::Internal(format!("NATS_URL {}: {e}", redact(url))))?;
+            .map_err(|e| HandlerError::Internal(format!("NATS_URL {}: {e}", config.shown_url())))?;
+        tracing::debug!(
+            servers = %config.shown_url(),
+            credential = config.credential_kind(),
+            "nats configured"
+        );
         Ok(Self {
             publisher: Some(Publisher::new(client)),
             ever_connected: Some(connected_rx),
+            last_failure,
         })
     }
 
@@ -231,9 +258,18 @@ impl Nats {
             if matches!(first, Ok(Ok(_))) && client.connection_state() == State::Connected {
                 return Ok(());
             }
-            return Err(unavailable("could not connect"));
+            return Err(unavailable(&self.because("could not connect")));
         }
-        Err(unavailable("connection lost"))
+        Err(unavailable(&self.because("connection lost")))
+    }
+
+    /// `what`, with the reason of the last failed connection attempt when there is one
+    /// (`could not connect: authorization violation`).
+    fn because(&self, what: &str) -> String {
+        match self.last_failure.lock().expect("last failure").as_deref() {
+            Some(why) => format!("{what}: {why}"),
+            None => what.to_string(),
+        }
     }
 }
 

@@ -7,6 +7,7 @@ pub mod fake_kube;
 pub mod fixtures;
 pub mod milvus_server;
 pub mod mocks;
+pub mod nats_jwt;
 pub mod nats_server;
 pub mod sim;
 pub mod tls;

@@ -20,6 +20,43 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 pub struct NatsOptions {
     /// Overrides the server's `max_payload` (default 1 MiB), to exercise size limits.
     pub max_payload: Option<usize>,
+    /// Lines added to the server's config file: `authorization`, `accounts`, `tls`, or an
+    /// `operator` with its `resolver` ([`crate::nats_jwt`] writes those).
+    pub config: String,
+    /// How the readiness probe and [`NatsServer::client`] connect: with the credentials and
+    /// TLS that `config` asks for (default: anonymous, in the clear).
+    pub client: Option<async_nats::ConnectOptions>,
+    /// The server requires TLS: [`NatsServer::url`] is `tls://`.
+    pub tls: bool,
+}
+
+impl NatsOptions {
+    /// A server that requires TLS with the fixtures' server certificate (`fixtures/tls`), and
+    /// `config` besides; the probe trusts the fixtures' CA and logs in with `client`'s options.
+    /// With `verify`, the server asks for a client certificate signed by that CA (and the
+    /// probe shows the fixtures' client certificate).
+    pub fn tls(config: &str, client: async_nats::ConnectOptions, verify: bool) -> Self {
+        let fixture = |name: &str| format!("{:?}", format!("{}{name}", crate::tls::TLS_DIR));
+        let mut client =
+            client.add_root_certificates(format!("{}ca.pem", crate::tls::TLS_DIR).into());
+        if verify {
+            client = client.add_client_certificate(
+                format!("{}client.pem", crate::tls::TLS_DIR).into(),
+                format!("{}client.key", crate::tls::TLS_DIR).into(),
+            );
+        }
+        Self {
+            config: format!(
+                "tls {{\n  cert_file: {}\n  key_file: {}\n  ca_file: {}\n  verify: {verify}\n}}\n{config}",
+                fixture("server.pem"),
+                fixture("server.key"),
+                fixture("ca.pem"),
+            ),
+            client: Some(client.require_tls(true)),
+            tls: true,
+            ..Self::default()
+        }
+    }
 }
 
 /// A running `nats-server` child process.
@@ -27,6 +64,10 @@ pub struct NatsOptions {
 pub struct NatsServer {
     process: Process,
     port: u16,
+    /// The config file without [`NatsOptions::config`].
+    base: String,
+    client: async_nats::ConnectOptions,
+    scheme: &'static str,
 }
 
 impl NatsServer {
@@ -40,24 +81,27 @@ impl NatsServer {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let store = dir.path().join("store");
-        let mut config = format!(
+        let mut base = format!(
             "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n",
             store.display().to_string()
         );
         if let Some(max) = options.max_payload {
-            config.push_str(&format!("max_payload: {max}\n"));
+            base.push_str(&format!("max_payload: {max}\n"));
         }
         let mut server = Self {
-            process: Process::new(dir, &config)?,
+            process: Process::new(dir, &format!("{base}{}", options.config))?,
             port,
+            base,
+            client: options.client.unwrap_or_default(),
+            scheme: if options.tls { "tls" } else { "nats" },
         };
         server.spawn().await?;
         Ok(server)
     }
 
-    /// `nats://127.0.0.1:PORT`.
+    /// `nats://127.0.0.1:PORT` (`tls://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 
     /// The client port.
@@ -65,9 +109,9 @@ impl NatsServer {
         self.port
     }
 
-    /// A connected client.
+    /// A connected client (with the credentials of [`NatsOptions::client`]).
     pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
-        Ok(async_nats::connect(self.url()).await?)
+        Ok(self.client.clone().connect(self.url()).await?)
     }
 
     /// Kills the server (its store stays, so [`NatsServer::restart`] finds the streams again).
@@ -81,17 +125,32 @@ impl NatsServer {
         self.spawn().await
     }
 
+    /// Starts the server again on the same port and store with another
+    /// [`NatsOptions::config`] (new credentials, say), probing with `client`: clients see
+    /// their connection drop and must log in again with what the new config accepts.
+    pub async fn restart_with(
+        &mut self,
+        config: &str,
+        client: async_nats::ConnectOptions,
+    ) -> anyhow::Result<()> {
+        self.kill();
+        fs::write(&self.process.config, format!("{}{config}", self.base))?;
+        self.client = client;
+        self.spawn().await
+    }
+
     async fn spawn(&mut self) -> anyhow::Result<()> {
         self.process.spawn()?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if let Ok(client) = async_nats::connect(self.url()).await {
+            let last = match self.client().await {
                 // JetStream answers once its store is open: wait for that too.
-                let js = async_nats::jetstream::new(client);
-                if js.query_account().await.is_ok() {
-                    return Ok(());
-                }
-            }
+                Ok(client) => match async_nats::jetstream::new(client).query_account().await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
             if let Some(status) = self.process.exited() {
                 bail!(
                     "nats-server exited with {status}: {}",
@@ -100,7 +159,7 @@ impl NatsServer {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "nats-server not ready within 15 s: {}",
+                    "nats-server not ready within 15 s ({last}): {}",
                     self.process.log_tail()
                 );
             }

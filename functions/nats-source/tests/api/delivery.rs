@@ -251,6 +251,7 @@ async fn cloudevents_pass_through_and_replies_are_published_once() {
 async fn a_reply_over_max_payload_is_skipped_not_retried() {
     let nats = testkit::nats_server::NatsServer::start_with(testkit::nats_server::NatsOptions {
         max_payload: Some(8 * 1024),
+        ..Default::default()
     })
     .await
     .expect("nats");

@@ -8,6 +8,7 @@ mod end_to_end;
 mod faults;
 mod hostile;
 mod lag;
+mod nats_auth;
 mod observability;
 mod redrive;
 mod support;

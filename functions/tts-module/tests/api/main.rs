@@ -6,6 +6,7 @@ mod bad_input;
 mod events;
 mod hostile_data;
 mod nats;
+mod nats_auth;
 mod request_values;
 mod resilience;
 mod shutdown;

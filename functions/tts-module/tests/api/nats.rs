@@ -121,6 +121,7 @@ async fn streamed_chunks_arrive_in_order_and_the_reply_is_published() {
 async fn audio_over_max_payload_is_never_inlined() {
     let nats = NatsServer::start_with(NatsOptions {
         max_payload: Some(32 * 1024),
+        ..NatsOptions::default()
     })
     .await
     .expect("nats-server");

@@ -14,7 +14,7 @@ const DEADLINE: Duration = Duration::from_secs(20);
 #[tokio::test]
 async fn publishes_and_an_outbox_go_on_through_the_election_when_the_stream_leader_is_killed() {
     let mut cluster = NatsCluster::start(3).await.expect("cluster");
-    let nats = Nats::connect(Some(&cluster.urls()), "cluster-test")
+    let nats = Nats::connect(Some(&crate::config(&cluster.urls())), "cluster-test")
         .await
         .expect("a list of every node");
     nats.max_payload().await.expect("connected");

@@ -33,7 +33,7 @@ async fn replies_stream(client: &async_nats::Client) -> stream::Stream {
 
 /// A function's `Nats` on `server`, connected.
 async fn functions_nats(server: &NatsServer) -> Nats {
-    let nats = Nats::connect(Some(&server.url()), "publish-test")
+    let nats = Nats::connect(Some(&crate::config(&server.url())), "publish-test")
         .await
         .expect("connect");
     nats.max_payload().await.expect("connected");
@@ -230,4 +230,32 @@ async fn chunks_sent_while_the_server_dies_are_each_stored_once_after_it_is_back
 
     kept.expect("kept once the server is back");
     assert_eq!(stored_messages(&client).await, 100);
+}
+
+/// `handler_nats_connected` (what the operators' NATS alert reads) follows the connection:
+/// 1 once connected, 0 while the server is gone, 1 again when it is back.
+#[tokio::test]
+async fn the_connected_gauge_follows_the_connection() {
+    let mut server = NatsServer::start().await.expect("nats");
+    let nats = functions_nats(&server).await;
+    nats.max_payload().await.expect("connected");
+    let gauge = || {
+        handler_kit::telemetry::render_prometheus()
+            .lines()
+            .find(|l| l.starts_with("handler_nats_connected "))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let reads = |want: u64| async move {
+        testkit::cloudevent::eventually(Duration::from_secs(15), || async {
+            (gauge() == Some(want)).then_some(())
+        })
+        .await
+        .is_some()
+    };
+    assert!(reads(1).await, "not 1 once connected: {:?}", gauge());
+    server.kill();
+    assert!(reads(0).await, "not 0 with the server gone: {:?}", gauge());
+    server.restart().await.expect("restart");
+    assert!(reads(1).await, "not 1 after the reconnect: {:?}", gauge());
 }
