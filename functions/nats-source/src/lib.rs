@@ -84,17 +84,35 @@ pub(crate) struct Metrics {
     pub(crate) sink_duration: Histogram<f64>,
 }
 
+/// Every `outcome` of `source_messages_total`.
+const OUTCOMES: [&str; 8] = [
+    "delivered",
+    "retried",
+    "held_off",
+    "deferred",
+    "dead_lettered",
+    "reply_too_large",
+    "panicked",
+    "shutdown",
+];
+
 impl Metrics {
     fn new() -> Self {
         let meter = telemetry::meter("nats-source");
         let buckets = vec![
             0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
         ];
+        let settled = meter
+            .u64_counter("source_messages")
+            .with_description("Messages settled, by outcome")
+            .build();
+        // Every outcome from 0: a counter first seen at 1 has no increase in Prometheus, so
+        // the first dead letter after a start would never raise the alert.
+        for outcome in OUTCOMES {
+            settled.add(0, &[opentelemetry::KeyValue::new("outcome", outcome)]);
+        }
         Self {
-            settled: meter
-                .u64_counter("source_messages")
-                .with_description("Messages settled, by outcome")
-                .build(),
+            settled,
             in_flight: meter
                 .i64_up_down_counter("source_in_flight")
                 .with_description("Messages being delivered")
