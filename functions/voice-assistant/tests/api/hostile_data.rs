@@ -45,7 +45,10 @@ async fn audio_claiming_4_gib_is_a_quick_400_that_reserves_nothing() {
         // Other tests' threads and allocator arenas may raise it meanwhile, by far less.
         assert!(grew < 1 << 30, "{what}: VmPeak grew {grew} bytes");
     }
-    let calls = backends.received_requests().await.unwrap_or_default();
+    let calls = backends
+        .received_requests()
+        .await
+        .expect("wiremock records requests");
     assert!(
         calls.is_empty(),
         "hostile audio reached a backend: {calls:?}"

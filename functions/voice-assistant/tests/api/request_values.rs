@@ -32,7 +32,10 @@ async fn a_request_id_with_a_newline_or_over_the_cap_is_422_before_any_backend_c
             "{data}"
         );
     }
-    let calls = backends.received_requests().await.unwrap_or_default();
+    let calls = backends
+        .received_requests()
+        .await
+        .expect("wiremock records requests");
     assert!(calls.is_empty(), "a bad id reached a backend: {calls:?}");
     assert_nothing_published(&client, &mut published, "test.sentinel").await;
 }
