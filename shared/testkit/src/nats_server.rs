@@ -76,6 +76,20 @@ impl NatsServer {
         Self::start_with(NatsOptions::default()).await
     }
 
+    /// Starts a server with `config` lines (nats-server's configuration syntax: users, accounts,
+    /// TLS) whose own client, for the test's side, logs in with `client`.
+    pub async fn start_configured(
+        config: &str,
+        client: async_nats::ConnectOptions,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(NatsOptions {
+            config: config.to_string(),
+            client: Some(client),
+            ..NatsOptions::default()
+        })
+        .await
+    }
+
     /// Starts a server with `options` and waits until it accepts clients.
     pub async fn start_with(options: NatsOptions) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
@@ -688,4 +702,12 @@ mod tests {
         publish(&js, 200, 10).await;
         assert_eq!(message_count(&js, "SURVIVOR").await, Some(210));
     }
+}
+
+/// Writes `text` to a new file `name` in `dir` and returns its path: a credential file as a
+/// mounted Secret holds it.
+pub fn secret_file(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    path.display().to_string()
 }

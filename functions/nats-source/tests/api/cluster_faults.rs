@@ -98,7 +98,13 @@ impl Pipeline {
             Path::new(env!("CARGO_BIN_EXE_nats-source")),
             environment(
                 "knative/tts-module/source/config.yaml",
-                &[("NATS_URL", cluster.urls()), ("K_SINK", tts.url())],
+                &[
+                    ("NATS_URL", cluster.urls()),
+                    ("K_SINK", tts.url()),
+                    // One source process stands in for four replicas (4 x the manifest's 16
+                    // in flight), so the 5,000 messages settle in about a minute, not four.
+                    ("MAX_IN_FLIGHT", "64".into()),
+                ],
             ),
             &logs.0,
         )

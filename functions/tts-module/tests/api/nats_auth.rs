@@ -14,20 +14,13 @@ use crate::support::{app, assert_error, event, send, simulator};
 
 /// A server with `config` lines whose own client logs in with `client`.
 async fn server(config: &str, client: ConnectOptions) -> NatsServer {
-    NatsServer::start_with(NatsOptions {
-        config: config.to_string(),
-        client: Some(client),
-        ..NatsOptions::default()
-    })
-    .await
-    .expect("nats-server")
+    NatsServer::start_configured(config, client)
+        .await
+        .expect("nats-server")
 }
 
-/// Writes `text` to a new file in `dir` and returns its path.
 fn secret(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
-    let path = dir.path().join(name);
-    std::fs::write(&path, text).expect("write the secret");
-    path.display().to_string()
+    testkit::nats_server::secret_file(dir.path(), name, text)
 }
 
 /// Sends a TTS request to tts-module configured with `env` and checks its reply arrives on
