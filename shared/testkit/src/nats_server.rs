@@ -607,6 +607,14 @@ pub async fn assert_nothing_published(
     );
 }
 
+/// Writes `text` to a new file `name` in `dir` and returns its path: a credential file as a
+/// mounted Secret holds it.
+pub fn secret_file(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    path.display().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -702,12 +710,4 @@ mod tests {
         publish(&js, 200, 10).await;
         assert_eq!(message_count(&js, "SURVIVOR").await, Some(210));
     }
-}
-
-/// Writes `text` to a new file `name` in `dir` and returns its path: a credential file as a
-/// mounted Secret holds it.
-pub fn secret_file(dir: &std::path::Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-    path.display().to_string()
 }
