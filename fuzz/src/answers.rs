@@ -8,10 +8,10 @@
 
 use std::sync::OnceLock;
 
+use chat_handler::embed::{EmbedClient, EmbedConfig};
+use chat_handler::milvus::{MilvusClient, MilvusConfig};
+use chat_handler::rerank::{RerankClient, RerankConfig};
 use handler_kit::HandlerError;
-use handler_kit::embed::{EmbedClient, EmbedConfig};
-use handler_kit::milvus::{MilvusClient, MilvusConfig};
-use handler_kit::rerank::{RerankClient, RerankConfig};
 
 use crate::backend::{self, Canned};
 use crate::common::{Raw, runtime};

@@ -10,9 +10,9 @@
 
 use std::sync::OnceLock;
 
-use handler_kit::audio::{Wav, encode_pcm16};
-use handler_kit::stt::{SttClient, SttConfig};
-use handler_kit::vad::{VAD_RATE, segments};
+use audio::{Wav, encode_pcm16};
+use stt_module::stt::{SttClient, SttConfig};
+use stt_module::vad::{VAD_RATE, segments};
 
 use crate::common::runtime;
 

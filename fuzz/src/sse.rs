@@ -8,8 +8,8 @@
 
 use std::sync::OnceLock;
 
+use chat_handler::llm::{ChatMessage, CompletionRequest, Delta, LlmClient, LlmConfig};
 use handler_kit::HandlerError;
-use handler_kit::llm::{ChatMessage, CompletionRequest, Delta, LlmClient, LlmConfig};
 
 use crate::backend::{self, Canned};
 use crate::common::{Raw, runtime};

@@ -12,7 +12,7 @@
 //! overlap, and `keep_from_ms` must never pass a span still to come. A stored state that is
 //! garbage must be refused or continued without a panic.
 
-use handler_kit::vad::{Segmenter, Span, VadConfig, segments};
+use stt_module::vad::{Segmenter, Span, VadConfig, segments};
 
 use crate::common::XorShift;
 

@@ -1,6 +1,6 @@
 //! chat-handler: retrieval-augmented chat as a CloudEvents function.
 //!
-//! `ai.chat.request` comes in; the shared pipeline ([`handler_kit::chat`]) embeds the message,
+//! `ai.chat.request` comes in; the pipeline ([`rag`]) embeds the message,
 //! searches Milvus, reranks, prompts the LLM with numbered context (or answers directly from
 //! an FAQ collection), and the answer is replied as `ai.chat.response`. With `stream: true`
 //! text chunks go to `ai.chat.response.stream.{request_id}` as the LLM produces them; with
@@ -14,13 +14,22 @@
 //! - [`Config`]: every environment variable.
 //! - [`State`], [`app`]: the router tests drive and `main` serves.
 //! - `handle`: one event; `ChunkPublisher`: the stream subject.
+//! - [`rag`]: the pipeline (embed, search, rerank, prompt the LLM) with singleflight, and its
+//!   backend clients [`llm`] (chat completions, whole or streamed), [`embed`], [`rerank`] (TEI
+//!   or Cohere-style) and [`milvus`] (REST v2 or v1). voice-assistant uses them as a library.
+
+pub mod embed;
+pub mod llm;
+pub mod milvus;
+pub mod rag;
+pub mod rerank;
 
 use std::sync::Arc;
 
+use crate::rag::{Chat, ChatConfig, ChatRequest, ChatResponse, DeltaSink};
 use axum::Router;
 use axum::extract::State as Extract;
 use axum::routing::post;
-use handler_kit::chat::{Chat, ChatConfig, ChatRequest, ChatResponse, DeltaSink};
 use handler_kit::config::{BaseConfig, ConfigReader};
 use handler_kit::nats::{Nats, Outbox, subject};
 use handler_kit::serve::{Health, function_router};

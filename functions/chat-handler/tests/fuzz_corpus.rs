@@ -6,6 +6,10 @@
 // Each test binary uses its own part of the shared modules.
 #![allow(dead_code)]
 
+#[path = "../../../fuzz/src/answers.rs"]
+mod answers;
+#[path = "../../../fuzz/src/backend.rs"]
+mod backend;
 #[path = "../../../fuzz/src/chat_request.rs"]
 mod chat_request;
 #[path = "../../../fuzz/src/common.rs"]
@@ -14,6 +18,8 @@ mod common;
 mod replay;
 #[path = "../../../fuzz/src/sim.rs"]
 mod sim;
+#[path = "../../../fuzz/src/sse.rs"]
+mod sse;
 
 fn corpus() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus")
@@ -22,4 +28,14 @@ fn corpus() -> std::path::PathBuf {
 #[test]
 fn chat_request_seeds_never_get_a_500() {
     replay::replay(&corpus(), "chat_request", chat_request::run);
+}
+
+#[test]
+fn sse_seeds_decode_alike_however_cut() {
+    replay::replay(&corpus(), "sse", sse::run);
+}
+
+#[test]
+fn answers_seeds_are_read_without_a_panic() {
+    replay::replay(&corpus(), "answers", answers::run);
 }

@@ -15,16 +15,22 @@
 //!   skipped, so the session goes on. Transcripts say which seqs were skipped. Order comes from
 //!   nats-source with `ORDERING=subject` on `ai.stt.stream.{session_id}`.
 //! - Either way the audio is read where it lies in the request body and decoded in one pass
-//!   (`handler_kit::stt::audio_field`): a request holds its body and the 16 kHz audio.
+//!   (`crate::stt::audio_field`): a request holds its body and the 16 kHz audio.
 //!
 //! # Layout
 //! - [`Config`], [`State`], [`app`].
 //! - `recording` (below): one-shot transcription; `session`: the chunked, KV-backed path.
+//! - [`stt`]: the transcription client, which sends only the speech; [`vad`]: voice activity
+//!   detection, a streaming segmenter whose state is stored between chunks. voice-assistant
+//!   uses both as a library.
 
 mod session;
+pub mod stt;
+pub mod vad;
 
 use std::sync::Arc;
 
+use crate::stt::{SttClient, SttConfig, TranscriptSegment, audio_field};
 use axum::Router;
 use axum::extract::State as Extract;
 use axum::response::{IntoResponse, Response};
@@ -32,7 +38,6 @@ use axum::routing::post;
 use handler_kit::config::{BaseConfig, ConfigReader};
 use handler_kit::nats::{Nats, subject};
 use handler_kit::serve::{Health, function_router};
-use handler_kit::stt::{SttClient, SttConfig, TranscriptSegment, audio_field};
 use handler_kit::{CloudEvent, HandlerError};
 use serde::{Deserialize, Serialize};
 

@@ -26,15 +26,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::vad::{Segmenter, Span, VAD_RATE};
 use async_nats::jetstream::kv;
+use audio::AudioBytes;
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use handler_kit::HandlerError;
-use handler_kit::audio::AudioBytes;
 use handler_kit::event::bytes_field;
 use handler_kit::nats::subject;
-use handler_kit::vad::{Segmenter, Span, VAD_RATE};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 

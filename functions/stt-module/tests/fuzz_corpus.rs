@@ -6,6 +6,8 @@
 // Each test binary uses its own part of the shared modules.
 #![allow(dead_code)]
 
+#[path = "../../../fuzz/src/audio.rs"]
+mod audio;
 #[path = "../../../fuzz/src/common.rs"]
 mod common;
 #[path = "../../../fuzz/src/replay.rs"]
@@ -14,6 +16,8 @@ mod replay;
 mod sim;
 #[path = "../../../fuzz/src/stt_request.rs"]
 mod stt_request;
+#[path = "../../../fuzz/src/vad.rs"]
+mod vad;
 
 fn corpus() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus")
@@ -22,4 +26,14 @@ fn corpus() -> std::path::PathBuf {
 #[test]
 fn stt_request_seeds_never_get_a_500() {
     replay::replay(&corpus(), "stt_request", stt_request::run);
+}
+
+#[test]
+fn audio_seeds_decode_resample_and_segment() {
+    replay::replay(&corpus(), "audio", audio::run);
+}
+
+#[test]
+fn vad_seeds_stream_like_batch_and_survive_stored_state() {
+    replay::replay(&corpus(), "vad", vad::run);
 }

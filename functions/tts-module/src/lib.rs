@@ -15,21 +15,28 @@
 //! - [`Config`]: every environment variable, with defaults.
 //! - [`State`] and [`app`]: the router tests drive and `main` serves.
 //! - `handle`: one event, start to finish.
+//! - [`tts`]: the synthesis client (Coqui `/api/tts`, OpenAI-style `/v1/audio/speech`);
+//!   [`text`]: sentence splitting; [`stream`]: ordered, size-capped audio chunks on a subject.
+//!   voice-assistant uses all three as a library.
+
+pub mod stream;
+pub mod text;
+pub mod tts;
 
 use std::sync::Arc;
 
+use crate::stream::{AudioReply, AudioStream};
+use crate::text::split_sentences;
+use crate::tts::{Speech, TtsClient, TtsConfig};
+use audio::Wav;
 use axum::Router;
 use axum::extract::State as Extract;
 use axum::routing::post;
 use futures::{StreamExt as _, TryStreamExt as _};
-use handler_kit::audio::Wav;
 use handler_kit::config::{BaseConfig, ConfigReader};
 use handler_kit::event::bytes_field;
 use handler_kit::nats::{Nats, subject};
 use handler_kit::serve::{Health, function_router};
-use handler_kit::stream::{AudioReply, AudioStream};
-use handler_kit::text::split_sentences;
-use handler_kit::tts::{Speech, TtsClient, TtsConfig};
 use handler_kit::{CloudEvent, HandlerError, Reply};
 use serde::{Deserialize, Serialize};
 

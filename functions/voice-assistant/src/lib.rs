@@ -22,23 +22,23 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use audio::{AudioBytes, Wav};
 use axum::Router;
 use axum::extract::State as Extract;
 use axum::routing::post;
+use chat_handler::rag::{Chat, ChatConfig, ChatRequest, DeltaSink, SourceDoc};
 use futures::StreamExt as _;
-use handler_kit::audio::{AudioBytes, Wav};
-use handler_kit::chat::{Chat, ChatConfig, ChatRequest, DeltaSink, SourceDoc};
 use handler_kit::config::{BaseConfig, ConfigReader};
 use handler_kit::event::bytes_field;
 use handler_kit::nats::{Nats, subject};
 use handler_kit::serve::{Health, function_router};
-use handler_kit::stream::{AudioReply, AudioStream};
-use handler_kit::stt::{SttClient, SttConfig, audio_field};
-use handler_kit::text::SentenceBuffer;
-use handler_kit::tts::{Speech, TtsClient, TtsConfig};
 use handler_kit::{CloudEvent, HandlerError, Reply};
 use serde::{Deserialize, Serialize};
+use stt_module::stt::{SttClient, SttConfig, audio_field};
 use tokio::sync::mpsc;
+use tts_module::stream::{AudioReply, AudioStream};
+use tts_module::text::SentenceBuffer;
+use tts_module::tts::{Speech, TtsClient, TtsConfig};
 
 /// The CloudEvent type this function accepts.
 pub const REQUEST_TYPE: &str = "ai.voice.request";

@@ -512,12 +512,12 @@ struct Audio<'a> {
 }
 
 fn audio_msgpack(samples: &[i16], rate: u32) -> anyhow::Result<Vec<u8>> {
-    let wav = handler_kit::audio::encode_pcm16(samples, rate).map_err(|e| anyhow!(e))?;
+    let wav = audio::encode_pcm16(samples, rate).map_err(|e| anyhow!(e))?;
     rmp_serde::to_vec_named(&Audio { audio: &wav }).context("encoding msgpack")
 }
 
 fn speech_body(cap: usize) -> anyhow::Result<Body> {
-    use handler_kit::audio::{Wav, resample};
+    use audio::{Wav, resample};
     let name = crate::speech::FIXTURES[0];
     let path = crate::speech::fixture_dir().join(name);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -781,7 +781,7 @@ mod tests {
                 audio: Vec<u8>,
             }
             let back: Back = rmp_serde::from_slice(&body.bytes).unwrap();
-            let wav = handler_kit::audio::Wav::parse(&back.audio).unwrap();
+            let wav = audio::Wav::parse(&back.audio).unwrap();
             assert!(wav.duration_ms() <= STT_MAX_AUDIO_MS, "{cap}");
             assert!(wav.duration_ms() > STT_MAX_AUDIO_MS * 3 / 4, "{cap}");
         }

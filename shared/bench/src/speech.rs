@@ -35,11 +35,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, ensure};
+use audio::{Wav, encode_pcm16, resample};
 use base64::Engine as _;
-use handler_kit::audio::{Wav, encode_pcm16, resample};
-use handler_kit::vad::{Span, VAD_RATE, VadConfig, segments};
 use serde::Serialize;
 use serde_json::{Value, json};
+use stt_module::vad::{Span, VAD_RATE, VadConfig, segments};
 use tokio::runtime::Runtime;
 
 use crate::chat::{Peer, RawSubscriber, chunk_done_is, completion_body, stream_completion_text};

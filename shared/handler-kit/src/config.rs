@@ -240,7 +240,6 @@ pub struct BaseConfig {
     /// the credential (`NATS_CREDS_FILE`, `NATS_NKEY_FILE`, `NATS_TOKEN_FILE`,
     /// `NATS_USER_FILE` + `NATS_PASSWORD_FILE`) and TLS (`NATS_TLS_*_FILE`) files, see
     /// [`crate::nats::NatsConfig`].
-    #[cfg(feature = "nats")]
     pub nats: Option<crate::nats::NatsConfig>,
 }
 
@@ -254,7 +253,6 @@ impl BaseConfig {
             max_body_bytes: r.positive("MAX_BODY_BYTES", default_body_bytes),
             event_timeout: r.millis("EVENT_TIMEOUT_MS", 60_000),
             shutdown_grace: r.millis("SHUTDOWN_GRACE_MS", 20_000),
-            #[cfg(feature = "nats")]
             nats: crate::nats::NatsConfig::read(r),
         }
     }
@@ -303,7 +301,6 @@ mod tests {
         let base = load(&env, |r| BaseConfig::read(r, "tts-module", 1024)).expect("valid");
         assert_eq!(base.port, 8080);
         assert_eq!(base.source, "tts");
-        #[cfg(feature = "nats")]
         assert!(base.nats.is_none());
         assert_eq!(base.max_body_bytes, 1024);
     }

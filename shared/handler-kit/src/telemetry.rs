@@ -43,7 +43,6 @@ struct Pipelines {
     provider: SdkMeterProvider,
     scrape: Arc<ManualReader>,
     metrics: Metrics,
-    #[cfg(feature = "otlp")]
     tracer: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
 }
 
@@ -60,15 +59,11 @@ pub fn init(service_name: &'static str) -> Telemetry {
         .with_current_span(true)
         .with_span_list(false)
         .with_target(false);
-    #[cfg_attr(not(feature = "otlp"), allow(unused_variables))]
     let pipelines = pipelines_for(service_name, otlp_wanted());
-    #[cfg(feature = "otlp")]
     let otel = pipelines.tracer.as_ref().map(|provider| {
         use opentelemetry::trace::TracerProvider as _;
         tracing_opentelemetry::layer().with_tracer(provider.tracer(service_name))
     });
-    #[cfg(not(feature = "otlp"))]
-    let otel: Option<tracing_subscriber::layer::Identity> = None;
     // A second init (tests) keeps the first subscriber.
     let _ = tracing_subscriber::registry()
         .with(json.with_filter(filter))
@@ -86,7 +81,6 @@ impl Telemetry {
     pub fn shutdown(&self) {
         if let Some(p) = PIPELINES.get() {
             let _ = p.provider.shutdown();
-            #[cfg(feature = "otlp")]
             if let Some(tracer) = &p.tracer {
                 let _ = tracer.shutdown();
             }
@@ -115,9 +109,7 @@ fn pipelines_for(service_name: &'static str, otlp: bool) -> &'static Pipelines {
         let mut builder = SdkMeterProvider::builder()
             .with_resource(resource.clone())
             .with_reader(SharedReader(scrape.clone()));
-        #[cfg(feature = "otlp")]
         let mut tracer = None;
-        #[cfg(feature = "otlp")]
         if otlp {
             crate::http::install_crypto_provider();
             match otlp::metric_reader() {
@@ -129,8 +121,6 @@ fn pipelines_for(service_name: &'static str, otlp: bool) -> &'static Pipelines {
                 Err(e) => eprintln!("OTLP traces disabled: {e}"),
             }
         }
-        #[cfg(not(feature = "otlp"))]
-        let _ = otlp;
         let provider = builder.build();
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         let meter = provider.meter("handler-kit");
@@ -138,7 +128,6 @@ fn pipelines_for(service_name: &'static str, otlp: bool) -> &'static Pipelines {
             metrics: Metrics::new(&meter),
             provider,
             scrape,
-            #[cfg(feature = "otlp")]
             tracer,
         }
     })
@@ -401,7 +390,6 @@ pub fn continue_trace_from_event(event: &cloudevents::Event) {
     let _ = tracing::Span::current().set_parent(cx);
 }
 
-#[cfg(feature = "otlp")]
 mod otlp {
     //! OTLP/HTTP exporters; endpoints, headers and protocol come from the standard OTEL_* variables.
     use opentelemetry_otlp::{MetricExporter, SpanExporter};

@@ -65,6 +65,6 @@ async fn tts_request_published_as_msgpack_gets_its_reply_on_nats() {
     let reply: Reply = rmp_serde::from_slice(&reply.payload).expect("msgpack reply");
     assert_eq!(reply.request_id, "e2e-1");
     assert_eq!(reply.duration_ms, 20 * 60);
-    assert!(handler_kit::audio::Wav::parse(&reply.audio).is_ok());
+    assert!(audio::Wav::parse(&reply.audio).is_ok());
     source.stop().await;
 }

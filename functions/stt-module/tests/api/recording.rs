@@ -22,12 +22,11 @@ async fn utterances_are_found_and_only_speech_is_forwarded() {
     let app = app(&stt.uri(), &[]).await;
     // Real speech between long pauses, as a voice note has: 3 s of silence either side.
     let speech =
-        handler_kit::audio::Wav::parse(&testkit::fixtures::speech("two-utterances-16k.wav"))
-            .expect("fixture");
+        audio::Wav::parse(&testkit::fixtures::speech("two-utterances-16k.wav")).expect("fixture");
     let mut samples = vec![0i16; 48_000];
     samples.extend(speech.to_mono_i16());
     samples.extend(vec![0i16; 48_000]);
-    let audio = handler_kit::audio::encode_pcm16(&samples, 16_000).expect("encode");
+    let audio = audio::encode_pcm16(&samples, 16_000).expect("encode");
     let answer = send(
         &app,
         event("ai.stt.request")

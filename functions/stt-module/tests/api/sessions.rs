@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use audio::{Wav, encode_pcm16, resample};
 use futures::StreamExt as _;
-use handler_kit::audio::{Wav, encode_pcm16, resample};
 use serde_json::json;
 use testkit::nats_server::NatsServer;
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use handler_kit::audio::Wav;
+use audio::Wav;
 use serde_json::json;
 use wiremock::matchers::{method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};

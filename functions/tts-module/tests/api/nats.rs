@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use audio::Wav;
 use futures::StreamExt as _;
-use handler_kit::audio::Wav;
 use serde::Deserialize;
 use serde_json::json;
 use testkit::nats_server::{NatsOptions, NatsServer};

@@ -2,9 +2,9 @@
 
 use std::time::{Duration, Instant};
 
+use audio::Wav;
 use axum::Router;
 use futures::StreamExt as _;
-use handler_kit::audio::Wav;
 use http_body_util::BodyExt as _;
 use serde_json::{Value, json};
 use testkit::nats_server::{NatsServer, assert_nothing_published};

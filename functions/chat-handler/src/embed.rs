@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::HandlerError;
-use crate::config::ConfigReader;
-use crate::http::{check, read_json};
-use crate::resilience::{Backend, BackendConfig, CallError};
+use handler_kit::HandlerError;
+use handler_kit::config::ConfigReader;
+use handler_kit::http::{check, read_json};
+use handler_kit::resilience::{Backend, BackendConfig, CallError};
 
 /// Configuration of the embeddings backend.
 #[derive(Debug, Clone)]
@@ -149,9 +149,9 @@ mod tests {
     fn client(url: &str, env: &[(&str, &str)]) -> EmbedClient {
         let mut vars: Vec<(String, String)> = vec![("EMBED_URL".into(), url.into())];
         vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let config = crate::config::load(&vars, EmbedConfig::read).expect("valid config");
+        let config = handler_kit::config::load(&vars, EmbedConfig::read).expect("valid config");
         EmbedClient::new(
-            crate::http::client(Duration::from_secs(2)).expect("HTTP client"),
+            handler_kit::http::client(Duration::from_secs(2)).expect("HTTP client"),
             config,
         )
     }
@@ -162,8 +162,8 @@ mod tests {
 
     #[test]
     fn config_defaults() {
-        let config =
-            crate::config::load(&[("EMBED_URL", "http://tei")], EmbedConfig::read).expect("ok");
+        let config = handler_kit::config::load(&[("EMBED_URL", "http://tei")], EmbedConfig::read)
+            .expect("ok");
         assert_eq!(config.model, "default");
         assert_eq!(config.api_key, None);
         assert_eq!(config.backend.timeout, Duration::from_secs(10));

@@ -3,10 +3,10 @@
 //! Both answer with a WAV file for one piece of text. The client returns it parsed, so a
 //! backend that answers with something other than audio is caught here, at the boundary.
 
-use crate::HandlerError;
-use crate::audio::Wav;
-use crate::config::ConfigReader;
-use crate::resilience::{Backend, BackendConfig, CallError};
+use audio::Wav;
+use handler_kit::HandlerError;
+use handler_kit::config::ConfigReader;
+use handler_kit::resilience::{Backend, BackendConfig, CallError};
 
 /// Which HTTP API the TTS server speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,8 +126,8 @@ impl TtsClient {
         let limit = config.backend.max_response_bytes;
         self.backend
             .call(async move {
-                let response = crate::http::check(request.send().await).await?;
-                let bytes = crate::http::read_body(response, limit).await?;
+                let response = handler_kit::http::check(request.send().await).await?;
+                let bytes = handler_kit::http::read_body(response, limit).await?;
                 Wav::parse(&bytes).map_err(|e| CallError::Transient(format!("answered with {e}")))
             })
             .await

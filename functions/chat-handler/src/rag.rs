@@ -21,13 +21,13 @@ use opentelemetry::metrics::{Counter, Histogram};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::HandlerError;
-use crate::config::ConfigReader;
 use crate::embed::{EmbedClient, EmbedConfig};
 use crate::llm::{ChatMessage, CompletionRequest, Delta, LlmClient, LlmConfig, Usage};
 use crate::milvus::{MilvusClient, MilvusConfig};
 use crate::rerank::{RerankClient, RerankConfig};
-use crate::telemetry;
+use handler_kit::HandlerError;
+use handler_kit::config::ConfigReader;
+use handler_kit::telemetry;
 
 /// Pipeline settings (`CHAT_*`) and its backends.
 #[derive(Debug, Clone)]
@@ -1023,8 +1023,8 @@ mod tests {
             ("EMBED_URL", "http://127.0.0.1:9"),
             ("MILVUS_URL", "http://127.0.0.1:9"),
         ];
-        let config = crate::config::load(&env, ChatConfig::read).expect("config");
-        let http = crate::http::client(Duration::from_secs(1)).expect("http client");
+        let config = handler_kit::config::load(&env, ChatConfig::read).expect("config");
+        let http = handler_kit::http::client(Duration::from_secs(1)).expect("http client");
         Chat::new(http, config)
     }
 

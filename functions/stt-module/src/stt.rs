@@ -8,7 +8,7 @@
 //! texts back together in order.
 //!
 //! A recording is read where it lies in the request ([`audio_field`]) and decoded, downmixed,
-//! resampled and segmented in one pass ([`crate::audio::Downmix`]): besides the request body,
+//! resampled and segmented in one pass ([`audio::Downmix`]): besides the request body,
 //! a request holds only its 16 kHz audio (32 KB per second, at most 19.2 MB at the default
 //! `STT_MAX_AUDIO_MS`) and the segments in flight to the backend.
 
@@ -18,12 +18,12 @@ use cloudevents::event::Data;
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
-use crate::audio::{AudioBytes, AudioReader, Downmix, encode_pcm16, format_tag};
-use crate::config::ConfigReader;
-use crate::event::{DataFormat, MAX_DATA_DEPTH};
-use crate::resilience::{Backend, BackendConfig, CallError};
 use crate::vad::{Segmenter, Span, VAD_RATE, VadConfig};
-use crate::{CloudEvent, HandlerError};
+use audio::{AudioBytes, AudioReader, Downmix, encode_pcm16, format_tag};
+use handler_kit::config::ConfigReader;
+use handler_kit::event::{DataFormat, MAX_DATA_DEPTH};
+use handler_kit::resilience::{Backend, BackendConfig, CallError};
+use handler_kit::{CloudEvent, HandlerError};
 
 /// How much of a file is read to find its `fmt ` chunk: headers put it first, after at most a
 /// few small chunks.
@@ -208,10 +208,10 @@ impl SttClient {
         let limit = self.config.backend.max_response_bytes;
         self.backend
             .call(async move {
-                let response = crate::http::check(request.send().await).await?;
-                let body = crate::http::read_body(response, limit).await?;
+                let response = handler_kit::http::check(request.send().await).await?;
+                let body = handler_kit::http::read_body(response, limit).await?;
                 let answer: Transcription = serde_json::from_slice(&body).map_err(|e| {
-                    let snippet = crate::http::snippet(&body, 200);
+                    let snippet = handler_kit::http::snippet(&body, 200);
                     CallError::Transient(format!("answered with no transcription ({e}): {snippet}"))
                 })?;
                 Ok(answer.text.trim().to_string())
@@ -425,8 +425,8 @@ mod tests {
     use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
     use super::*;
-    use crate::audio::Wav;
-    use crate::config::load;
+    use audio::Wav;
+    use handler_kit::config::load;
 
     fn raw(bytes: &[u8]) -> AudioBytes<'_> {
         AudioBytes::Raw(Cow::Borrowed(bytes))
@@ -438,7 +438,10 @@ mod tests {
             env.push(("STT_API_KEY", key.to_string()));
         }
         let config = load(&env, SttConfig::read).unwrap();
-        SttClient::new(crate::http::client(Duration::from_secs(2)).unwrap(), config)
+        SttClient::new(
+            handler_kit::http::client(Duration::from_secs(2)).unwrap(),
+            config,
+        )
     }
 
     /// One part of a multipart/form-data body.
@@ -832,7 +835,10 @@ mod tests {
             SttConfig::read,
         )
         .unwrap();
-        let stt = SttClient::new(crate::http::client(Duration::from_secs(1)).unwrap(), config);
+        let stt = SttClient::new(
+            handler_kit::http::client(Duration::from_secs(1)).unwrap(),
+            config,
+        );
         let input = testkit::fixtures::speech("two-utterances-16k.wav");
         let err = stt
             .transcribe_recording(&raw(&input), None, None)

@@ -26,7 +26,7 @@
 use serde::{Deserialize, Serialize};
 use webrtc_vad::{SampleRate, Vad, VadMode};
 
-use crate::config::ConfigReader;
+use handler_kit::config::ConfigReader;
 
 /// The only sample rate the segmenter accepts: what speech recognisers expect, and one of the
 /// rates libfvad handles natively.
@@ -418,8 +418,8 @@ fn vad_mode(mode: u8) -> VadMode {
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test, with its location
 mod tests {
     use super::*;
-    use crate::audio::{Wav, resample};
-    use crate::config::load;
+    use audio::{Wav, resample};
+    use handler_kit::config::load;
 
     /// How far a detected boundary may be from the one the fixture README records.
     const TOLERANCE_MS: u64 = 300;

@@ -12,10 +12,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::HandlerError;
-use crate::config::ConfigReader;
-use crate::http::{check, read_json};
-use crate::resilience::{Backend, BackendConfig, CallError};
+use handler_kit::HandlerError;
+use handler_kit::config::ConfigReader;
+use handler_kit::http::{check, read_json};
+use handler_kit::resilience::{Backend, BackendConfig, CallError};
 
 /// Which REST API the Milvus server speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,9 +249,10 @@ mod tests {
     use super::*;
 
     fn client(env: &[(&str, &str)]) -> MilvusClient {
-        let config = crate::config::load(&env.to_vec(), MilvusConfig::read).expect("valid config");
+        let config =
+            handler_kit::config::load(&env.to_vec(), MilvusConfig::read).expect("valid config");
         MilvusClient::new(
-            crate::http::client(Duration::from_secs(2)).expect("HTTP client"),
+            handler_kit::http::client(Duration::from_secs(2)).expect("HTTP client"),
             config,
         )
     }
@@ -265,13 +266,14 @@ mod tests {
 
     #[test]
     fn config_defaults() {
-        let config = crate::config::load(&[("MILVUS_URL", "http://m:19530")], MilvusConfig::read)
-            .expect("valid");
+        let config =
+            handler_kit::config::load(&[("MILVUS_URL", "http://m:19530")], MilvusConfig::read)
+                .expect("valid");
         assert_eq!(config.api, MilvusApi::V2);
         assert_eq!(config.vector_field, "vector");
         assert_eq!((config.token, config.db_name), (None, None));
         assert_eq!(config.backend.timeout, Duration::from_secs(5));
-        let err = crate::config::load(&[("MILVUS_API", "v3")], MilvusConfig::read)
+        let err = handler_kit::config::load(&[("MILVUS_API", "v3")], MilvusConfig::read)
             .expect_err("no url, bad api");
         assert_eq!(err.0.len(), 2, "{err}");
     }

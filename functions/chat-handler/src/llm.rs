@@ -21,10 +21,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::HandlerError;
-use crate::config::ConfigReader;
-use crate::http::{BodyError, CappedBody, check, read_json};
-use crate::resilience::{Backend, BackendConfig, CallError, Lease};
+use handler_kit::HandlerError;
+use handler_kit::config::ConfigReader;
+use handler_kit::http::{BodyError, CappedBody, check, read_json};
+use handler_kit::resilience::{Backend, BackendConfig, CallError, Lease};
 
 /// Configuration of the LLM backend.
 #[derive(Debug, Clone)]
@@ -560,9 +560,9 @@ mod tests {
     fn client(url: &str, env: &[(&str, &str)]) -> LlmClient {
         let mut vars: Vec<(String, String)> = vec![("LLM_URL".into(), url.into())];
         vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let config = crate::config::load(&vars, LlmConfig::read).expect("valid config");
+        let config = handler_kit::config::load(&vars, LlmConfig::read).expect("valid config");
         LlmClient::new(
-            crate::http::client(Duration::from_secs(2)).expect("HTTP client"),
+            handler_kit::http::client(Duration::from_secs(2)).expect("HTTP client"),
             config,
         )
     }
@@ -610,7 +610,7 @@ mod tests {
 
     #[test]
     fn config_defaults_and_requirements() {
-        let config = crate::config::load(&[("LLM_URL", "http://llm:8000/")], LlmConfig::read)
+        let config = handler_kit::config::load(&[("LLM_URL", "http://llm:8000/")], LlmConfig::read)
             .expect("valid");
         assert_eq!(config.url, "http://llm:8000");
         assert_eq!(config.model, "default");
@@ -618,7 +618,8 @@ mod tests {
         assert_eq!(config.idle_timeout, Duration::from_secs(30));
         assert_eq!(config.backend.timeout, Duration::from_secs(30));
         assert_eq!(config.backend.concurrency, 32);
-        let err = crate::config::load(&[("LLM_MODEL", "m")], LlmConfig::read).expect_err("no url");
+        let err =
+            handler_kit::config::load(&[("LLM_MODEL", "m")], LlmConfig::read).expect_err("no url");
         assert!(err.0[0].contains("LLM_URL is required"), "{err}");
     }
 

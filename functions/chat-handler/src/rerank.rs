@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::HandlerError;
-use crate::config::ConfigReader;
-use crate::http::{check, read_json};
-use crate::resilience::{Backend, BackendConfig, CallError};
+use handler_kit::HandlerError;
+use handler_kit::config::ConfigReader;
+use handler_kit::http::{check, read_json};
+use handler_kit::resilience::{Backend, BackendConfig, CallError};
 
 /// Which HTTP API the reranker speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,11 +188,11 @@ mod tests {
     use super::*;
 
     fn client(env: &[(&str, &str)]) -> RerankClient {
-        let config = crate::config::load(&env.to_vec(), RerankConfig::read_optional)
+        let config = handler_kit::config::load(&env.to_vec(), RerankConfig::read_optional)
             .expect("valid config")
             .expect("configured");
         RerankClient::new(
-            crate::http::client(Duration::from_secs(2)).expect("HTTP client"),
+            handler_kit::http::client(Duration::from_secs(2)).expect("HTTP client"),
             config,
         )
     }
@@ -203,15 +203,17 @@ mod tests {
 
     #[test]
     fn config_is_optional_and_checked() {
-        let none = crate::config::load(&[("RERANK_API", "cohere")], RerankConfig::read_optional)
-            .expect("valid");
+        let none =
+            handler_kit::config::load(&[("RERANK_API", "cohere")], RerankConfig::read_optional)
+                .expect("valid");
         assert!(none.is_none());
-        let tei = crate::config::load(&[("RERANK_URL", "http://r/")], RerankConfig::read_optional)
-            .expect("valid")
-            .expect("some");
+        let tei =
+            handler_kit::config::load(&[("RERANK_URL", "http://r/")], RerankConfig::read_optional)
+                .expect("valid")
+                .expect("some");
         assert_eq!((tei.url.as_str(), tei.api), ("http://r", RerankApi::Tei));
         assert_eq!(tei.backend.timeout, Duration::from_secs(10));
-        let err = crate::config::load(
+        let err = handler_kit::config::load(
             &[("RERANK_URL", "http://r"), ("RERANK_API", "jina")],
             RerankConfig::read_optional,
         )

@@ -11,10 +11,10 @@
 
 use serde::Serialize;
 
-use crate::HandlerError;
-use crate::audio::Wav;
-use crate::event::bytes_field;
-use crate::nats::{Nats, Outbox};
+use audio::Wav;
+use handler_kit::HandlerError;
+use handler_kit::event::bytes_field;
+use handler_kit::nats::{Nats, Outbox};
 
 /// Room for the msgpack envelope (ids, keys, numbers, a sentence) around the audio bytes.
 pub const ENVELOPE_ROOM: usize = 4 * 1024;
