@@ -358,14 +358,13 @@ fn build_entry(name: &str, raw: EntryFile, default_namespace: &str) -> Result<En
         kubeflow: raw.kubeflow,
     };
     targets.check_apply_to(raw.kind, &mut problems);
-    let target = targets.target(raw.kind, &mut problems);
-    if target.is_none() && !problems.found.iter().any(|p| p.contains("job must be")) {
-        problems.push(format!(
-            "kind {} needs `{}`",
-            raw.kind.as_str(),
-            raw.kind.target_field()
-        ));
-    }
+    let target = match targets.target(raw.kind) {
+        Ok(target) => Some(target),
+        Err(missing) => {
+            problems.push(missing.describe(raw.kind));
+            None
+        }
+    };
     let git = raw
         .git
         .and_then(|git| git_rule(git, &parameters, &mut problems));
@@ -478,6 +477,25 @@ struct TargetFields {
     kubeflow: Option<KubeflowRef>,
 }
 
+/// Why an entry creates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoTarget {
+    /// The field its kind needs is not set.
+    Missing,
+    /// `job` is set, but is not a Job spec (it has no pod `template`).
+    NotAJobSpec,
+}
+
+impl NoTarget {
+    /// The problem, for an entry of `kind`.
+    fn describe(self, kind: Kind) -> String {
+        match self {
+            Self::Missing => format!("kind {} needs `{}`", kind.as_str(), kind.target_field()),
+            Self::NotAJobSpec => "job must be a Job spec with a pod `template`".to_string(),
+        }
+    }
+}
+
 impl Kind {
     /// The entry field that says what an entry of this kind creates.
     fn target_field(self) -> &'static str {
@@ -505,21 +523,21 @@ impl TargetFields {
     }
 
     /// What an entry of `kind` creates, from the field of its kind.
-    fn target(self, kind: Kind, problems: &mut Problems<'_>) -> Option<Target> {
+    fn target(self, kind: Kind) -> Result<Target, NoTarget> {
         match kind {
-            Kind::Argo => self.workflow_template.map(|template| Target::Argo {
-                template,
-                cluster_scope: self.cluster_workflow_template,
-            }),
+            Kind::Argo => self
+                .workflow_template
+                .map(|template| Target::Argo {
+                    template,
+                    cluster_scope: self.cluster_workflow_template,
+                })
+                .ok_or(NoTarget::Missing),
             Kind::Job => match self.job {
-                Some(spec) if spec.get("template").is_some() => Some(Target::Job(spec)),
-                Some(_) => {
-                    problems.push("job must be a Job spec with a pod `template`");
-                    None
-                }
-                None => None,
+                Some(spec) if spec.get("template").is_some() => Ok(Target::Job(spec)),
+                Some(_) => Err(NoTarget::NotAJobSpec),
+                None => Err(NoTarget::Missing),
             },
-            Kind::Kubeflow => self.kubeflow.map(Target::Kubeflow),
+            Kind::Kubeflow => self.kubeflow.map(Target::Kubeflow).ok_or(NoTarget::Missing),
         }
     }
 }
@@ -674,5 +692,18 @@ pipelines:
         assert_eq!(problems.len(), 4, "{problems:#?}");
         assert!(Catalog::parse("pipelines: {x: {kind: cron}}", "d").is_err());
         assert!(Catalog::parse("pipelines: {x: {kind: job, jobb: {}}}", "d").is_err());
+    }
+
+    #[test]
+    fn an_entry_that_creates_nothing_is_one_problem_whatever_its_name_says() {
+        let problems = Catalog::parse("pipelines: {x: {kind: job, job: {backoffLimit: 0}}}", "d")
+            .expect_err("invalid");
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(problems[0].contains("job must be a Job spec with a pod `template`"));
+        // A name that quotes that sentence hides nothing: both problems are reported.
+        let problems = Catalog::parse(r#"pipelines: {"job must be": {kind: argo}}"#, "d")
+            .expect_err("invalid");
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert!(problems[1].contains("kind argo needs `workflow_template`"));
     }
 }
