@@ -344,125 +344,31 @@ pub fn is_dns_label(name: &str) -> bool {
         && bytes[bytes.len() - 1] != b'-'
 }
 
+/// Checks and builds one entry, part by part, so that every problem of the entry is found
+/// (in the order of its parts), not only the first.
 fn build_entry(name: &str, raw: EntryFile, default_namespace: &str) -> Result<Entry, Vec<String>> {
-    let mut problems = Vec::new();
-    let at = |what: &str| format!("catalog: pipeline {name:?}: {what}");
-    if !is_dns_label(name) {
-        problems.push(at(
-            "the name must be a DNS label (lowercase letters, digits, '-', at most 63)",
-        ));
-    }
-    let namespace = raw
-        .namespace
-        .unwrap_or_else(|| default_namespace.to_string());
-    if !is_dns_label(&namespace) {
-        problems.push(at(&format!(
-            "namespace {namespace:?} is not a valid namespace name"
-        )));
-    }
-    let mut parameters = BTreeMap::new();
-    for (pname, p) in raw.parameters {
-        let source = p.pattern.as_deref().unwrap_or(DEFAULT_PATTERN);
-        let pattern = match Regex::new(&format!("^(?:{source})$")) {
-            Ok(r) => r,
-            Err(e) => {
-                problems.push(at(&format!("parameter {pname:?}: bad pattern: {e}")));
-                continue;
-            }
-        };
-        let default = match p.default.as_ref().map(|v| scalar(v).ok_or(v)) {
-            None => None,
-            Some(Ok(text)) => {
-                if !pattern.is_match(&text) {
-                    problems.push(at(&format!(
-                        "parameter {pname:?}: default {text:?} does not match its pattern"
-                    )));
-                }
-                Some(text)
-            }
-            Some(Err(_)) => {
-                problems.push(at(&format!(
-                    "parameter {pname:?}: default must be a string, number or boolean"
-                )));
-                None
-            }
-        };
-        parameters.insert(pname, Parameter { pattern, default });
-    }
-    let fields = [
-        ("workflow_template", raw.workflow_template.is_some()),
-        ("job", raw.job.is_some()),
-        ("kubeflow", raw.kubeflow.is_some()),
-    ];
-    let wanted = match raw.kind {
-        Kind::Argo => "workflow_template",
-        Kind::Job => "job",
-        Kind::Kubeflow => "kubeflow",
+    let mut problems = Problems::of(name);
+    check_name(name, &mut problems);
+    let namespace = namespace(raw.namespace, default_namespace, &mut problems);
+    let parameters = parameters(raw.parameters, &mut problems);
+    let targets = TargetFields {
+        workflow_template: raw.workflow_template,
+        cluster_workflow_template: raw.cluster_workflow_template,
+        job: raw.job,
+        kubeflow: raw.kubeflow,
     };
-    for (field, set) in fields {
-        if set && field != wanted {
-            problems.push(at(&format!(
-                "{field} does not apply to kind {}",
-                raw.kind.as_str()
-            )));
-        }
-    }
-    let target = match raw.kind {
-        Kind::Argo => raw.workflow_template.map(|template| Target::Argo {
-            template,
-            cluster_scope: raw.cluster_workflow_template,
-        }),
-        Kind::Job => match raw.job {
-            Some(spec) if spec.get("template").is_some() => Some(Target::Job(spec)),
-            Some(_) => {
-                problems.push(at("job must be a Job spec with a pod `template`"));
-                None
-            }
-            None => None,
-        },
-        Kind::Kubeflow => raw.kubeflow.map(Target::Kubeflow),
-    };
-    if target.is_none() && !problems.iter().any(|p| p.contains("job must be")) {
-        problems.push(at(&format!("kind {} needs `{wanted}`", raw.kind.as_str())));
-    }
-    let git = match raw.git {
-        None => None,
-        Some(g) => {
-            let mut builder = GlobSetBuilder::new();
-            if g.paths.is_empty() {
-                problems.push(at("git.paths is empty"));
-            }
-            for path in &g.paths {
-                // `*` stays within one directory and `**` crosses them, as in .gitignore.
-                match GlobBuilder::new(path).literal_separator(true).build() {
-                    Ok(glob) => {
-                        builder.add(glob);
-                    }
-                    Err(e) => problems.push(at(&format!("git.paths: {e}"))),
-                }
-            }
-            for pname in g.parameters.keys() {
-                if !parameters.contains_key(pname) {
-                    problems.push(at(&format!(
-                        "git.parameters names {pname:?}, which is not a parameter"
-                    )));
-                }
-            }
-            match builder.build() {
-                Ok(paths) => Some(GitRule {
-                    paths,
-                    branch: g.branch,
-                    repository: g.repository,
-                    parameters: g.parameters,
-                }),
-                Err(e) => {
-                    problems.push(at(&format!("git.paths: {e}")));
-                    None
-                }
-            }
+    targets.check_apply_to(raw.kind, &mut problems);
+    let target = match targets.target(raw.kind) {
+        Ok(target) => Some(target),
+        Err(missing) => {
+            problems.push(missing.describe(raw.kind));
+            None
         }
     };
-    match (problems.is_empty(), target) {
+    let git = raw
+        .git
+        .and_then(|git| git_rule(git, &parameters, &mut problems));
+    match (problems.found.is_empty(), target) {
         (true, Some(target)) => Ok(Entry {
             name: name.to_string(),
             namespace,
@@ -471,7 +377,208 @@ fn build_entry(name: &str, raw: EntryFile, default_namespace: &str) -> Result<En
             lock: raw.lock,
             git,
         }),
-        _ => Err(problems),
+        _ => Err(problems.found),
+    }
+}
+
+/// The problems found in one entry, each saying which entry it is in.
+struct Problems<'a> {
+    pipeline: &'a str,
+    found: Vec<String>,
+}
+
+impl<'a> Problems<'a> {
+    fn of(pipeline: &'a str) -> Self {
+        Self {
+            pipeline,
+            found: Vec::new(),
+        }
+    }
+
+    /// Records `what` as a problem of the entry.
+    fn push(&mut self, what: impl std::fmt::Display) {
+        self.found
+            .push(format!("catalog: pipeline {:?}: {what}", self.pipeline));
+    }
+}
+
+/// The entry's name: a DNS label, since it goes into resource names and label values.
+fn check_name(name: &str, problems: &mut Problems<'_>) {
+    if !is_dns_label(name) {
+        problems.push("the name must be a DNS label (lowercase letters, digits, '-', at most 63)");
+    }
+}
+
+/// The entry's namespace, `default_namespace` when it names none: a valid namespace name.
+fn namespace(
+    given: Option<String>,
+    default_namespace: &str,
+    problems: &mut Problems<'_>,
+) -> String {
+    let namespace = given.unwrap_or_else(|| default_namespace.to_string());
+    if !is_dns_label(&namespace) {
+        problems.push(format!(
+            "namespace {namespace:?} is not a valid namespace name"
+        ));
+    }
+    namespace
+}
+
+/// The entry's parameters; one whose pattern does not compile is left out (and reported).
+fn parameters(
+    given: BTreeMap<String, ParameterFile>,
+    problems: &mut Problems<'_>,
+) -> BTreeMap<String, Parameter> {
+    given
+        .into_iter()
+        .filter_map(|(name, file)| {
+            let parameter = parameter(&name, file, problems)?;
+            Some((name, parameter))
+        })
+        .collect()
+}
+
+/// One parameter: its pattern ([`DEFAULT_PATTERN`] when it names none) must compile, anchored,
+/// and its default, if any, be a string, number or boolean that matches it.
+fn parameter(name: &str, file: ParameterFile, problems: &mut Problems<'_>) -> Option<Parameter> {
+    let source = file.pattern.as_deref().unwrap_or(DEFAULT_PATTERN);
+    let pattern = match Regex::new(&format!("^(?:{source})$")) {
+        Ok(r) => r,
+        Err(e) => {
+            problems.push(format!("parameter {name:?}: bad pattern: {e}"));
+            return None;
+        }
+    };
+    let default = match file.default.as_ref().map(|v| scalar(v).ok_or(v)) {
+        None => None,
+        Some(Ok(text)) => {
+            if !pattern.is_match(&text) {
+                problems.push(format!(
+                    "parameter {name:?}: default {text:?} does not match its pattern"
+                ));
+            }
+            Some(text)
+        }
+        Some(Err(_)) => {
+            problems.push(format!(
+                "parameter {name:?}: default must be a string, number or boolean"
+            ));
+            None
+        }
+    };
+    Some(Parameter { pattern, default })
+}
+
+/// The fields of an entry that say what it creates: exactly its kind's must be set.
+struct TargetFields {
+    workflow_template: Option<String>,
+    cluster_workflow_template: bool,
+    job: Option<Value>,
+    kubeflow: Option<KubeflowRef>,
+}
+
+/// Why an entry creates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoTarget {
+    /// The field its kind needs is not set.
+    Missing,
+    /// `job` is set, but is not a Job spec (it has no pod `template`).
+    NotAJobSpec,
+}
+
+impl NoTarget {
+    /// The problem, for an entry of `kind`.
+    fn describe(self, kind: Kind) -> String {
+        match self {
+            Self::Missing => format!("kind {} needs `{}`", kind.as_str(), kind.target_field()),
+            Self::NotAJobSpec => "job must be a Job spec with a pod `template`".to_string(),
+        }
+    }
+}
+
+impl Kind {
+    /// The entry field that says what an entry of this kind creates.
+    fn target_field(self) -> &'static str {
+        match self {
+            Self::Argo => "workflow_template",
+            Self::Job => "job",
+            Self::Kubeflow => "kubeflow",
+        }
+    }
+}
+
+impl TargetFields {
+    /// Each field set that is not the one of `kind` is a problem: it would be ignored.
+    fn check_apply_to(&self, kind: Kind, problems: &mut Problems<'_>) {
+        let fields = [
+            ("workflow_template", self.workflow_template.is_some()),
+            ("job", self.job.is_some()),
+            ("kubeflow", self.kubeflow.is_some()),
+        ];
+        for (field, set) in fields {
+            if set && field != kind.target_field() {
+                problems.push(format!("{field} does not apply to kind {}", kind.as_str()));
+            }
+        }
+    }
+
+    /// What an entry of `kind` creates, from the field of its kind.
+    fn target(self, kind: Kind) -> Result<Target, NoTarget> {
+        match kind {
+            Kind::Argo => self
+                .workflow_template
+                .map(|template| Target::Argo {
+                    template,
+                    cluster_scope: self.cluster_workflow_template,
+                })
+                .ok_or(NoTarget::Missing),
+            Kind::Job => match self.job {
+                Some(spec) if spec.get("template").is_some() => Ok(Target::Job(spec)),
+                Some(_) => Err(NoTarget::NotAJobSpec),
+                None => Err(NoTarget::Missing),
+            },
+            Kind::Kubeflow => self.kubeflow.map(Target::Kubeflow).ok_or(NoTarget::Missing),
+        }
+    }
+}
+
+/// The entry's git push rule: some path globs (`*` within a directory, `**` across them, as in
+/// `.gitignore`) that compile, and parameters that name the entry's own.
+fn git_rule(
+    file: GitFile,
+    parameters: &BTreeMap<String, Parameter>,
+    problems: &mut Problems<'_>,
+) -> Option<GitRule> {
+    let mut builder = GlobSetBuilder::new();
+    if file.paths.is_empty() {
+        problems.push("git.paths is empty");
+    }
+    for path in &file.paths {
+        match GlobBuilder::new(path).literal_separator(true).build() {
+            Ok(glob) => {
+                builder.add(glob);
+            }
+            Err(e) => problems.push(format!("git.paths: {e}")),
+        }
+    }
+    for name in file.parameters.keys() {
+        if !parameters.contains_key(name) {
+            problems.push(format!(
+                "git.parameters names {name:?}, which is not a parameter"
+            ));
+        }
+    }
+    match builder.build() {
+        Ok(paths) => Some(GitRule {
+            paths,
+            branch: file.branch,
+            repository: file.repository,
+            parameters: file.parameters,
+        }),
+        Err(e) => {
+            problems.push(format!("git.paths: {e}"));
+            None
+        }
     }
 }
 
@@ -585,5 +692,18 @@ pipelines:
         assert_eq!(problems.len(), 4, "{problems:#?}");
         assert!(Catalog::parse("pipelines: {x: {kind: cron}}", "d").is_err());
         assert!(Catalog::parse("pipelines: {x: {kind: job, jobb: {}}}", "d").is_err());
+    }
+
+    #[test]
+    fn an_entry_that_creates_nothing_is_one_problem_whatever_its_name_says() {
+        let problems = Catalog::parse("pipelines: {x: {kind: job, job: {backoffLimit: 0}}}", "d")
+            .expect_err("invalid");
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(problems[0].contains("job must be a Job spec with a pod `template`"));
+        // A name that quotes that sentence hides nothing: both problems are reported.
+        let problems = Catalog::parse(r#"pipelines: {"job must be": {kind: argo}}"#, "d")
+            .expect_err("invalid");
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert!(problems[1].contains("kind argo needs `workflow_template`"));
     }
 }

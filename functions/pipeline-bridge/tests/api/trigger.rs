@@ -510,7 +510,7 @@ async fn api_outages_are_retried_bad_objects_are_final_and_both_free_the_lock() 
         .await;
     assert_error(&broken, 502, "backend_error");
     // A 404 on a create that does not name the namespace: the kind is not served (no CRD),
-    // which fails every run of it: retried. (A missing namespace is final: cluster.rs' tests.)
+    // which fails every run of it: retried. (A missing namespace is final: cluster/api.rs' tests.)
     h.kube.fail(Failure {
         method: "POST".into(),
         path_contains: "/workflows".into(),
