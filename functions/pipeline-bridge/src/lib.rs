@@ -27,7 +27,7 @@
 //! - [`run`]: trigger and status request.
 //! - [`observe`]: ApiServerSource events, checked against the API before they are acted on.
 //! - [`status`]: a run's state from its object.
-//! - [`webhook`]: signed git push webhooks, their bounded body reads, delivery deduplication.
+//! - [`webhook`](mod@webhook): signed git push webhooks, their bounded body reads, delivery deduplication.
 
 pub mod catalog;
 pub mod cluster;
