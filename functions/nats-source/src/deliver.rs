@@ -33,6 +33,7 @@ use opentelemetry::KeyValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
+use crate::backoff;
 use crate::event::{self, Position};
 
 /// How a delivery attempt ended, as seen by the source.
@@ -118,7 +119,7 @@ pub(crate) async fn deliver(
         && let Some(left) = shared.gate.shut_for()
     {
         // Pulled before the gate shut: not an attempt, back it goes.
-        return d.hand_back_after(gate_delay(left), "held_off").await;
+        return d.hand_back_after(backoff::spread(left), "held_off").await;
     }
     let checked = event::to_http(config, msg, &d.position)
         .and_then(|o| event::reply_subject(config, msg).map(|reply| (o, reply)));
@@ -176,7 +177,7 @@ pub(crate) async fn deliver(
                     // The reply path is down, which is no fault of the message: hold the
                     // source back as for backpressure.
                     Err(ReplyFailure::Unavailable(e)) => Retry {
-                        delay: gate_delay(shared.gate.backpressure(None)),
+                        delay: backoff::spread(shared.gate.backpressure(None)),
                         detail: format!("reply not published: {e}"),
                         outcome: "held_off",
                     },
@@ -205,7 +206,7 @@ pub(crate) async fn deliver(
                 }
             }
             (Disposition::Backpressure { after }, detail) => Retry {
-                delay: gate_delay(shared.gate.backpressure(after)),
+                delay: backoff::spread(shared.gate.backpressure(after)),
                 detail,
                 outcome: "held_off",
             },
@@ -243,12 +244,6 @@ fn judge(attempt: &Attempt) -> (Disposition, String) {
     }
 }
 
-/// A hand-back delay for a shut gate: its remaining time and up to a quarter more, so the
-/// messages it held do not all come back in the same instant.
-fn gate_delay(shut: Duration) -> Duration {
-    shut + shut.mul_f64(fastrand::f64() * 0.25)
-}
-
 impl Delivery<'_> {
     /// How long ago the stream stored the message.
     fn age(&self) -> Duration {
@@ -277,7 +272,7 @@ impl Delivery<'_> {
             .record(self.position.sequence, self.failures)
             .await;
         Ok(Retry {
-            delay: backoff(config, self.failures, after),
+            delay: config.backoff().retry(self.failures, after),
             detail,
             outcome: "retried",
         })
@@ -325,6 +320,7 @@ impl Delivery<'_> {
     /// a later try; an ordered one is held (kept alive) and the publish retried in place, so
     /// the next message of its subject cannot overtake it.
     async fn dead_letter_or_hold(&self, reason: &str, attempt: Option<&Attempt>) -> Settled {
+        let held = self.shared.config.backoff().max();
         loop {
             let Err(e) = dead_letter(self, reason, attempt).await else {
                 self.shared
@@ -336,15 +332,9 @@ impl Delivery<'_> {
             // No stream took it: keep the message rather than lose it.
             tracing::error!(id = %self.id, error = %e, "dead-letter publish failed; message kept");
             if !self.ordered {
-                return self
-                    .hand_back_after(self.shared.config.backoff_max, "held_off")
-                    .await;
+                return self.hand_back_after(held, "held_off").await;
             }
-            if self
-                .wait_in_place(self.shared.config.backoff_max)
-                .await
-                .is_err()
-            {
+            if self.wait_in_place(held).await.is_err() {
                 return self.hand_back().await;
             }
         }
@@ -463,35 +453,6 @@ pub(crate) async fn keep_alive<T>(
             out = &mut work => return out,
             _ = ticker.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
         }
-    }
-}
-
-/// `BACKOFF_BASE_MS` doubled `n - 1` times, at most `BACKOFF_MAX_MS`.
-pub(crate) fn exponential(config: &crate::Config, n: u32) -> Duration {
-    config
-        .backoff_base
-        .saturating_mul(1 << n.saturating_sub(1).min(30))
-        .min(config.backoff_max)
-}
-
-/// The delay before a message's next try after `failures` failed attempts: exponential from
-/// `BACKOFF_BASE_MS` with equal jitter up to `BACKOFF_MAX_MS`, or the sink's `Retry-After`
-/// (capped) with a little added. The one backoff of the source (ordered deferrals use it too).
-pub(crate) fn backoff(
-    config: &crate::Config,
-    failures: u32,
-    retry_after: Option<Duration>,
-) -> Duration {
-    let base = match retry_after {
-        Some(after) => after.min(config.backoff_max),
-        None => exponential(config, failures),
-    };
-    // Equal jitter for computed delays spreads a burst of failures; Retry-After is respected
-    // as a floor with up to 10% added.
-    if retry_after.is_some() {
-        base + base.mul_f64(fastrand::f64() * 0.1)
-    } else {
-        base / 2 + base.mul_f64(fastrand::f64() * 0.5)
     }
 }
 

@@ -16,12 +16,15 @@
 //! - [`event`]: NATS message <-> HTTP CloudEvent, and what cannot be carried (poison).
 //! - `deliver`: one message from POST to ack / term / nak: the source's delivery table.
 //! - `gate`: backpressure: the sink says it cannot take work, the whole source holds off.
+//! - `backoff`: how long to wait before trying again (retries, the gate, deferrals), computed
+//!   in one place.
 //! - `budget`: failed attempts per message, kept in JetStream so restarts do not reset them.
 //! - `order`: per-subject lines for `ORDERING=subject`, and how many slots one subject may hold.
 //! - [`redrive`]: `nats-source redrive`, dead letters back to the subject they came from.
 //! - [`run`]: bind (or create) the consumer, fetch, dispatch (with per-subject ordering when
 //!   asked), and drain on shutdown.
 
+mod backoff;
 mod budget;
 pub mod config;
 mod deliver;
@@ -412,7 +415,7 @@ fn finish(s: &Shared, probe: bool, permit: OwnedSemaphorePermit) {
 /// Hands a message of a full line back to JetStream with a delay that grows with each
 /// deferral (no jitter: deferred messages of a subject should come back in order).
 async fn defer(s: Arc<Shared>, msg: jetstream::Message, times: u32) {
-    let delay = deliver::exponential(&s.config, times);
+    let delay = s.config.backoff().exponential(times);
     let _ = msg.ack_with(jetstream::AckKind::Nak(Some(delay))).await;
     s.metrics
         .settled
