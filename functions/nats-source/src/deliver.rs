@@ -308,7 +308,7 @@ impl Delivery<'_> {
         Settled::HandedBack
     }
 
-    /// Waits `delay` holding the message (kept alive); Err when shutdown cut it short.
+    /// Waits `delay` holding the message ([`keep_alive`]); Err when shutdown cut it short.
     async fn wait_in_place(&self, delay: Duration) -> Result<(), ()> {
         tokio::select! {
             () = keep_alive(self.msg, self.shared.ack_wait, tokio::time::sleep(delay)) => Ok(()),
@@ -439,7 +439,15 @@ async fn read_capped(
     Ok((body.freeze(), false))
 }
 
-/// Runs `work` while telling JetStream every third of ack-wait that the message is in progress.
+/// Runs `work` while the message stays this source's: every third of its ack wait (no more
+/// often than every 100 ms) JetStream is told the message is in progress.
+///
+/// The one way the source holds a message longer than a moment, whatever it waits for: the
+/// sink's answer, the reply's PubAck, a retry waiting in place, or (ordered subjects) the
+/// message before it in its line. Without it JetStream redelivers the message once its ack
+/// wait runs out, to this replica or another, and the sink gets it twice, or an ordered
+/// subject out of order. A third, so one lost progress ack still leaves time for the next;
+/// 100 ms apart at least, so a tiny ack wait does not flood the server.
 pub(crate) async fn keep_alive<T>(
     msg: &jetstream::Message,
     ack_wait: Duration,
