@@ -73,7 +73,8 @@ struct Retry {
     outcome: &'static str,
 }
 
-/// One message being delivered: what every step needs.
+/// One message being delivered: what every step needs (the message, where the stream keeps
+/// it, the shared state, its failures so far), so each step takes this and what differs.
 struct Delivery<'a> {
     shared: &'a Shared,
     msg: &'a jetstream::Message,
@@ -100,21 +101,8 @@ pub(crate) async fn deliver(
         let _ = msg.ack_with(AckKind::Term).await;
         return Settled::Done;
     };
-    let delivered = info.delivered;
-    let mut d = Delivery {
-        shared: &shared,
-        msg,
-        position: Position {
-            stream: info.stream.to_string(),
-            sequence: info.stream_sequence,
-            published: info.published,
-        },
-        id: format!("{}:{}", info.stream, info.stream_sequence),
-        ordered: config.is_ordered(msg.subject.as_str()),
-        cancel: &cancel,
-        failures: 0,
-        delivered,
-    };
+    let ordered = config.is_ordered(msg.subject.as_str());
+    let mut d = Delivery::new(&shared, msg, &info, ordered, &cancel);
     if !d.ordered
         && let Some(left) = shared.gate.shut_for()
     {
@@ -128,7 +116,10 @@ pub(crate) async fn deliver(
         Err(poison) => return d.dead_letter_or_hold(&poison.to_string(), None).await,
     };
     d.id.clone_from(&outbound.id);
-    d.failures = shared.ledger.failures(d.position.sequence, delivered).await;
+    d.failures = shared
+        .ledger
+        .failures(d.position.sequence, d.delivered)
+        .await;
     let m = &shared.metrics;
     loop {
         if d.ordered
@@ -244,7 +235,31 @@ fn judge(attempt: &Attempt) -> (Disposition, String) {
     }
 }
 
-impl Delivery<'_> {
+impl<'a> Delivery<'a> {
+    /// `msg`, read from its JetStream metadata `info`, before any attempt.
+    fn new(
+        shared: &'a Shared,
+        msg: &'a jetstream::Message,
+        info: &jetstream::message::Info<'_>,
+        ordered: bool,
+        cancel: &'a CancellationToken,
+    ) -> Self {
+        Self {
+            shared,
+            msg,
+            position: Position {
+                stream: info.stream.to_string(),
+                sequence: info.stream_sequence,
+                published: info.published,
+            },
+            id: format!("{}:{}", info.stream, info.stream_sequence),
+            ordered,
+            cancel,
+            failures: 0,
+            delivered: info.delivered,
+        }
+    }
+
     /// How long ago the stream stored the message.
     fn age(&self) -> Duration {
         chrono::Utc::now()
@@ -322,7 +337,7 @@ impl Delivery<'_> {
     async fn dead_letter_or_hold(&self, reason: &str, attempt: Option<&Attempt>) -> Settled {
         let held = self.shared.config.backoff().max();
         loop {
-            let Err(e) = dead_letter(self, reason, attempt).await else {
+            let Err(e) = self.dead_letter(reason, attempt).await else {
                 self.shared
                     .ledger
                     .forget(self.position.sequence, self.failures)
@@ -338,6 +353,51 @@ impl Delivery<'_> {
                 return self.hand_back().await;
             }
         }
+    }
+
+    /// Publishes the dead letter (stored in the DLQ stream: PubAck) and only then terminates
+    /// the message. Err: the publish failed, the message is untouched.
+    async fn dead_letter(&self, reason: &str, attempt: Option<&Attempt>) -> Result<(), String> {
+        let (shared, msg, position) = (self.shared, self.msg, &self.position);
+        let config = &shared.config;
+        let subject = config
+            .dlq_subject
+            .replace("{stream}", &config.stream)
+            .replace("{subject}", msg.subject.as_str());
+        let mut headers = dead_letter_headers(msg.headers.as_ref());
+        // One dead letter per message even if this runs twice (e.g. the term below is lost).
+        // The stream position, not the event id: ids are unique only per source, and may be
+        // missing.
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("dlq:{}:{}", position.stream, position.sequence).as_str(),
+        );
+        headers.insert("Dlq-Reason", header_text(reason, 512).as_str());
+        headers.insert("Dlq-Failed-Attempts", self.failures.to_string().as_str());
+        headers.insert("Dlq-Deliveries", self.delivered.to_string().as_str());
+        headers.insert("Dlq-Original-Subject", msg.subject.as_str());
+        headers.insert("Dlq-Original-Stream", position.stream.as_str());
+        headers.insert(
+            "Dlq-Original-Sequence",
+            position.sequence.to_string().as_str(),
+        );
+        if let Some(Attempt::Answered { body, .. }) = attempt {
+            // The function's JSON error says why; keep a bounded copy.
+            let detail = header_text(&String::from_utf8_lossy(body), 512);
+            headers.insert("Dlq-Response", detail.as_str());
+        }
+        shared
+            .publisher
+            .publish_stored(&subject, headers, msg.payload.clone(), config.reply_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = msg.ack_with(AckKind::Term).await;
+        shared
+            .metrics
+            .settled
+            .add(1, &[KeyValue::new("outcome", "dead_lettered")]);
+        tracing::warn!(id = %self.id, %subject, reason, "dead-lettered");
+        Ok(())
     }
 }
 
@@ -364,20 +424,7 @@ pub(crate) async fn after_panic(shared: &Shared, msg: &jetstream::Message, panic
         return Settled::Done;
     };
     let cancel = CancellationToken::new();
-    let d = Delivery {
-        shared,
-        msg,
-        position: Position {
-            stream: info.stream.to_string(),
-            sequence: info.stream_sequence,
-            published: info.published,
-        },
-        id: format!("{}:{}", info.stream, info.stream_sequence),
-        ordered: false,
-        cancel: &cancel,
-        failures: 0,
-        delivered: info.delivered,
-    };
+    let d = Delivery::new(shared, msg, &info, false, &cancel);
     d.dead_letter_or_hold(&format!("delivery panicked: {panic}"), None)
         .await
 }
@@ -516,52 +563,6 @@ async fn publish_reply(shared: &Shared, reply: Reply<'_>) -> Result<(), ReplyFai
         Err(e @ PublishError::Refused { .. }) => Err(ReplyFailure::Refused(e.to_string())),
         Err(e) => Err(ReplyFailure::Unavailable(e.to_string())),
     }
-}
-
-async fn dead_letter(
-    d: &Delivery<'_>,
-    reason: &str,
-    attempt: Option<&Attempt>,
-) -> Result<(), String> {
-    let (shared, msg, position) = (d.shared, d.msg, &d.position);
-    let config = &shared.config;
-    let subject = config
-        .dlq_subject
-        .replace("{stream}", &config.stream)
-        .replace("{subject}", msg.subject.as_str());
-    let mut headers = dead_letter_headers(msg.headers.as_ref());
-    // One dead letter per message even if this runs twice (e.g. the term below is lost). The
-    // stream position, not the event id: ids are unique only per source, and may be missing.
-    headers.insert(
-        "Nats-Msg-Id",
-        format!("dlq:{}:{}", position.stream, position.sequence).as_str(),
-    );
-    headers.insert("Dlq-Reason", header_text(reason, 512).as_str());
-    headers.insert("Dlq-Failed-Attempts", d.failures.to_string().as_str());
-    headers.insert("Dlq-Deliveries", d.delivered.to_string().as_str());
-    headers.insert("Dlq-Original-Subject", msg.subject.as_str());
-    headers.insert("Dlq-Original-Stream", position.stream.as_str());
-    headers.insert(
-        "Dlq-Original-Sequence",
-        position.sequence.to_string().as_str(),
-    );
-    if let Some(Attempt::Answered { body, .. }) = attempt {
-        // The function's JSON error says why; keep a bounded copy.
-        let detail = header_text(&String::from_utf8_lossy(body), 512);
-        headers.insert("Dlq-Response", detail.as_str());
-    }
-    shared
-        .publisher
-        .publish_stored(&subject, headers, msg.payload.clone(), config.reply_timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = msg.ack_with(AckKind::Term).await;
-    shared
-        .metrics
-        .settled
-        .add(1, &[KeyValue::new("outcome", "dead_lettered")]);
-    tracing::warn!(id = %d.id, %subject, reason, "dead-lettered");
-    Ok(())
 }
 
 /// Free text made fit for a NATS header value: control characters (CR and LF would be
