@@ -5,6 +5,8 @@ use std::time::Duration;
 use handler_kit::config::ConfigReader;
 use handler_kit::nats::NatsConfig;
 
+use crate::backoff::Backoff;
+
 /// How messages are scheduled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ordering {
@@ -171,6 +173,11 @@ impl Config {
                 .ordered_subjects
                 .as_deref()
                 .is_none_or(|pattern| subject_matches(pattern, subject))
+    }
+
+    /// `BACKOFF_BASE_MS` doubling up to `BACKOFF_MAX_MS`: retries, the sink's gate, deferrals.
+    pub(crate) fn backoff(&self) -> Backoff {
+        Backoff::new(self.backoff_base, self.backoff_max)
     }
 
     /// The CloudEvent type for a subject.

@@ -33,6 +33,7 @@ use opentelemetry::KeyValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
+use crate::backoff;
 use crate::event::{self, Position};
 
 /// How a delivery attempt ended, as seen by the source.
@@ -72,7 +73,8 @@ struct Retry {
     outcome: &'static str,
 }
 
-/// One message being delivered: what every step needs.
+/// One message being delivered: what every step needs (the message, where the stream keeps
+/// it, the shared state, its failures so far), so each step takes this and what differs.
 struct Delivery<'a> {
     shared: &'a Shared,
     msg: &'a jetstream::Message,
@@ -99,26 +101,13 @@ pub(crate) async fn deliver(
         let _ = msg.ack_with(AckKind::Term).await;
         return Settled::Done;
     };
-    let delivered = info.delivered;
-    let mut d = Delivery {
-        shared: &shared,
-        msg,
-        position: Position {
-            stream: info.stream.to_string(),
-            sequence: info.stream_sequence,
-            published: info.published,
-        },
-        id: format!("{}:{}", info.stream, info.stream_sequence),
-        ordered: config.is_ordered(msg.subject.as_str()),
-        cancel: &cancel,
-        failures: 0,
-        delivered,
-    };
+    let ordered = config.is_ordered(msg.subject.as_str());
+    let mut d = Delivery::new(&shared, msg, &info, ordered, &cancel);
     if !d.ordered
         && let Some(left) = shared.gate.shut_for()
     {
         // Pulled before the gate shut: not an attempt, back it goes.
-        return d.hand_back_after(gate_delay(left), "held_off").await;
+        return d.hand_back_after(backoff::spread(left), "held_off").await;
     }
     let checked = event::to_http(config, msg, &d.position)
         .and_then(|o| event::reply_subject(config, msg).map(|reply| (o, reply)));
@@ -127,7 +116,10 @@ pub(crate) async fn deliver(
         Err(poison) => return d.dead_letter_or_hold(&poison.to_string(), None).await,
     };
     d.id.clone_from(&outbound.id);
-    d.failures = shared.ledger.failures(d.position.sequence, delivered).await;
+    d.failures = shared
+        .ledger
+        .failures(d.position.sequence, d.delivered)
+        .await;
     let m = &shared.metrics;
     loop {
         if d.ordered
@@ -176,7 +168,7 @@ pub(crate) async fn deliver(
                     // The reply path is down, which is no fault of the message: hold the
                     // source back as for backpressure.
                     Err(ReplyFailure::Unavailable(e)) => Retry {
-                        delay: gate_delay(shared.gate.backpressure(None)),
+                        delay: backoff::spread(shared.gate.backpressure(None)),
                         detail: format!("reply not published: {e}"),
                         outcome: "held_off",
                     },
@@ -205,7 +197,7 @@ pub(crate) async fn deliver(
                 }
             }
             (Disposition::Backpressure { after }, detail) => Retry {
-                delay: gate_delay(shared.gate.backpressure(after)),
+                delay: backoff::spread(shared.gate.backpressure(after)),
                 detail,
                 outcome: "held_off",
             },
@@ -243,13 +235,31 @@ fn judge(attempt: &Attempt) -> (Disposition, String) {
     }
 }
 
-/// A hand-back delay for a shut gate: its remaining time and up to a quarter more, so the
-/// messages it held do not all come back in the same instant.
-fn gate_delay(shut: Duration) -> Duration {
-    shut + shut.mul_f64(fastrand::f64() * 0.25)
-}
+impl<'a> Delivery<'a> {
+    /// `msg`, read from its JetStream metadata `info`, before any attempt.
+    fn new(
+        shared: &'a Shared,
+        msg: &'a jetstream::Message,
+        info: &jetstream::message::Info<'_>,
+        ordered: bool,
+        cancel: &'a CancellationToken,
+    ) -> Self {
+        Self {
+            shared,
+            msg,
+            position: Position {
+                stream: info.stream.to_string(),
+                sequence: info.stream_sequence,
+                published: info.published,
+            },
+            id: format!("{}:{}", info.stream, info.stream_sequence),
+            ordered,
+            cancel,
+            failures: 0,
+            delivered: info.delivered,
+        }
+    }
 
-impl Delivery<'_> {
     /// How long ago the stream stored the message.
     fn age(&self) -> Duration {
         chrono::Utc::now()
@@ -277,7 +287,7 @@ impl Delivery<'_> {
             .record(self.position.sequence, self.failures)
             .await;
         Ok(Retry {
-            delay: backoff(config, self.failures, after),
+            delay: config.backoff().retry(self.failures, after),
             detail,
             outcome: "retried",
         })
@@ -313,7 +323,7 @@ impl Delivery<'_> {
         Settled::HandedBack
     }
 
-    /// Waits `delay` holding the message (kept alive); Err when shutdown cut it short.
+    /// Waits `delay` holding the message ([`keep_alive`]); Err when shutdown cut it short.
     async fn wait_in_place(&self, delay: Duration) -> Result<(), ()> {
         tokio::select! {
             () = keep_alive(self.msg, self.shared.ack_wait, tokio::time::sleep(delay)) => Ok(()),
@@ -325,8 +335,9 @@ impl Delivery<'_> {
     /// a later try; an ordered one is held (kept alive) and the publish retried in place, so
     /// the next message of its subject cannot overtake it.
     async fn dead_letter_or_hold(&self, reason: &str, attempt: Option<&Attempt>) -> Settled {
+        let held = self.shared.config.backoff().max();
         loop {
-            let Err(e) = dead_letter(self, reason, attempt).await else {
+            let Err(e) = self.dead_letter(reason, attempt).await else {
                 self.shared
                     .ledger
                     .forget(self.position.sequence, self.failures)
@@ -336,18 +347,57 @@ impl Delivery<'_> {
             // No stream took it: keep the message rather than lose it.
             tracing::error!(id = %self.id, error = %e, "dead-letter publish failed; message kept");
             if !self.ordered {
-                return self
-                    .hand_back_after(self.shared.config.backoff_max, "held_off")
-                    .await;
+                return self.hand_back_after(held, "held_off").await;
             }
-            if self
-                .wait_in_place(self.shared.config.backoff_max)
-                .await
-                .is_err()
-            {
+            if self.wait_in_place(held).await.is_err() {
                 return self.hand_back().await;
             }
         }
+    }
+
+    /// Publishes the dead letter (stored in the DLQ stream: PubAck) and only then terminates
+    /// the message. Err: the publish failed, the message is untouched.
+    async fn dead_letter(&self, reason: &str, attempt: Option<&Attempt>) -> Result<(), String> {
+        let (shared, msg, position) = (self.shared, self.msg, &self.position);
+        let config = &shared.config;
+        let subject = config
+            .dlq_subject
+            .replace("{stream}", &config.stream)
+            .replace("{subject}", msg.subject.as_str());
+        let mut headers = dead_letter_headers(msg.headers.as_ref());
+        // One dead letter per message even if this runs twice (e.g. the term below is lost).
+        // The stream position, not the event id: ids are unique only per source, and may be
+        // missing.
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("dlq:{}:{}", position.stream, position.sequence).as_str(),
+        );
+        headers.insert("Dlq-Reason", header_text(reason, 512).as_str());
+        headers.insert("Dlq-Failed-Attempts", self.failures.to_string().as_str());
+        headers.insert("Dlq-Deliveries", self.delivered.to_string().as_str());
+        headers.insert("Dlq-Original-Subject", msg.subject.as_str());
+        headers.insert("Dlq-Original-Stream", position.stream.as_str());
+        headers.insert(
+            "Dlq-Original-Sequence",
+            position.sequence.to_string().as_str(),
+        );
+        if let Some(Attempt::Answered { body, .. }) = attempt {
+            // The function's JSON error says why; keep a bounded copy.
+            let detail = header_text(&String::from_utf8_lossy(body), 512);
+            headers.insert("Dlq-Response", detail.as_str());
+        }
+        shared
+            .publisher
+            .publish_stored(&subject, headers, msg.payload.clone(), config.reply_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = msg.ack_with(AckKind::Term).await;
+        shared
+            .metrics
+            .settled
+            .add(1, &[KeyValue::new("outcome", "dead_lettered")]);
+        tracing::warn!(id = %self.id, %subject, reason, "dead-lettered");
+        Ok(())
     }
 }
 
@@ -374,20 +424,7 @@ pub(crate) async fn after_panic(shared: &Shared, msg: &jetstream::Message, panic
         return Settled::Done;
     };
     let cancel = CancellationToken::new();
-    let d = Delivery {
-        shared,
-        msg,
-        position: Position {
-            stream: info.stream.to_string(),
-            sequence: info.stream_sequence,
-            published: info.published,
-        },
-        id: format!("{}:{}", info.stream, info.stream_sequence),
-        ordered: false,
-        cancel: &cancel,
-        failures: 0,
-        delivered: info.delivered,
-    };
+    let d = Delivery::new(shared, msg, &info, false, &cancel);
     d.dead_letter_or_hold(&format!("delivery panicked: {panic}"), None)
         .await
 }
@@ -449,7 +486,15 @@ async fn read_capped(
     Ok((body.freeze(), false))
 }
 
-/// Runs `work` while telling JetStream every third of ack-wait that the message is in progress.
+/// Runs `work` while the message stays this source's: every third of its ack wait (no more
+/// often than every 100 ms) JetStream is told the message is in progress.
+///
+/// The one way the source holds a message longer than a moment, whatever it waits for: the
+/// sink's answer, the reply's PubAck, a retry waiting in place, or (ordered subjects) the
+/// message before it in its line. Without it JetStream redelivers the message once its ack
+/// wait runs out, to this replica or another, and the sink gets it twice, or an ordered
+/// subject out of order. A third, so one lost progress ack still leaves time for the next;
+/// 100 ms apart at least, so a tiny ack wait does not flood the server.
 pub(crate) async fn keep_alive<T>(
     msg: &jetstream::Message,
     ack_wait: Duration,
@@ -463,35 +508,6 @@ pub(crate) async fn keep_alive<T>(
             out = &mut work => return out,
             _ = ticker.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
         }
-    }
-}
-
-/// `BACKOFF_BASE_MS` doubled `n - 1` times, at most `BACKOFF_MAX_MS`.
-pub(crate) fn exponential(config: &crate::Config, n: u32) -> Duration {
-    config
-        .backoff_base
-        .saturating_mul(1 << n.saturating_sub(1).min(30))
-        .min(config.backoff_max)
-}
-
-/// The delay before a message's next try after `failures` failed attempts: exponential from
-/// `BACKOFF_BASE_MS` with equal jitter up to `BACKOFF_MAX_MS`, or the sink's `Retry-After`
-/// (capped) with a little added. The one backoff of the source (ordered deferrals use it too).
-pub(crate) fn backoff(
-    config: &crate::Config,
-    failures: u32,
-    retry_after: Option<Duration>,
-) -> Duration {
-    let base = match retry_after {
-        Some(after) => after.min(config.backoff_max),
-        None => exponential(config, failures),
-    };
-    // Equal jitter for computed delays spreads a burst of failures; Retry-After is respected
-    // as a floor with up to 10% added.
-    if retry_after.is_some() {
-        base + base.mul_f64(fastrand::f64() * 0.1)
-    } else {
-        base / 2 + base.mul_f64(fastrand::f64() * 0.5)
     }
 }
 
@@ -547,52 +563,6 @@ async fn publish_reply(shared: &Shared, reply: Reply<'_>) -> Result<(), ReplyFai
         Err(e @ PublishError::Refused { .. }) => Err(ReplyFailure::Refused(e.to_string())),
         Err(e) => Err(ReplyFailure::Unavailable(e.to_string())),
     }
-}
-
-async fn dead_letter(
-    d: &Delivery<'_>,
-    reason: &str,
-    attempt: Option<&Attempt>,
-) -> Result<(), String> {
-    let (shared, msg, position) = (d.shared, d.msg, &d.position);
-    let config = &shared.config;
-    let subject = config
-        .dlq_subject
-        .replace("{stream}", &config.stream)
-        .replace("{subject}", msg.subject.as_str());
-    let mut headers = dead_letter_headers(msg.headers.as_ref());
-    // One dead letter per message even if this runs twice (e.g. the term below is lost). The
-    // stream position, not the event id: ids are unique only per source, and may be missing.
-    headers.insert(
-        "Nats-Msg-Id",
-        format!("dlq:{}:{}", position.stream, position.sequence).as_str(),
-    );
-    headers.insert("Dlq-Reason", header_text(reason, 512).as_str());
-    headers.insert("Dlq-Failed-Attempts", d.failures.to_string().as_str());
-    headers.insert("Dlq-Deliveries", d.delivered.to_string().as_str());
-    headers.insert("Dlq-Original-Subject", msg.subject.as_str());
-    headers.insert("Dlq-Original-Stream", position.stream.as_str());
-    headers.insert(
-        "Dlq-Original-Sequence",
-        position.sequence.to_string().as_str(),
-    );
-    if let Some(Attempt::Answered { body, .. }) = attempt {
-        // The function's JSON error says why; keep a bounded copy.
-        let detail = header_text(&String::from_utf8_lossy(body), 512);
-        headers.insert("Dlq-Response", detail.as_str());
-    }
-    shared
-        .publisher
-        .publish_stored(&subject, headers, msg.payload.clone(), config.reply_timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = msg.ack_with(AckKind::Term).await;
-    shared
-        .metrics
-        .settled
-        .add(1, &[KeyValue::new("outcome", "dead_lettered")]);
-    tracing::warn!(id = %d.id, %subject, reason, "dead-lettered");
-    Ok(())
 }
 
 /// Free text made fit for a NATS header value: control characters (CR and LF would be

@@ -18,6 +18,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
+
 /// What the fetch loop may do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Admit {
@@ -45,8 +47,8 @@ pub(crate) struct Gate {
     inner: Mutex<Inner>,
     /// Bumped on every change, so waiters wake.
     changed: watch::Sender<u64>,
-    base: Duration,
-    max: Duration,
+    /// How long a closing lasts, by closings in a row.
+    backoff: Backoff,
 }
 
 #[derive(Debug)]
@@ -65,8 +67,7 @@ impl Gate {
                 closings: 0,
             }),
             changed: watch::channel(0).0,
-            base,
-            max,
+            backoff: Backoff::new(base, max),
         }
     }
 
@@ -127,11 +128,10 @@ impl Gate {
             // Many deliveries in flight meet the same outage: one closing, not one each.
             inner.closings = inner.closings.saturating_add(1);
         }
-        let computed = self
-            .base
-            .saturating_mul(1 << inner.closings.saturating_sub(1).min(20))
-            .min(self.max);
-        let wanted = retry_after.map_or(computed, |after| after.min(self.max));
+        let wanted = retry_after.map_or_else(
+            || self.backoff.exponential(inner.closings),
+            |after| self.backoff.capped(after),
+        );
         let shut = wanted.max(left);
         inner.state = State::Shut { until: now + shut };
         drop(inner);
