@@ -38,6 +38,38 @@ async fn sigterm_lets_in_flight_events_finish() {
         .expect("kill");
     assert!(killed.success());
 
+    // New work is refused while the in-flight event is still being answered: a fresh
+    // connection (no pooled one) is not accepted once the drain has begun.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_millis(300))
+        .build()
+        .expect("client");
+    let (headers, body) = event("ai.tts.request")
+        .json(&json!({"text": "Too late."}))
+        .binary_parts();
+    let refused = eventually(Duration::from_secs(1), || {
+        let mut request = fresh.post(&process.base).body(body.clone());
+        for (name, value) in &headers {
+            request = request.header(name.clone(), value.clone());
+        }
+        async move {
+            match request.send().await {
+                Err(e) if e.is_connect() => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "a new connection was still served while draining"
+    );
+    assert!(
+        !in_flight.is_finished(),
+        "the refusal was seen while the first event was still in flight"
+    );
+
     let response = in_flight
         .await
         .expect("task")
