@@ -19,7 +19,8 @@
 //! - [`replay`]: running a target over its committed seeds, for the workspace's tests.
 //! - [`backend`]: a local HTTP server answering whatever the current input says (SSE, answers).
 //! - [`sim`]: the inference simulator plus a Milvus stand-in, for the functions' targets.
-//! - [`cloudevent`], [`audio`], [`vad`], [`sse`], [`answers`]: handler-kit.
+//! - [`cloudevent`]: handler-kit; [`audio`], [`vad`]: the audio crate and stt-module;
+//!   [`sse`], [`answers`]: chat-handler's backend clients.
 //! - [`tts_request`], [`stt_request`], [`chat_request`], [`voice_request`]: the functions'
 //!   HTTP surfaces.
 //! - [`pipeline_request`], [`webhook`], [`catalog`]: pipeline-bridge ([`pipeline`]: its
