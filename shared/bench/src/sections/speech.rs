@@ -1,6 +1,6 @@
 //! The speech section: what the generic table cannot show for stt-module and voice-assistant.
 //!
-//! Both are in the generic list too ([`crate::functions`]): binary size, cold start, idle RSS
+//! Both are in the generic list too ([`catalog`](crate::harness::catalog)): binary size, cold start, idle RSS
 //! and RSS with 100 events in flight. Here:
 //!
 //! 1. **VAD speed**, in this process on one thread, with handler-kit's own code and default
@@ -25,11 +25,11 @@
 //!    message on `ai.voice.response.stream.{request_id}`. Overhead = first audio - the sum of
 //!    the three direct calls. Then the same with a simulator answering at once.
 //!
-//! Every child is a [`Proc`](crate::proc::Proc) killed on drop, every wait has a deadline.
+//! Every child is a [`Proc`](crate::harness::proc::Proc) killed on drop, every wait has a deadline.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -42,15 +42,20 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 
-use crate::chat::{Peer, RawSubscriber, chunk_done_is, completion_body, stream_completion_text};
-use crate::functions::{Endpoints, Function, set_var};
-use crate::http::Request;
-use crate::measure::{self, Running};
-use crate::report::MeasureError;
-use crate::stats::{Summary, ms};
+use crate::harness::backends::{Backend, start_backend};
+use crate::harness::catalog::{STT_MODULE, VOICE_ASSISTANT};
+use crate::harness::fixtures::{self, read_speech};
+use crate::harness::function::{Endpoints, Function, set_var};
+use crate::harness::http::{Peer, Request, Response};
+use crate::harness::llm::{completion_body, stream_completion_text};
+use crate::harness::measure::{Running, start_ready_with};
+use crate::harness::nats::{RawSubscriber, chunk_done, start_nats};
+use crate::harness::results::{MeasureError, fail};
+use crate::harness::section::{Context, RunSettings, Section, env_count};
+use crate::harness::stats::{Summary, ms};
 
-/// The speech fixtures (made by `scripts/make-speech-fixtures.sh`).
-pub const FIXTURES: [&str; 2] = ["two-utterances-16k.wav", "three-utterances-44k-stereo.wav"];
+/// The speech fixtures measured.
+const FIXTURES: [&str; 2] = fixtures::SPEECH;
 /// CPU time each VAD-speed stage is repeated for, at least.
 pub const VAD_MIN_CPU: Duration = Duration::from_millis(1500);
 /// The simulator's `SIM_LATENCY_MS` in the time-to-first-audio measurement.
@@ -69,11 +74,6 @@ const SERIES_DEADLINE: Duration = Duration::from_secs(60);
 /// The transcription path stt-module and voice-assistant call.
 pub const TRANSCRIBE_PATH: &str = "/v1/audio/transcriptions";
 
-/// The directory of the speech fixtures in the source tree.
-pub fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testkit/fixtures/speech")
-}
-
 /// Settings of the section, from `BENCH_VOICE_*` variables.
 #[derive(Debug, Clone, Serialize)]
 pub struct SpeechSettings {
@@ -91,7 +91,7 @@ impl SpeechSettings {
     /// Reads the variables.
     pub fn from_env() -> anyhow::Result<Self> {
         Ok(Self {
-            voice_events: crate::env_count("BENCH_VOICE_EVENTS", 50)?,
+            voice_events: env_count("BENCH_VOICE_EVENTS", 50)?,
             voice_warmup_events: VOICE_WARMUP_PAIRS,
             backend_delay_ms: u64::try_from(BACKEND_DELAY.as_millis()).unwrap_or(u64::MAX),
             vad_min_cpu_ms: u64::try_from(VAD_MIN_CPU.as_millis()).unwrap_or(u64::MAX),
@@ -191,34 +191,31 @@ pub mod measures {
 
 impl SpeechResult {
     fn fail(&mut self, measure: &'static str, error: &anyhow::Error) {
-        self.errors.push(MeasureError {
-            measure,
-            error: format!("{error:#}"),
-        });
+        fail(&mut self.errors, measure, error);
     }
 }
 
 /// What the section needs from the run.
 #[derive(Debug)]
-pub struct SpeechEnv<'a> {
+struct SpeechEnv<'a> {
     /// stt-module, as in the generic list.
-    pub stt: &'a Function,
+    stt: &'a Function,
     /// voice-assistant, as in the generic list.
-    pub voice: &'a Function,
+    voice: &'a Function,
     /// The instant simulator and the Milvus mock.
-    pub endpoints: &'a Endpoints,
+    endpoints: &'a Endpoints,
     /// Where `inference-sim` is.
-    pub bin_dir: &'a Path,
+    bin_dir: &'a Path,
     /// The nats-server binary.
-    pub nats_server: &'a Path,
+    nats_server: &'a Path,
     /// Child output.
-    pub logs: &'a Path,
+    logs: &'a Path,
     /// The runtime the transcription mock runs on.
-    pub rt: &'a Runtime,
+    rt: &'a Runtime,
 }
 
 /// Runs the section. Failures are recorded in the result, never returned.
-pub fn run(settings: &SpeechSettings, env: &SpeechEnv<'_>) -> SpeechResult {
+fn run(settings: &SpeechSettings, env: &SpeechEnv<'_>) -> SpeechResult {
     let mut r = SpeechResult::default();
     eprintln!("bench: speech: VAD speed (one thread, in process)");
     for name in FIXTURES {
@@ -236,7 +233,7 @@ pub fn run(settings: &SpeechSettings, env: &SpeechEnv<'_>) -> SpeechResult {
         "bench: speech: voice-assistant time to first audio ({} pairs per mode after {} warm-up)",
         settings.voice_events, settings.voice_warmup_events
     );
-    match crate::source::start_nats(env.nats_server, env.logs, "nats-server-voice", env.rt) {
+    match start_nats(env.nats_server, env.logs, "nats-server-voice", env.rt) {
         Ok(nats) => {
             for delay in [BACKEND_DELAY, Duration::ZERO] {
                 match ttfa(settings, env, &nats.url, delay) {
@@ -285,13 +282,8 @@ fn to_16k(wav: &Wav) -> Vec<i16> {
     resample(&wav.to_mono_i16(), wav.sample_rate(), VAD_RATE)
 }
 
-fn read_fixture(name: &str) -> anyhow::Result<Vec<u8>> {
-    let path = fixture_dir().join(name);
-    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
-}
-
 fn vad_speed(name: &str) -> anyhow::Result<VadSpeed> {
-    let bytes = read_fixture(name)?;
+    let bytes = read_speech(name)?;
     let config = VadConfig::default();
     let wav = Wav::parse(&bytes).map_err(|e| anyhow!(e))?;
     let samples = to_16k(&wav);
@@ -406,7 +398,7 @@ fn event(addr: SocketAddr, ty: &str, id: &str, data: &Value) -> Request {
 }
 
 /// The JSON data of a reply answered 200.
-fn reply_data(r: &crate::http::Response, what: &str) -> anyhow::Result<Value> {
+fn reply_data(r: &Response, what: &str) -> anyhow::Result<Value> {
     ensure!(
         r.status == 200,
         "{what} answered HTTP {}: {}",
@@ -420,11 +412,11 @@ fn forwarded(env: &SpeechEnv<'_>) -> anyhow::Result<Vec<Forwarded>> {
     let counter = TranscriptionCounter::start(env.rt)?;
     let mut vars = env.stt.environment(0, env.endpoints, None);
     set_var(&mut vars, "STT_URL", counter.url.clone());
-    let mut stt = measure::start_ready_with(env.stt, vars, env.logs)?;
+    let mut stt = start_ready_with(env.stt, vars, env.logs)?;
     let mut peer = Peer::new(stt.addr);
     let mut out = Vec::new();
     for name in FIXTURES {
-        let bytes = read_fixture(name)?;
+        let bytes = read_speech(name)?;
         let audio = base64::engine::general_purpose::STANDARD.encode(&bytes);
         counter.take();
         let id = format!("forwarded-{name}");
@@ -466,7 +458,7 @@ fn forwarded(env: &SpeechEnv<'_>) -> anyhow::Result<Vec<Forwarded>> {
 /// The voice recording: the first utterance of `two-utterances-16k.wav` (WAV bytes), and the
 /// WAV of its speech segment, which is what voice-assistant sends to STT.
 fn voice_recording() -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
-    let wav = Wav::parse(&read_fixture(FIXTURES[0])?).map_err(|e| anyhow!(e))?;
+    let wav = Wav::parse(&read_speech(FIXTURES[0])?).map_err(|e| anyhow!(e))?;
     ensure!(wav.sample_rate() == VAD_RATE && wav.channels() == 1);
     let mut samples = wav.to_mono_i16();
     samples.truncate((VOICE_CUT_MS * u64::from(VAD_RATE) / 1000) as usize);
@@ -527,7 +519,7 @@ struct VoicePair {
 
 /// The processes of one time-to-first-audio measurement.
 struct VoiceRig {
-    _sim: measure::Backend,
+    _sim: Backend,
     voice: Running,
     sim: Peer,
     subscriber: RawSubscriber,
@@ -537,7 +529,7 @@ struct VoiceRig {
 
 impl VoiceRig {
     fn start(env: &SpeechEnv<'_>, nats_url: &str, delay: Duration) -> anyhow::Result<Self> {
-        let sim = measure::start_backend(
+        let sim = start_backend(
             env.bin_dir,
             delay,
             Duration::ZERO,
@@ -549,7 +541,7 @@ impl VoiceRig {
             set_var(&mut vars, name, sim.url.clone());
         }
         set_var(&mut vars, "NATS_URL", nats_url);
-        let voice = measure::start_ready_with(env.voice, vars, env.logs)?;
+        let voice = start_ready_with(env.voice, vars, env.logs)?;
         let subscriber = RawSubscriber::connect(nats_url, &format!("{STREAM_SUBJECT}>"))?;
         let (recording, segment) = voice_recording()?;
         Ok(Self {
@@ -600,18 +592,18 @@ impl VoiceRig {
                 Instant::now() < deadline,
                 "no done message on {subject} within {CALL_TIMEOUT:?}"
             );
-            let m = self.subscriber.next()?;
+            let m = self.subscriber.next_message()?;
             if m.subject != subject {
                 continue; // a late message of an earlier request
             }
             if first.is_none() {
                 ensure!(
-                    chunk_done_is(&m.payload, false) && m.payload.len() > 1000,
+                    chunk_done(&m.payload) == Some(false) && m.payload.len() > 1000,
                     "the first message on {subject} carries no audio"
                 );
                 first = Some(m.at);
             }
-            if chunk_done_is(&m.payload, true) {
+            if chunk_done(&m.payload) == Some(true) {
                 break;
             }
         }
@@ -685,7 +677,7 @@ fn ttfa(
 // Report.
 
 /// The section as printed under the table.
-pub fn section(r: &SpeechResult, settings: &SpeechSettings) -> String {
+fn render(r: &SpeechResult) -> String {
     let mut out = String::from("speech (stt-module, voice-assistant):\n");
     let mut row = |label: &str, value: String| {
         let _ = writeln!(out, "  {label:<32}{value}");
@@ -750,12 +742,11 @@ pub fn section(r: &SpeechResult, settings: &SpeechSettings) -> String {
             ),
         );
     }
-    let _ = settings;
     out
 }
 
 /// How the section was measured, for the notes.
-pub fn notes(settings: &SpeechSettings) -> Vec<String> {
+fn notes(settings: &SpeechSettings) -> Vec<String> {
     vec![
         format!(
             "speech VAD speed: handler-kit's code in the bench process on one thread, default \
@@ -783,6 +774,96 @@ pub fn notes(settings: &SpeechSettings) -> Vec<String> {
             settings.voice_warmup_events
         ),
     ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// The section.
+
+/// The speech section.
+#[derive(Debug)]
+pub struct SpeechSection {
+    settings: SpeechSettings,
+    /// stt-module and voice-assistant, when `BENCH_ONLY` lets both run.
+    functions: Option<(Function, Function)>,
+    result: SpeechResult,
+}
+
+impl SpeechSection {
+    /// Measures stt-module and voice-assistant when `BENCH_ONLY` lets both run.
+    pub fn new(settings: SpeechSettings, run: &RunSettings) -> Self {
+        let find = |name: &str| {
+            crate::harness::catalog::functions(&run.bin_dir)
+                .into_iter()
+                .find(|f| f.name == name && run.wants(f.name))
+        };
+        Self {
+            settings,
+            functions: find(STT_MODULE).zip(find(VOICE_ASSISTANT)),
+            result: SpeechResult::default(),
+        }
+    }
+}
+
+impl Section for SpeechSection {
+    fn key(&self) -> &'static str {
+        "speech"
+    }
+
+    fn selected(&self) -> bool {
+        self.functions.is_some()
+    }
+
+    fn functions(&self) -> Vec<&Function> {
+        self.functions
+            .iter()
+            .flat_map(|(stt, voice)| [stt, voice])
+            .collect()
+    }
+
+    fn run(&mut self, ctx: &mut Context<'_>) {
+        let Some((stt, voice)) = &self.functions else {
+            return;
+        };
+        let rt = match ctx.rt() {
+            Ok(rt) => rt,
+            Err(e) => {
+                self.result.fail(measures::VAD, &e);
+                return;
+            }
+        };
+        let endpoints = ctx.endpoints();
+        let env = SpeechEnv {
+            stt,
+            voice,
+            endpoints: &endpoints,
+            bin_dir: ctx.bin_dir(),
+            nats_server: &ctx.nats_server,
+            logs: &ctx.logs,
+            rt,
+        };
+        self.result = run(&self.settings, &env);
+    }
+
+    fn render(&self) -> Option<String> {
+        let r = &self.result;
+        (!(r.vad.is_empty() && r.errors.is_empty())).then(|| render(r))
+    }
+
+    fn notes(&self) -> Vec<String> {
+        notes(&self.settings)
+    }
+
+    fn errors(&self) -> Vec<String> {
+        self.result
+            .errors
+            .iter()
+            .map(|e| format!("speech {}: {}", e.measure, e.error))
+            .collect()
+    }
+
+    fn result_json(&self) -> serde_json::Result<String> {
+        serde_json::to_string_pretty(&self.result)
+    }
 }
 
 #[cfg(test)]
