@@ -65,6 +65,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::harness::error::Result;
 use crate::harness::nats::server_binary;
 use crate::harness::section::{Context, RunSettings, Section};
 use crate::report::{Machine, Outcome};
@@ -95,7 +96,7 @@ pub struct Settings {
 
 impl Settings {
     /// Reads the variables.
-    pub fn from_env() -> anyhow::Result<Self> {
+    pub fn from_env() -> Result<Self> {
         let run = RunSettings::from_env()?;
         Ok(Self {
             source: SourceSettings::from_env(&run.bin_dir)?,
@@ -122,7 +123,7 @@ impl Settings {
 
 /// Runs every section `BENCH_ONLY` selects, prints the report and writes the JSON. The exit
 /// code is 1 when a measurement failed, or when a target failed under `BENCH_STRICT=1`; else 0.
-pub fn run() -> anyhow::Result<ExitCode> {
+pub fn run() -> Result<ExitCode> {
     let began = Instant::now();
     let settings = Settings::from_env()?;
     let machine = Machine::read();

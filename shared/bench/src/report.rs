@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
+use crate::harness::error::{Context as _, Result};
 use serde::Serialize;
 
 use crate::harness::results::{Bound, TargetCheck};
@@ -163,7 +163,7 @@ pub fn write_results(
     settings: &impl Serialize,
     sections: &[Box<dyn Section>],
     outcome: &Outcome,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let unix_time = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use crate::harness::error::{Context as _, Result, bail, ensure};
 use tokio::runtime::Runtime;
 
 use super::fixtures;
@@ -26,13 +26,13 @@ pub struct Backend {
 
 impl Backend {
     /// Where it listens.
-    pub fn addr(&self) -> anyhow::Result<SocketAddr> {
+    pub fn addr(&self) -> Result<SocketAddr> {
         addr_of(&self.url)
     }
 }
 
 /// The socket address of an `http://127.0.0.1:PORT` base URL.
-pub fn addr_of(url: &str) -> anyhow::Result<SocketAddr> {
+pub fn addr_of(url: &str) -> Result<SocketAddr> {
     url.strip_prefix("http://")
         .and_then(|a| a.trim_end_matches('/').parse().ok())
         .with_context(|| format!("{url:?} is not http://IP:PORT"))
@@ -46,7 +46,7 @@ pub fn start_backend(
     token_delay: Duration,
     logs: &Path,
     label: &str,
-) -> anyhow::Result<Backend> {
+) -> Result<Backend> {
     let binary = bin_dir.join("inference-sim");
     ensure!(binary.exists(), "{} not found", binary.display());
     let port = free_port()?;
@@ -109,7 +109,7 @@ async fn milvus_search(
 
 impl MilvusMock {
     /// Binds 127.0.0.1 on a free port and serves on `rt`.
-    pub fn start(rt: &Runtime) -> anyhow::Result<Self> {
+    pub fn start(rt: &Runtime) -> Result<Self> {
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
             .context("binding the Milvus mock")?;
@@ -149,12 +149,7 @@ impl FakeKube {
 
     /// Starts `fake-kube` from `bin_dir` answering after `latency`; returns once its
     /// kubeconfig is written (after it listens).
-    pub fn start(
-        bin_dir: &Path,
-        latency: Duration,
-        logs: &Path,
-        label: &str,
-    ) -> anyhow::Result<Self> {
+    pub fn start(bin_dir: &Path, latency: Duration, logs: &Path, label: &str) -> Result<Self> {
         let dir = tempfile::tempdir().context("creating a directory for the kubeconfig")?;
         let log = logs.join(format!("fake-kube-{label}.log"));
         let args = [
@@ -196,7 +191,7 @@ pub struct Backends {
 
 impl Backends {
     /// Starts what `functions` use, with binaries from `bin_dir` and output to `logs`.
-    pub fn start(functions: &[&Function], bin_dir: &Path, logs: &Path) -> anyhow::Result<Self> {
+    pub fn start(functions: &[&Function], bin_dir: &Path, logs: &Path) -> Result<Self> {
         let uses = |placeholder: &str| functions.iter().any(|f| f.uses(placeholder));
         let fast = (uses(BACKEND) || uses(INSTANT))
             .then(|| start_backend(bin_dir, Duration::ZERO, Duration::ZERO, logs, "fast"))
@@ -261,7 +256,7 @@ impl HeldBackends {
         token_delay: Duration,
         bin_dir: &Path,
         logs: &Path,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         let uses = |placeholder: &str| functions.iter().any(|f| f.uses(placeholder));
         let slow = uses(BACKEND)
             .then(|| start_backend(bin_dir, hold, Duration::ZERO, logs, "slow"))

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
+use crate::harness::error::{Context as _, Result};
 
 /// The speech fixtures, in `speech_dir()`.
 pub const SPEECH: [&str; 2] = ["two-utterances-16k.wav", "three-utterances-44k-stereo.wav"];
@@ -15,7 +15,7 @@ pub fn speech_dir() -> PathBuf {
 }
 
 /// The bytes of the speech fixture `name`.
-pub fn read_speech(name: &str) -> anyhow::Result<Vec<u8>> {
+pub fn read_speech(name: &str) -> Result<Vec<u8>> {
     let path = speech_dir().join(name);
     std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
 }
@@ -72,7 +72,7 @@ pub fn catalog_path(bin_dir: &Path) -> PathBuf {
 
 /// Writes [`CATALOG`] and the max-body section's entry ([`pipeline_entry`])
 /// to [`catalog_path`].
-pub fn write_catalog(bin_dir: &Path, max_body_bytes: usize) -> anyhow::Result<()> {
+pub fn write_catalog(bin_dir: &Path, max_body_bytes: usize) -> Result<()> {
     let path = catalog_path(bin_dir);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;

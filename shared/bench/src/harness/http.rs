@@ -12,7 +12,7 @@ use std::io::{self, BufRead, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, ensure};
+use crate::harness::error::{Context as _, Result, ensure};
 use serde_json::Value;
 
 /// Largest response body read; anything bigger is an error, not a buffer that keeps growing.
@@ -312,7 +312,7 @@ impl Peer {
         &mut self,
         request: &Request,
         on_body: &mut dyn FnMut(&[u8]),
-    ) -> anyhow::Result<(Response, Instant, Duration)> {
+    ) -> Result<(Response, Instant, Duration)> {
         let conn = self.conn()?;
         let started = Instant::now();
         let result = conn.write(request).and_then(|()| conn.read_with(on_body));
@@ -332,7 +332,7 @@ impl Peer {
         path: &str,
         body: &Value,
         on_body: &mut dyn FnMut(&[u8]),
-    ) -> anyhow::Result<(Response, Instant, Duration)> {
+    ) -> Result<(Response, Instant, Duration)> {
         let request = Request::new(
             "POST",
             self.addr,

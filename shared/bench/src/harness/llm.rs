@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, ensure};
+use crate::harness::error::{Context as _, Result, ensure};
 use serde_json::{Value, json};
 
 use super::http::Peer;
@@ -82,7 +82,7 @@ pub fn completion_body(message: &str, docs: &[(String, Option<String>)]) -> Valu
 
 /// Streams a completion to `[DONE]`: (first content delta, whole stream), both from before
 /// the request was written.
-pub fn stream_completion(peer: &mut Peer, body: &Value) -> anyhow::Result<(Duration, Duration)> {
+pub fn stream_completion(peer: &mut Peer, body: &Value) -> Result<(Duration, Duration)> {
     let mut first = FirstToken::default();
     let (r, started, took) =
         peer.post_json("/v1/chat/completions", body, &mut |b| first.feed(b))?;
@@ -98,7 +98,7 @@ pub fn stream_completion(peer: &mut Peer, body: &Value) -> anyhow::Result<(Durat
 
 /// Streams a completion to `[DONE]`: (the answer's text, the whole stream's time from before
 /// the request was written).
-pub fn stream_completion_text(peer: &mut Peer, body: &Value) -> anyhow::Result<(String, Duration)> {
+pub fn stream_completion_text(peer: &mut Peer, body: &Value) -> Result<(String, Duration)> {
     let (r, _, took) = peer.post_json("/v1/chat/completions", body, &mut |_| {})?;
     let mut text = String::new();
     let mut done = false;

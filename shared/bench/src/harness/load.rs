@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, ensure};
+use crate::harness::error::{Context as _, Error, Result, ensure, err};
 use serde::Serialize;
 
 use super::function::{Endpoints, Function};
@@ -43,7 +43,7 @@ pub fn throughput(
     events: usize,
     concurrency: usize,
     logs: &Path,
-) -> anyhow::Result<Throughput> {
+) -> Result<Throughput> {
     let mut running = start_ready(f, endpoints, None, logs)?;
     load(f, running.addr, WARMUP_EVENTS, concurrency, "warm").context("warm-up")?;
     let (latencies, wall) = load(f, running.addr, events, concurrency, "ev")?;
@@ -65,13 +65,13 @@ pub fn load(
     total: usize,
     concurrency: usize,
     tag: &str,
-) -> anyhow::Result<(Vec<Duration>, Duration)> {
+) -> Result<(Vec<Duration>, Duration)> {
     let next = AtomicUsize::new(0);
     let ready = AtomicUsize::new(0);
     let go = AtomicBool::new(false);
     let abort = AtomicBool::new(false);
     let deadline = Instant::now() + LOAD_DEADLINE;
-    let worker = || -> anyhow::Result<Vec<Duration>> {
+    let worker = || -> Result<Vec<Duration>> {
         let conn = Conn::connect(addr, REQUEST_TIMEOUT);
         ready.fetch_add(1, Ordering::SeqCst);
         while !go.load(Ordering::SeqCst) {
@@ -144,13 +144,13 @@ pub fn load(
                     first_error.get_or_insert(e);
                 }
                 Err(_) => {
-                    first_error.get_or_insert(anyhow!("client thread panicked"));
+                    first_error.get_or_insert(err!("client thread panicked"));
                 }
             }
         }
         let wall = started.elapsed();
         if let Some(e) = spawn_error {
-            return Err(anyhow!(e).context("starting client threads"));
+            return Err(Error::from(e).context("starting client threads"));
         }
         if let Some(e) = first_error {
             return Err(e);
@@ -175,7 +175,7 @@ pub fn load_evented(
     total: usize,
     concurrency: usize,
     tag: &str,
-) -> anyhow::Result<(Vec<Duration>, Duration)> {
+) -> Result<(Vec<Duration>, Duration)> {
     use std::sync::Arc;
     use tokio::io::AsyncWriteExt as _;
 
@@ -209,7 +209,7 @@ pub fn load_evented(
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(request) = requests.get(i) else {
-                        return anyhow::Ok(latencies);
+                        return Ok::<_, Error>(latencies);
                     };
                     let sent = Instant::now();
                     let status = tokio::time::timeout(REQUEST_TIMEOUT, async {
@@ -243,7 +243,7 @@ pub fn load_evented(
 
 /// Reads one response with a `Content-Length` from `stream`; returns its status, the body in
 /// `buf`.
-async fn read_answer(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<u16> {
+async fn read_answer(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Result<u16> {
     use tokio::io::AsyncReadExt as _;
     buf.clear();
     let mut chunk = [0u8; 4096];

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use crate::harness::error::{Context as _, Result, bail, ensure};
 use serde::Serialize;
 
 use super::function::{Endpoints, Function, InFlightProbe, set_var};
@@ -37,14 +37,14 @@ pub fn log_path(logs: &Path, name: &str) -> PathBuf {
 }
 
 /// Size in bytes of the function's binary.
-pub fn binary_size(f: &Function) -> anyhow::Result<u64> {
+pub fn binary_size(f: &Function) -> Result<u64> {
     Ok(std::fs::metadata(&f.binary)
         .with_context(|| format!("{} not found", f.binary.display()))?
         .len())
 }
 
 /// Polls `GET path` until it answers 200.
-pub fn wait_for(proc: &mut Proc, addr: SocketAddr, path: &str) -> anyhow::Result<()> {
+pub fn wait_for(proc: &mut Proc, addr: SocketAddr, path: &str) -> Result<()> {
     let started = Instant::now();
     let request = Request::get(addr, path);
     let mut last = String::from("no attempt");
@@ -62,7 +62,7 @@ pub fn wait_for(proc: &mut Proc, addr: SocketAddr, path: &str) -> anyhow::Result
 
 /// One cold start: from `spawn` (exec) to the first CloudEvent answered with 200, polled over
 /// a fresh connection per attempt. The process is killed afterwards.
-pub fn cold_start(f: &Function, endpoints: &Endpoints, logs: &Path) -> anyhow::Result<Duration> {
+pub fn cold_start(f: &Function, endpoints: &Endpoints, logs: &Path) -> Result<Duration> {
     let port = free_port()?;
     let addr = loopback(port);
     let request = f.event.request(addr, "bench-cold", false);
@@ -102,7 +102,7 @@ pub fn start_ready(
     endpoints: &Endpoints,
     hold: Option<Duration>,
     logs: &Path,
-) -> anyhow::Result<Running> {
+) -> Result<Running> {
     start_ready_with(f, f.environment(0, endpoints, hold), logs)
 }
 
@@ -112,7 +112,7 @@ pub fn start_ready_with(
     f: &Function,
     mut env: Vec<(String, String)>,
     logs: &Path,
-) -> anyhow::Result<Running> {
+) -> Result<Running> {
     let port = free_port()?;
     set_var(&mut env, "PORT", port.to_string());
     let log = log_path(logs, f.name);
@@ -125,7 +125,7 @@ pub fn start_ready_with(
 
 /// Sends one event on a fresh connection; it must be answered 200 with a binary-mode reply
 /// whose `ce-id` is `<id>.reply`.
-fn send_checked(f: &Function, addr: SocketAddr, id: &str) -> anyhow::Result<Response> {
+fn send_checked(f: &Function, addr: SocketAddr, id: &str) -> Result<Response> {
     let r = exchange(addr, &f.event.request(addr, id, false), REQUEST_TIMEOUT)
         .with_context(|| format!("sending an event to {}", f.name))?;
     ensure!(
@@ -155,7 +155,7 @@ pub struct Idle {
 }
 
 /// Starts `f`, waits for `/readyz`, sends one event, waits 300 ms, reads `VmRSS`.
-pub fn idle_rss(f: &Function, endpoints: &Endpoints, logs: &Path) -> anyhow::Result<Idle> {
+pub fn idle_rss(f: &Function, endpoints: &Endpoints, logs: &Path) -> Result<Idle> {
     let mut running = start_ready(f, endpoints, None, logs)?;
     send_checked(f, running.addr, "bench-idle")?;
     thread::sleep(IDLE_SETTLE);
@@ -189,7 +189,7 @@ pub fn rss_in_flight(
     hold: Duration,
     count: usize,
     logs: &Path,
-) -> anyhow::Result<Held> {
+) -> Result<Held> {
     let mut running = start_ready(f, endpoints, Some(hold), logs)?;
     let addr = running.addr;
     let written = AtomicUsize::new(0);
@@ -251,7 +251,7 @@ fn sample_held(
     running: &mut Running,
     written: &AtomicUsize,
     count: usize,
-) -> anyhow::Result<(Vec<f64>, Option<f64>, Instant)> {
+) -> Result<(Vec<f64>, Option<f64>, Instant)> {
     let started = Instant::now();
     while written.load(Ordering::SeqCst) < count {
         ensure!(

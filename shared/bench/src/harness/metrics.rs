@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::ensure;
+use crate::harness::error::{Result, ensure};
 use prometheus_parse::{Scrape, Value};
 
 use super::http::{Request, exchange};
@@ -29,7 +29,7 @@ impl Metrics {
     }
 
     /// `GET /metrics` on `addr` (answered 200 within `timeout`), parsed.
-    pub fn get(addr: SocketAddr, timeout: Duration) -> anyhow::Result<Self> {
+    pub fn get(addr: SocketAddr, timeout: Duration) -> Result<Self> {
         let r = exchange(addr, &Request::get(addr, "/metrics"), timeout)?;
         ensure!(r.status == 200, "GET /metrics answered HTTP {}", r.status);
         Ok(Self::parse(&String::from_utf8_lossy(&r.body)))

@@ -12,11 +12,13 @@
 //! - [`nats`]: nats-server, a raw subscriber, MessagePack stream chunks.
 //! - [`metrics`]: Prometheus text from `/metrics`.
 //! - [`stats`]: percentiles and units; [`results`]: failures and target checks.
+//! - [`error`]: the crate's one error type.
 //!
 //! Harness modules import each other, never a section.
 
 pub mod backends;
 pub mod catalog;
+pub mod error;
 pub mod fixtures;
 pub mod function;
 pub mod http;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, bail, ensure};
+use crate::harness::error::{Context as _, Error, Result, bail, ensure, err};
 use async_nats::jetstream;
 use serde::Deserialize;
 use serde_json::json;
@@ -48,15 +48,15 @@ pub struct Nats {
 }
 
 /// `fut` with [`NATS_TIMEOUT`].
-pub async fn timeout<F: IntoFuture>(fut: F) -> anyhow::Result<F::Output> {
+pub async fn timeout<F: IntoFuture>(fut: F) -> Result<F::Output> {
     tokio::time::timeout(NATS_TIMEOUT, fut.into_future())
         .await
-        .map_err(|_| anyhow!("no answer from NATS within {NATS_TIMEOUT:?}"))
+        .map_err(|_| err!("no answer from NATS within {NATS_TIMEOUT:?}"))
 }
 
 /// Starts nats-server on a free port with JetStream and a temporary store, and waits until
 /// JetStream answers. Its output goes to `logs/<label>.log`.
-pub fn start_nats(binary: &Path, logs: &Path, label: &str, rt: &Runtime) -> anyhow::Result<Nats> {
+pub fn start_nats(binary: &Path, logs: &Path, label: &str, rt: &Runtime) -> Result<Nats> {
     ensure!(
         binary.is_file(),
         "{} not found (set NATS_SERVER_BIN or run `just tools`)",
@@ -88,7 +88,7 @@ pub fn start_nats(binary: &Path, logs: &Path, label: &str, rt: &Runtime) -> anyh
                 .connect(&url)
                 .await?;
             timeout(jetstream::new(client).query_account()).await??;
-            anyhow::Ok(())
+            Ok::<_, Error>(())
         });
         match attempt {
             Ok(()) => break,
@@ -130,7 +130,7 @@ pub struct NatsMessage {
 impl RawSubscriber {
     /// Connects to `nats://127.0.0.1:PORT` and subscribes to `subject`; returns once the
     /// server has confirmed (`PONG` after `SUB`).
-    pub fn connect(url: &str, subject: &str) -> anyhow::Result<Self> {
+    pub fn connect(url: &str, subject: &str) -> Result<Self> {
         let addr: SocketAddr = url
             .strip_prefix("nats://")
             .and_then(|a| a.parse().ok())
@@ -167,7 +167,7 @@ impl RawSubscriber {
         stream.flush()
     }
 
-    fn line(&mut self) -> anyhow::Result<String> {
+    fn line(&mut self) -> Result<String> {
         let mut line = String::new();
         let n = (&mut self.reader)
             .take(64 * 1024)
@@ -178,7 +178,7 @@ impl RawSubscriber {
     }
 
     /// The next message (answering the server's `PING`s on the way).
-    pub fn next_message(&mut self) -> anyhow::Result<NatsMessage> {
+    pub fn next_message(&mut self) -> Result<NatsMessage> {
         loop {
             let line = self.line()?;
             let at = Instant::now();

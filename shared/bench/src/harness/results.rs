@@ -1,5 +1,6 @@
 //! What every section's results share: failed measurements and the targets they are held to.
 
+use crate::harness::error::Error;
 use serde::Serialize;
 
 /// A measurement that failed.
@@ -77,7 +78,7 @@ pub fn check_bound(
 }
 
 /// Records `error` (with its cause chain) as the failure of `measure`.
-pub fn fail(errors: &mut Vec<MeasureError>, measure: &'static str, error: &anyhow::Error) {
+pub fn fail(errors: &mut Vec<MeasureError>, measure: &'static str, error: &Error) {
     errors.push(MeasureError {
         measure,
         error: format!("{error:#}"),

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, ensure};
+use crate::harness::error::{Context as _, Result, ensure};
 use serde::Serialize;
 use tokio::runtime::Runtime;
 
@@ -60,7 +60,7 @@ pub trait Section {
 }
 
 /// `name` as a count above 0, `default` when unset or empty.
-pub fn env_count(name: &str, default: usize) -> anyhow::Result<usize> {
+pub fn env_count(name: &str, default: usize) -> Result<usize> {
     match std::env::var(name) {
         Ok(raw) if !raw.trim().is_empty() => {
             let n: usize = raw
@@ -103,7 +103,7 @@ pub struct RunSettings {
 
 impl RunSettings {
     /// Reads the variables.
-    pub fn from_env() -> anyhow::Result<Self> {
+    pub fn from_env() -> Result<Self> {
         let bin_dir = match std::env::var_os("BENCH_BIN_DIR") {
             Some(dir) => PathBuf::from(dir),
             None => std::env::current_exe()
@@ -168,7 +168,7 @@ impl<'a> Context<'a> {
         settings: &'a RunSettings,
         nats_server: PathBuf,
         sections: &[Box<dyn Section>],
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         let bin_dir = &settings.bin_dir;
         let selected = || sections.iter().filter(|s| s.selected());
         let functions: Vec<&Function> = selected().flat_map(|s| s.functions()).collect();
@@ -219,14 +219,14 @@ impl<'a> Context<'a> {
     }
 
     /// The shared backends, while they run.
-    pub fn backends(&self) -> anyhow::Result<&Backends> {
+    pub fn backends(&self) -> Result<&Backends> {
         self.backends
             .as_ref()
             .context("the shared backends are stopped")
     }
 
     /// The runtime for in-process mocks and NATS clients, while the backends run.
-    pub fn rt(&self) -> anyhow::Result<&Runtime> {
+    pub fn rt(&self) -> Result<&Runtime> {
         Ok(self.backends()?.rt())
     }
 

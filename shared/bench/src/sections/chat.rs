@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, ensure};
+use crate::harness::error::{Context as _, Error, Result, ensure, err};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
@@ -95,7 +95,7 @@ pub struct ChatSettings {
 
 impl ChatSettings {
     /// Reads the variables.
-    pub fn from_env() -> anyhow::Result<Self> {
+    pub fn from_env() -> Result<Self> {
         Ok(Self {
             events: env_count("BENCH_CHAT_EVENTS", 500)?,
             concurrency: env_count("BENCH_CHAT_CONCURRENCY", 8)?,
@@ -209,7 +209,7 @@ pub mod measures {
 }
 
 impl ChatResult {
-    fn fail(&mut self, measure: &'static str, error: &anyhow::Error) {
+    fn fail(&mut self, measure: &'static str, error: &Error) {
         fail(&mut self.errors, measure, error);
     }
 
@@ -337,7 +337,7 @@ struct Direct {
 impl Direct {
     /// Embeddings, search, rerank and the streamed completion for `message`, as chat-handler
     /// makes them.
-    fn chain(&mut self, message: &str) -> anyhow::Result<Chain> {
+    fn chain(&mut self, message: &str) -> Result<Chain> {
         let body = json!({"model": MODEL, "input": [message], "encoding_format": "float"});
         let (r, _, embed) = self.sim.post_json("/v1/embeddings", &body, &mut |_| {})?;
         let answer: EmbeddingAnswer =
@@ -422,7 +422,7 @@ fn chat_event(addr: SocketAddr, id: &str, data: &Value) -> Request {
 
 /// Checks chat-handler's answer to `id`: 200, `ce-id: <id>.reply`, the expected `path`, not
 /// degraded, and (for `rag`) both documents as sources. Returns the data.
-fn check_answer(r: &Response, id: &str, path: &str) -> anyhow::Result<Value> {
+fn check_answer(r: &Response, id: &str, path: &str) -> Result<Value> {
     ensure!(
         r.status == 200,
         "chat-handler answered HTTP {}: {}",
@@ -473,11 +473,11 @@ fn pair(
     function: &mut Peer,
     direct: &mut Direct,
     f: &Function,
-) -> anyhow::Result<Pair> {
+) -> Result<Pair> {
     let id = format!("chat-{tag}-{i}");
     let question = message(&id);
     let request = f.event.request(function.addr, &id, true);
-    let mut ask = || -> anyhow::Result<Duration> {
+    let mut ask = || -> Result<Duration> {
         let (r, _, took) = function
             .send(&request, &mut |_| {})
             .context("sending an event to chat-handler")?;
@@ -501,11 +501,11 @@ fn pairs(
     count: usize,
     concurrency: usize,
     tag: &str,
-) -> anyhow::Result<Vec<Pair>> {
+) -> Result<Vec<Pair>> {
     let next = AtomicUsize::new(0);
     let abort = AtomicBool::new(false);
     let deadline = Instant::now() + SERIES_DEADLINE;
-    let worker = || -> anyhow::Result<Vec<Pair>> {
+    let worker = || -> Result<Vec<Pair>> {
         let mut function = Peer::new(targets.function);
         let mut direct = Direct {
             sim: Peer::new(targets.sim),
@@ -555,7 +555,7 @@ fn pairs(
                     first_error.get_or_insert(e);
                 }
                 Err(_) => {
-                    first_error.get_or_insert(anyhow!("client thread panicked"));
+                    first_error.get_or_insert(err!("client thread panicked"));
                 }
             }
         }
@@ -584,7 +584,7 @@ fn stage_means(before: &Metrics, after: &Metrics) -> Stages {
     }
 }
 
-fn added_latency(settings: &ChatSettings, env: &ChatEnv<'_>) -> anyhow::Result<Added> {
+fn added_latency(settings: &ChatSettings, env: &ChatEnv<'_>) -> Result<Added> {
     let f = env.function;
     let mut running = start_ready(f, env.endpoints, None, env.logs)?;
     let sim = addr_of(env.endpoints.instant.as_deref().context("no simulator")?)?;
@@ -659,7 +659,7 @@ struct TtftRig {
 }
 
 impl TtftRig {
-    fn start(env: &ChatEnv<'_>, nats_url: &str, delay: Duration) -> anyhow::Result<Self> {
+    fn start(env: &ChatEnv<'_>, nats_url: &str, delay: Duration) -> Result<Self> {
         let llm = start_backend(
             env.bin_dir,
             delay,
@@ -684,7 +684,7 @@ impl TtftRig {
     }
 
     /// One pair: the LLM's own first token, then chat-handler's first chunk.
-    fn pair(&mut self, id: &str, rag: bool, function: &mut Peer) -> anyhow::Result<TtftPair> {
+    fn pair(&mut self, id: &str, rag: bool, function: &mut Peer) -> Result<TtftPair> {
         let question = message(id);
         let docs: Vec<(String, Option<String>)> = if rag {
             vec![
@@ -747,7 +747,7 @@ impl TtftRig {
         })
     }
 
-    fn measure(&mut self, settings: &ChatSettings, rag: bool) -> anyhow::Result<Ttft> {
+    fn measure(&mut self, settings: &ChatSettings, rag: bool) -> Result<Ttft> {
         let mode = format!(
             "{}-{}ms",
             if rag { "rag" } else { "norag" },

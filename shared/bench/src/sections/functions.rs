@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::harness::backends::HeldBackends;
 use crate::harness::catalog;
+use crate::harness::error::{Error, Result, err};
 use crate::harness::function::{
     Endpoints, Function, HELD_EVENTS, HOLD, InFlightProbe, STREAM_TOKEN_DELAY,
 };
@@ -86,7 +87,7 @@ impl FunctionResult {
     }
 
     /// Records a failed measurement.
-    pub fn fail(&mut self, measure: &'static str, error: &anyhow::Error) {
+    pub fn fail(&mut self, measure: &'static str, error: &Error) {
         crate::harness::results::fail(&mut self.errors, measure, error);
     }
 
@@ -315,7 +316,7 @@ impl FunctionsSection {
     fn memory_and_rate(
         &mut self,
         normal: &Endpoints,
-        held: Result<&Endpoints, &anyhow::Error>,
+        held: Result<&Endpoints, &Error>,
         ctx: &mut Context<'_>,
     ) {
         let s = &self.settings;
@@ -328,7 +329,7 @@ impl FunctionsSection {
             eprintln!("bench: {}: RSS with {HELD_EVENTS} in flight", f.name);
             let measured = match held {
                 Ok(held) => rss_in_flight(f, held, HOLD, HELD_EVENTS, &ctx.logs),
-                Err(e) => Err(anyhow::anyhow!("{e:#}").context("starting the held backends")),
+                Err(e) => Err(err!("{e:#}").context("starting the held backends")),
             };
             match measured {
                 Ok(h) => {

@@ -41,7 +41,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, bail, ensure};
+use crate::harness::error::{Context as _, Error, Result, bail, ensure};
 use serde::Serialize;
 
 use crate::harness::catalog::{
@@ -84,8 +84,8 @@ pub struct Case {
     pub ce_type: &'static str,
     /// What fills the body, for the report.
     pub content: &'static str,
-    build: fn(usize) -> anyhow::Result<Body>,
-    check: fn(&Response) -> anyhow::Result<()>,
+    build: fn(usize) -> Result<Body>,
+    check: fn(&Response) -> Result<()>,
 }
 
 /// A built body.
@@ -202,7 +202,7 @@ pub fn knative_dir() -> std::path::PathBuf {
 
 /// Reads `function`'s service.yaml and config.yaml under `dir` (plain line scans: our own files,
 /// one container each).
-pub fn manifest(dir: &Path, function: &str, default_cap: usize) -> anyhow::Result<Manifest> {
+pub fn manifest(dir: &Path, function: &str, default_cap: usize) -> Result<Manifest> {
     let read = |name: &str| {
         let path = dir.join(function).join(name);
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
@@ -279,7 +279,7 @@ pub struct MaxBodyFigures {
 }
 
 /// `BENCH_MAX_BODY_CAPS`: `name=bytes` pairs, comma-separated.
-pub fn caps_from_env() -> anyhow::Result<Vec<(String, usize)>> {
+pub fn caps_from_env() -> Result<Vec<(String, usize)>> {
     let Ok(raw) = std::env::var("BENCH_MAX_BODY_CAPS") else {
         return Ok(Vec::new());
     };
@@ -337,7 +337,7 @@ fn measure(
     set_cap: bool,
     endpoints: &Endpoints,
     logs: &Path,
-) -> anyhow::Result<MaxBodyResult> {
+) -> Result<MaxBodyResult> {
     let body = (case.build)(case.cap)?;
     ensure!(
         body.bytes.len() <= case.cap && body.bytes.len() + 1 >= case.cap,
@@ -444,7 +444,7 @@ fn event(addr: SocketAddr, ce_type: &str, id: &str, body: &Body) -> Request {
 }
 
 /// `json` followed by spaces up to `cap` bytes (JSON allows whitespace after the value).
-fn pad_json(json: String, cap: usize) -> anyhow::Result<Vec<u8>> {
+fn pad_json(json: String, cap: usize) -> Result<Vec<u8>> {
     ensure!(
         json.len() <= cap,
         "the JSON is {} bytes, over the cap {cap}",
@@ -461,7 +461,7 @@ fn sentences(chars: usize) -> String {
     SENTENCE.chars().cycle().take(chars).collect()
 }
 
-fn tts_body(cap: usize) -> anyhow::Result<Body> {
+fn tts_body(cap: usize) -> Result<Body> {
     let json = serde_json::json!({ "text": sentences(TTS_MAX_TEXT_CHARS) }).to_string();
     Ok(Body {
         content_type: "application/json",
@@ -470,7 +470,7 @@ fn tts_body(cap: usize) -> anyhow::Result<Body> {
     })
 }
 
-fn chat_body(cap: usize) -> anyhow::Result<Body> {
+fn chat_body(cap: usize) -> Result<Body> {
     const TURN_CHARS: usize = 4000;
     let message = sentences(CHAT_MAX_MESSAGE_CHARS);
     let mut history = Vec::new();
@@ -512,16 +512,16 @@ struct Audio<'a> {
     audio: &'a [u8],
 }
 
-fn audio_msgpack(samples: &[i16], rate: u32) -> anyhow::Result<Vec<u8>> {
-    let wav = handler_kit::audio::encode_pcm16(samples, rate).map_err(|e| anyhow!(e))?;
+fn audio_msgpack(samples: &[i16], rate: u32) -> Result<Vec<u8>> {
+    let wav = handler_kit::audio::encode_pcm16(samples, rate).map_err(Error::msg)?;
     rmp_serde::to_vec_named(&Audio { audio: &wav }).context("encoding msgpack")
 }
 
-fn speech_body(cap: usize) -> anyhow::Result<Body> {
+fn speech_body(cap: usize) -> Result<Body> {
     use handler_kit::audio::{Wav, resample};
     let name = fixtures::SPEECH[0];
     let bytes = fixtures::read_speech(name)?;
-    let wav = Wav::parse(&bytes).map_err(|e| anyhow!(e))?;
+    let wav = Wav::parse(&bytes).map_err(Error::msg)?;
     let speech = wav.to_mono_i16();
     ensure!(!speech.is_empty(), "{name} has no samples");
     let max_samples = |rate: u32| (STT_MAX_AUDIO_MS * u64::from(rate) / 1000) as usize;
@@ -546,7 +546,7 @@ fn speech_body(cap: usize) -> anyhow::Result<Body> {
     })
 }
 
-fn pipeline_body(cap: usize) -> anyhow::Result<Body> {
+fn pipeline_body(cap: usize) -> Result<Body> {
     let count = pipeline_parameters(cap);
     let value: String = "abcdefghijklmnopqrstuvwxyz"
         .chars()
@@ -569,18 +569,18 @@ fn pipeline_body(cap: usize) -> anyhow::Result<Body> {
     })
 }
 
-fn json_reply(r: &Response) -> anyhow::Result<serde_json::Value> {
+fn json_reply(r: &Response) -> Result<serde_json::Value> {
     serde_json::from_slice(&r.body).context("the reply is not JSON")
 }
 
-fn positive(v: &serde_json::Value, field: &str) -> anyhow::Result<()> {
+fn positive(v: &serde_json::Value, field: &str) -> Result<()> {
     match v.get(field).and_then(serde_json::Value::as_u64) {
         Some(n) if n > 0 => Ok(()),
         other => bail!("{field} is {other:?}, not above 0"),
     }
 }
 
-fn tts_check(r: &Response) -> anyhow::Result<()> {
+fn tts_check(r: &Response) -> Result<()> {
     let v = json_reply(r)?;
     positive(&v, "duration_ms")?;
     ensure!(
@@ -590,7 +590,7 @@ fn tts_check(r: &Response) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn chat_check(r: &Response) -> anyhow::Result<()> {
+fn chat_check(r: &Response) -> Result<()> {
     let v = json_reply(r)?;
     match v.get("response").and_then(serde_json::Value::as_str) {
         Some(answer) if !answer.is_empty() => Ok(()),
@@ -598,7 +598,7 @@ fn chat_check(r: &Response) -> anyhow::Result<()> {
     }
 }
 
-fn stt_check(r: &Response) -> anyhow::Result<()> {
+fn stt_check(r: &Response) -> Result<()> {
     // msgpack in, msgpack out; the transcript holds no bytes, so it reads as JSON values.
     let v: serde_json::Value =
         rmp_serde::from_slice(&r.body).context("the reply is not msgpack")?;
@@ -609,7 +609,7 @@ fn stt_check(r: &Response) -> anyhow::Result<()> {
     }
 }
 
-fn voice_check(r: &Response) -> anyhow::Result<()> {
+fn voice_check(r: &Response) -> Result<()> {
     ensure!(
         r.header("ce-type") == Some("ai.voice.response"),
         "the reply is {:?}, not ai.voice.response",
@@ -619,7 +619,7 @@ fn voice_check(r: &Response) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pipeline_check(r: &Response) -> anyhow::Result<()> {
+fn pipeline_check(r: &Response) -> Result<()> {
     ensure!(!json_reply(r)?.is_null(), "an empty reply");
     Ok(())
 }

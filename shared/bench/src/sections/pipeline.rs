@@ -24,7 +24,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use crate::harness::error::{Context as _, Result};
 use serde::Serialize;
 
 use crate::harness::backends::FakeKube;
@@ -89,7 +89,7 @@ fn series(
     client: Client,
     bin_dir: &Path,
     logs: &Path,
-) -> anyhow::Result<Triggers> {
+) -> Result<Triggers> {
     let kube = FakeKube::start(bin_dir, Duration::ZERO, logs, "triggers")?;
     let endpoints = Endpoints {
         kube: Some(kube.kubeconfig.clone()),
@@ -104,13 +104,8 @@ fn series(
 }
 
 /// A signature shared by [`load`] and [`load_evented`].
-type Load = fn(
-    &Function,
-    std::net::SocketAddr,
-    usize,
-    usize,
-    &str,
-) -> anyhow::Result<(Vec<Duration>, Duration)>;
+type Load =
+    fn(&Function, std::net::SocketAddr, usize, usize, &str) -> Result<(Vec<Duration>, Duration)>;
 
 /// A warm-up, then `events` timed through `load` with [`CONCURRENT_TRIGGERS`] in flight,
 /// with the CPU time `running` and its backend (`backend_pid`) used meanwhile.
@@ -120,7 +115,7 @@ fn timed(
     backend_pid: u32,
     load: Load,
     events: usize,
-) -> anyhow::Result<Triggers> {
+) -> Result<Triggers> {
     let n = CONCURRENT_TRIGGERS;
     load(f, running.addr, WARMUP_EVENTS, n, "warm").context("warm-up")?;
     let (f0, b0) = (cpu_ticks(running.proc.pid())?, cpu_ticks(backend_pid)?);
@@ -143,12 +138,7 @@ fn timed(
 }
 
 /// The floor series: `forward-floor` in front of an `echo-floor`, loaded like [`series`].
-fn floor_series(
-    f: &Function,
-    triggers: usize,
-    bin_dir: &Path,
-    logs: &Path,
-) -> anyhow::Result<Triggers> {
+fn floor_series(f: &Function, triggers: usize, bin_dir: &Path, logs: &Path) -> Result<Triggers> {
     let backend_fn = floor(bin_dir);
     let backend = start_ready_with(&backend_fn, Vec::new(), logs)?;
     let forward = Function {

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, bail, ensure};
+use crate::harness::error::{Context as _, Error, Result, bail, ensure, err};
 use async_nats::jetstream::{self, consumer, stream};
 use serde::Serialize;
 use tokio::runtime::Runtime;
@@ -100,7 +100,7 @@ pub struct SourceSettings {
 
 impl SourceSettings {
     /// Reads the variables; `bin_dir` is `target/release`, two levels under the workspace.
-    pub fn from_env(bin_dir: &Path) -> anyhow::Result<Self> {
+    pub fn from_env(bin_dir: &Path) -> Result<Self> {
         let nats_server = server_binary(bin_dir);
         let fetch_batch = match env_count("BENCH_SOURCE_FETCH_BATCH", 0) {
             Ok(0) => None,
@@ -230,7 +230,7 @@ pub mod measures {
 }
 
 impl SourceResult {
-    fn fail(&mut self, measure: &'static str, error: &anyhow::Error) {
+    fn fail(&mut self, measure: &'static str, error: &Error) {
         fail(&mut self.errors, measure, error);
     }
 
@@ -265,7 +265,7 @@ fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResult {
         }
         Err(e) => r.fail(
             measures::BINARY,
-            &anyhow!(e).context(format!("{} not found", binary.display())),
+            &Error::from(e).context(format!("{} not found", binary.display())),
         ),
     }
     r.nats_server_version = std::process::Command::new(&settings.nats_server)
@@ -283,14 +283,14 @@ fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResult {
         Err(e) => {
             r.fail(
                 measures::SETUP,
-                &anyhow!(e).context("starting a tokio runtime"),
+                &Error::from(e).context("starting a tokio runtime"),
             );
             return r;
         }
     };
     // async-nats spawns its tasks on the current runtime.
     let _entered = rt.enter();
-    let setup = || -> anyhow::Result<_> {
+    let setup = || -> Result<_> {
         let nats = start_nats(&settings.nats_server, logs, "nats-server", &rt)?;
         let client = rt.block_on(timeout(async_nats::connect(&nats.url)))??;
         let js = jetstream::new(client);
@@ -360,7 +360,7 @@ fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResult {
     if let Some(n) = r.dead_letters.filter(|n| *n > 0) {
         r.fail(
             measures::DRAIN,
-            &anyhow!("{n} messages were dead-lettered; every one should have been delivered"),
+            &err!("{n} messages were dead-lettered; every one should have been delivered"),
         );
     }
     drop(sink);
@@ -374,7 +374,7 @@ struct EchoSink {
     url: String,
 }
 
-fn start_echo_sink(bin_dir: &Path, logs: &Path) -> anyhow::Result<EchoSink> {
+fn start_echo_sink(bin_dir: &Path, logs: &Path) -> Result<EchoSink> {
     let binary = bin_dir.join("echo-floor");
     let port = free_port()?;
     let log = log_path(logs, "echo-floor-sink");
@@ -395,7 +395,7 @@ struct Source {
 }
 
 /// Starts nats-source delivering to `sink`; returns at once (after exec).
-fn spawn_source(env: &Env<'_>, sink: &str, label: &str) -> anyhow::Result<Source> {
+fn spawn_source(env: &Env<'_>, sink: &str, label: &str) -> Result<Source> {
     let s = env.settings;
     let port = free_port()?;
     let mut vars: Vec<(String, String)> = [
@@ -427,7 +427,7 @@ fn spawn_source(env: &Env<'_>, sink: &str, label: &str) -> anyhow::Result<Source
 }
 
 /// Polls `/readyz` on a fresh connection every ~0.1 ms; returns exec -> first 200.
-fn wait_ready(source: &mut Source) -> anyhow::Result<Duration> {
+fn wait_ready(source: &mut Source) -> Result<Duration> {
     let request = Request::get(source.addr, "/readyz");
     let mut last = String::from("no attempt");
     loop {
@@ -445,7 +445,7 @@ fn wait_ready(source: &mut Source) -> anyhow::Result<Duration> {
     }
 }
 
-fn cold_starts(env: &Env<'_>, sink: &EchoSink) -> anyhow::Result<Vec<Duration>> {
+fn cold_starts(env: &Env<'_>, sink: &EchoSink) -> Result<Vec<Duration>> {
     let mut samples = Vec::with_capacity(env.settings.starts);
     for round in 0..=env.settings.starts {
         let mut source = spawn_source(env, &sink.url, "nats-source")?;
@@ -458,14 +458,14 @@ fn cold_starts(env: &Env<'_>, sink: &EchoSink) -> anyhow::Result<Vec<Duration>> 
 }
 
 /// The consumer's state: `num_pending`, `num_ack_pending`, `num_redelivered`.
-fn consumer_info(env: &Env<'_>) -> anyhow::Result<consumer::Info> {
+fn consumer_info(env: &Env<'_>) -> Result<consumer::Info> {
     env.rt
         .block_on(timeout(env.stream.consumer_info(CONSUMER)))?
         .context("consumer info")
 }
 
 /// Waits until the consumer has nothing pending and nothing unacked.
-fn wait_settled(env: &Env<'_>, source: &mut Source) -> anyhow::Result<()> {
+fn wait_settled(env: &Env<'_>, source: &mut Source) -> Result<()> {
     let started = Instant::now();
     loop {
         let info = consumer_info(env)?;
@@ -524,7 +524,7 @@ async fn receive(
     axum::http::StatusCode::OK
 }
 
-fn start_latency_sink(rt: &Runtime, origin: Instant) -> anyhow::Result<LatencySink> {
+fn start_latency_sink(rt: &Runtime, origin: Instant) -> Result<LatencySink> {
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
         .context("binding the latency sink")?;
@@ -555,7 +555,7 @@ fn headers(sent_ns: Option<u128>) -> async_nats::HeaderMap {
 }
 
 /// Idle RSS of a ready source, then the added latency through the same process.
-fn idle_and_latency(env: &Env<'_>) -> anyhow::Result<(Idle, Latency)> {
+fn idle_and_latency(env: &Env<'_>) -> Result<(Idle, Latency)> {
     let s = env.settings;
     let origin = Instant::now();
     let sink = start_latency_sink(env.rt, origin)?;
@@ -580,7 +580,7 @@ fn idle_and_latency(env: &Env<'_>) -> anyhow::Result<(Idle, Latency)> {
             let ack = timeout(js.publish_with_headers(SUBJECT, h, PAYLOAD.into())).await??;
             timeout(ack).await??;
         }
-        anyhow::Ok(())
+        Ok::<_, Error>(())
     });
     published.context("publishing the timed messages")?;
     let started = Instant::now();
@@ -631,7 +631,7 @@ fn idle_and_latency(env: &Env<'_>) -> anyhow::Result<(Idle, Latency)> {
 }
 
 /// Publishes `n` messages with acks, at most [`PUBLISH_WINDOW`] acks outstanding.
-async fn publish_backlog(js: &jetstream::Context, n: usize) -> anyhow::Result<Publish> {
+async fn publish_backlog(js: &jetstream::Context, n: usize) -> Result<Publish> {
     let started = Instant::now();
     let h = headers(None);
     let mut window = VecDeque::with_capacity(PUBLISH_WINDOW);
@@ -666,7 +666,7 @@ fn ticks(source: &Source, nats: &Nats, sink: &EchoSink) -> Option<[u64; 3]> {
 }
 
 /// Fills the backlog with no source running, then times a fresh source draining it.
-fn drain(env: &Env<'_>, sink: &EchoSink) -> anyhow::Result<(Publish, Drain)> {
+fn drain(env: &Env<'_>, sink: &EchoSink) -> Result<(Publish, Drain)> {
     let s = env.settings;
     let before = consumer_info(env)?;
     ensure!(
@@ -681,7 +681,7 @@ fn drain(env: &Env<'_>, sink: &EchoSink) -> anyhow::Result<(Publish, Drain)> {
             DRAIN_DEADLINE,
             publish_backlog(env.js, s.messages),
         ))
-        .map_err(|_| anyhow!("backlog not published within {DRAIN_DEADLINE:?}"))?
+        .map_err(|_| err!("backlog not published within {DRAIN_DEADLINE:?}"))?
         .context("publishing the backlog")?;
     let filled = consumer_info(env)?;
     ensure!(
@@ -758,7 +758,7 @@ fn drain(env: &Env<'_>, sink: &EchoSink) -> anyhow::Result<(Publish, Drain)> {
 }
 
 /// Messages in the dead-letter stream (nats-source creates it with `CREATE=true`).
-async fn dead_letters(js: &jetstream::Context) -> anyhow::Result<u64> {
+async fn dead_letters(js: &jetstream::Context) -> Result<u64> {
     let mut dlq = js.get_stream(format!("{STREAM}_DLQ")).await?;
     Ok(dlq.info().await?.state.messages)
 }

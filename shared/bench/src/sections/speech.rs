@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, ensure};
+use crate::harness::error::{Context as _, Error, Result, ensure};
 use base64::Engine as _;
 use handler_kit::audio::{Wav, encode_pcm16, resample};
 use handler_kit::vad::{Span, VAD_RATE, VadConfig, segments};
@@ -89,7 +89,7 @@ pub struct SpeechSettings {
 
 impl SpeechSettings {
     /// Reads the variables.
-    pub fn from_env() -> anyhow::Result<Self> {
+    pub fn from_env() -> Result<Self> {
         Ok(Self {
             voice_events: env_count("BENCH_VOICE_EVENTS", 50)?,
             voice_warmup_events: VOICE_WARMUP_PAIRS,
@@ -190,7 +190,7 @@ pub mod measures {
 }
 
 impl SpeechResult {
-    fn fail(&mut self, measure: &'static str, error: &anyhow::Error) {
+    fn fail(&mut self, measure: &'static str, error: &Error) {
         fail(&mut self.errors, measure, error);
     }
 }
@@ -251,7 +251,7 @@ fn run(settings: &SpeechSettings, env: &SpeechEnv<'_>) -> SpeechResult {
 // VAD speed.
 
 /// CPU time this thread has used (`/proc/thread-self/schedstat`, nanoseconds on the CPU).
-fn thread_cpu() -> anyhow::Result<Duration> {
+fn thread_cpu() -> Result<Duration> {
     let text = std::fs::read_to_string("/proc/thread-self/schedstat")
         .context("reading /proc/thread-self/schedstat")?;
     let ns: u64 = text
@@ -263,7 +263,7 @@ fn thread_cpu() -> anyhow::Result<Duration> {
 }
 
 /// Runs `work` until it has used [`VAD_MIN_CPU`]; returns CPU time per run and the runs.
-fn per_run<T>(mut work: impl FnMut() -> T) -> anyhow::Result<(Duration, usize)> {
+fn per_run<T>(mut work: impl FnMut() -> T) -> Result<(Duration, usize)> {
     std::hint::black_box(work()); // warm-up
     let start = thread_cpu()?;
     let mut runs = 0u32;
@@ -282,10 +282,10 @@ fn to_16k(wav: &Wav) -> Vec<i16> {
     resample(&wav.to_mono_i16(), wav.sample_rate(), VAD_RATE)
 }
 
-fn vad_speed(name: &str) -> anyhow::Result<VadSpeed> {
+fn vad_speed(name: &str) -> Result<VadSpeed> {
     let bytes = read_speech(name)?;
     let config = VadConfig::default();
-    let wav = Wav::parse(&bytes).map_err(|e| anyhow!(e))?;
+    let wav = Wav::parse(&bytes).map_err(Error::msg)?;
     let samples = to_16k(&wav);
     let spans = segments(&config, &samples);
     let (decode, decode_runs) = per_run(|| {
@@ -337,7 +337,7 @@ impl Drop for TranscriptionCounter {
 }
 
 impl TranscriptionCounter {
-    fn start(rt: &Runtime) -> anyhow::Result<Self> {
+    fn start(rt: &Runtime) -> Result<Self> {
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
             .context("binding the transcription counter")?;
@@ -398,7 +398,7 @@ fn event(addr: SocketAddr, ty: &str, id: &str, data: &Value) -> Request {
 }
 
 /// The JSON data of a reply answered 200.
-fn reply_data(r: &Response, what: &str) -> anyhow::Result<Value> {
+fn reply_data(r: &Response, what: &str) -> Result<Value> {
     ensure!(
         r.status == 200,
         "{what} answered HTTP {}: {}",
@@ -408,7 +408,7 @@ fn reply_data(r: &Response, what: &str) -> anyhow::Result<Value> {
     serde_json::from_slice(&r.body).with_context(|| format!("{what}'s reply is not JSON"))
 }
 
-fn forwarded(env: &SpeechEnv<'_>) -> anyhow::Result<Vec<Forwarded>> {
+fn forwarded(env: &SpeechEnv<'_>) -> Result<Vec<Forwarded>> {
     let counter = TranscriptionCounter::start(env.rt)?;
     let mut vars = env.stt.environment(0, env.endpoints, None);
     set_var(&mut vars, "STT_URL", counter.url.clone());
@@ -431,9 +431,9 @@ fn forwarded(env: &SpeechEnv<'_>) -> anyhow::Result<Vec<Forwarded>> {
         let (requests, forwarded_bytes) = counter.take();
         let audio_ms = data["audio_ms"].as_u64().context("no audio_ms")?;
         let speech_ms = data["speech_ms"].as_u64().context("no speech_ms")?;
-        let wav = Wav::parse(&bytes).map_err(|e| anyhow!(e))?;
+        let wav = Wav::parse(&bytes).map_err(Error::msg)?;
         let whole_16k_bytes = encode_pcm16(&to_16k(&wav), VAD_RATE)
-            .map_err(|e| anyhow!(e))?
+            .map_err(Error::msg)?
             .len();
         ensure!(audio_ms > 0, "stt-module reports no audio for {name}");
         out.push(Forwarded {
@@ -457,8 +457,8 @@ fn forwarded(env: &SpeechEnv<'_>) -> anyhow::Result<Vec<Forwarded>> {
 
 /// The voice recording: the first utterance of `two-utterances-16k.wav` (WAV bytes), and the
 /// WAV of its speech segment, which is what voice-assistant sends to STT.
-fn voice_recording() -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
-    let wav = Wav::parse(&read_speech(FIXTURES[0])?).map_err(|e| anyhow!(e))?;
+fn voice_recording() -> Result<(Vec<u8>, Vec<u8>)> {
+    let wav = Wav::parse(&read_speech(FIXTURES[0])?).map_err(Error::msg)?;
     ensure!(wav.sample_rate() == VAD_RATE && wav.channels() == 1);
     let mut samples = wav.to_mono_i16();
     samples.truncate((VOICE_CUT_MS * u64::from(VAD_RATE) / 1000) as usize);
@@ -468,8 +468,8 @@ fn voice_recording() -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
         "expected one utterance in the first {VOICE_CUT_MS} ms, found {}",
         spans.len()
     );
-    let segment = encode_pcm16(spans[0].slice(&samples), VAD_RATE).map_err(|e| anyhow!(e))?;
-    let recording = encode_pcm16(&samples, VAD_RATE).map_err(|e| anyhow!(e))?;
+    let segment = encode_pcm16(spans[0].slice(&samples), VAD_RATE).map_err(Error::msg)?;
+    let recording = encode_pcm16(&samples, VAD_RATE).map_err(Error::msg)?;
     Ok((recording, segment))
 }
 
@@ -528,7 +528,7 @@ struct VoiceRig {
 }
 
 impl VoiceRig {
-    fn start(env: &SpeechEnv<'_>, nats_url: &str, delay: Duration) -> anyhow::Result<Self> {
+    fn start(env: &SpeechEnv<'_>, nats_url: &str, delay: Duration) -> Result<Self> {
         let sim = start_backend(
             env.bin_dir,
             delay,
@@ -555,7 +555,7 @@ impl VoiceRig {
     }
 
     /// The three backend calls, in turn, timed each from writing to the whole answer read.
-    fn direct(&mut self) -> anyhow::Result<[Duration; 3]> {
+    fn direct(&mut self) -> Result<[Duration; 3]> {
         let request = transcription_request(self.sim.addr, &self.segment);
         let (r, _, stt) = self.sim.send(&request, &mut |_| {})?;
         let transcript = reply_data(&r, "the simulator's transcription")?["text"]
@@ -575,7 +575,7 @@ impl VoiceRig {
         Ok([stt, llm, tts])
     }
 
-    fn pair(&mut self, id: &str, voice: &mut Peer) -> anyhow::Result<VoicePair> {
+    fn pair(&mut self, id: &str, voice: &mut Peer) -> Result<VoicePair> {
         let direct = self.direct()?;
         let data = json!({"audio": self.recording_b64, "request_id": id, "enable_rag": false});
         let request = event(voice.addr, "ai.voice.request", id, &data);
@@ -628,7 +628,7 @@ fn ttfa(
     env: &SpeechEnv<'_>,
     nats_url: &str,
     delay: Duration,
-) -> anyhow::Result<Ttfa> {
+) -> Result<Ttfa> {
     let mut rig = VoiceRig::start(env, nats_url, delay)?;
     let mut voice = Peer::new(rig.voice.addr);
     let started = Instant::now();
