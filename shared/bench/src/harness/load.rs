@@ -135,26 +135,12 @@ pub fn load(
         }
         let started = Instant::now();
         go.store(true, Ordering::SeqCst);
-        let mut latencies = Vec::with_capacity(total);
-        let mut first_error = None;
-        for handle in handles {
-            match handle.join() {
-                Ok(Ok(l)) => latencies.extend(l),
-                Ok(Err(e)) => {
-                    first_error.get_or_insert(e);
-                }
-                Err(_) => {
-                    first_error.get_or_insert(err!("client thread panicked"));
-                }
-            }
-        }
+        let joined = join_clients(handles, total);
         let wall = started.elapsed();
         if let Some(e) = spawn_error {
             return Err(Error::from(e).context("starting client threads"));
         }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
+        let latencies = joined?;
         ensure!(
             latencies.len() == total,
             "{} of {total} events answered",
@@ -162,6 +148,31 @@ pub fn load(
         );
         Ok((latencies, wall))
     })
+}
+
+/// Joins client threads that each return their samples: every sample, in thread order, or the
+/// first error (a thread that panicked is one).
+pub fn join_clients<T>(
+    handles: Vec<thread::ScopedJoinHandle<'_, Result<Vec<T>>>>,
+    capacity: usize,
+) -> Result<Vec<T>> {
+    let mut all = Vec::with_capacity(capacity);
+    let mut first_error = None;
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok(samples)) => all.extend(samples),
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(_) => {
+                first_error.get_or_insert(err!("client thread panicked"));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(all),
+    }
 }
 
 /// Like [`load`], but every connection is driven from one client thread (a current-thread

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::harness::error::{Context as _, Error, Result, ensure, err};
+use crate::harness::error::{Context as _, Error, Result, ensure};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
@@ -47,6 +47,7 @@ use crate::harness::catalog::CHAT_HANDLER;
 use crate::harness::function::{Endpoints, Function, set_var};
 use crate::harness::http::{Peer, Request, Response};
 use crate::harness::llm::{MODEL, completion_body, stream_completion};
+use crate::harness::load::join_clients;
 use crate::harness::measure::{Held, Running, start_ready, start_ready_with};
 use crate::harness::metrics::Metrics;
 use crate::harness::nats::{RawSubscriber, chunk_done, start_nats};
@@ -546,22 +547,7 @@ fn pairs(
                 }
             }
         }
-        let mut all = Vec::with_capacity(count);
-        let mut first_error = None;
-        for h in handles {
-            match h.join() {
-                Ok(Ok(p)) => all.extend(p),
-                Ok(Err(e)) => {
-                    first_error.get_or_insert(e);
-                }
-                Err(_) => {
-                    first_error.get_or_insert(err!("client thread panicked"));
-                }
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
+        let all = join_clients(handles, count)?;
         ensure!(all.len() == count, "{} of {count} pairs done", all.len());
         Ok(all)
     })
@@ -968,47 +954,7 @@ fn render(r: &ChatResult, stream_token_delay_ms: u64) -> String {
     };
     let or_err = |failed: bool| if failed { "ERR" } else { "-" }.to_string();
     match &r.added {
-        Some(a) => {
-            row(
-                "added latency p50/p99",
-                format!(
-                    "{:.2} / {:.2} ms   (per pair: function - its 4 backend calls made directly; {} pairs, {} threads)",
-                    a.added_ms.p50, a.added_ms.p99, a.events, a.concurrency
-                ),
-            );
-            row(
-                "  vs median direct",
-                format!(
-                    "{:.2} / {:.2} ms   (function p50 / p99 - direct p50)",
-                    a.added_p50_vs_median_ms, a.added_p99_vs_median_ms
-                ),
-            );
-            row(
-                "  function p50/p99",
-                format!(
-                    "{:.2} / {:.2} ms   (request written -> whole reply read; mean {:.2})",
-                    a.e2e_ms.p50, a.e2e_ms.p99, a.e2e_mean_ms
-                ),
-            );
-            row(
-                "  direct backends p50/p99",
-                format!(
-                    "{:.2} / {:.2} ms   (embeddings + search + rerank + completion to [DONE], summed)",
-                    a.direct_ms.p50, a.direct_ms.p99
-                ),
-            );
-            row(
-                "  means function/direct ms",
-                stage_pairs(&a.function_means_ms, &a.direct_means_ms),
-            );
-            row(
-                "  chat-handler CPU per event",
-                a.function_cpu_ms_per_event.map_or_else(
-                    || "?".to_string(),
-                    |c| format!("{c:.2} ms   (user + system over the measured pairs)"),
-                ),
-            );
-        }
+        Some(a) => added_rows(a, &mut row),
         None => row("added latency p50/p99", or_err(r.failed(ADDED))),
     }
     let delayed: Vec<&Ttft> = r.ttft.iter().filter(|t| t.llm_delay_ms > 0).collect();
@@ -1065,6 +1011,49 @@ fn render(r: &ChatResult, stream_token_delay_ms: u64) -> String {
     );
     row("Milvus mock searches", r.milvus_searches.to_string());
     out
+}
+
+/// The rows of the added latency.
+fn added_rows(a: &Added, row: &mut impl FnMut(&str, String)) {
+    row(
+        "added latency p50/p99",
+        format!(
+            "{:.2} / {:.2} ms   (per pair: function - its 4 backend calls made directly; {} pairs, {} threads)",
+            a.added_ms.p50, a.added_ms.p99, a.events, a.concurrency
+        ),
+    );
+    row(
+        "  vs median direct",
+        format!(
+            "{:.2} / {:.2} ms   (function p50 / p99 - direct p50)",
+            a.added_p50_vs_median_ms, a.added_p99_vs_median_ms
+        ),
+    );
+    row(
+        "  function p50/p99",
+        format!(
+            "{:.2} / {:.2} ms   (request written -> whole reply read; mean {:.2})",
+            a.e2e_ms.p50, a.e2e_ms.p99, a.e2e_mean_ms
+        ),
+    );
+    row(
+        "  direct backends p50/p99",
+        format!(
+            "{:.2} / {:.2} ms   (embeddings + search + rerank + completion to [DONE], summed)",
+            a.direct_ms.p50, a.direct_ms.p99
+        ),
+    );
+    row(
+        "  means function/direct ms",
+        stage_pairs(&a.function_means_ms, &a.direct_means_ms),
+    );
+    row(
+        "  chat-handler CPU per event",
+        a.function_cpu_ms_per_event.map_or_else(
+            || "?".to_string(),
+            |c| format!("{c:.2} ms   (user + system over the measured pairs)"),
+        ),
+    );
 }
 
 /// How the chat-handler section was measured.

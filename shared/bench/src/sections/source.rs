@@ -290,20 +290,7 @@ fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResult {
     };
     // async-nats spawns its tasks on the current runtime.
     let _entered = rt.enter();
-    let setup = || -> Result<_> {
-        let nats = start_nats(&settings.nats_server, logs, "nats-server", &rt)?;
-        let client = rt.block_on(timeout(async_nats::connect(&nats.url)))??;
-        let js = jetstream::new(client);
-        let stream = rt.block_on(timeout(js.get_or_create_stream(stream::Config {
-            name: STREAM.into(),
-            subjects: vec![SUBJECTS.into()],
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })))??;
-        let sink = start_echo_sink(bin_dir, logs)?;
-        Ok((nats, js, stream, sink))
-    };
-    let (nats, js, stream, sink) = match setup() {
+    let (nats, js, stream, sink) = match setup(settings, bin_dir, logs, &rt) {
         Ok(parts) => parts,
         Err(e) => {
             r.fail(measures::SETUP, &e);
@@ -319,12 +306,40 @@ fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResult {
         js: &js,
         stream: &stream,
     };
+    measure(&mut r, &env, &sink);
+    drop(sink);
+    drop(nats);
+    r
+}
 
+/// nats-server, a JetStream client, the stream (as a cluster would declare it) and the sink.
+fn setup(
+    settings: &SourceSettings,
+    bin_dir: &Path,
+    logs: &Path,
+    rt: &Runtime,
+) -> Result<(Nats, jetstream::Context, stream::Stream, EchoSink)> {
+    let nats = start_nats(&settings.nats_server, logs, "nats-server", rt)?;
+    let client = rt.block_on(timeout(async_nats::connect(&nats.url)))??;
+    let js = jetstream::new(client);
+    let stream = rt.block_on(timeout(js.get_or_create_stream(stream::Config {
+        name: STREAM.into(),
+        subjects: vec![SUBJECTS.into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })))??;
+    let sink = start_echo_sink(bin_dir, logs)?;
+    Ok((nats, js, stream, sink))
+}
+
+/// Cold starts, idle RSS and latency, then the drain and the dead letters.
+fn measure(r: &mut SourceResult, env: &Env<'_>, sink: &EchoSink) {
+    let settings = env.settings;
     eprintln!(
         "bench: nats-source: cold starts, {} after 1 warm-up",
         settings.starts
     );
-    match cold_starts(&env, &sink) {
+    match cold_starts(env, sink) {
         Ok(samples) => {
             r.cold_start_ms = Summary::of(&samples);
             r.cold_start_samples_ms = samples.iter().copied().map(ms).collect();
@@ -335,7 +350,7 @@ fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResult {
         "bench: nats-source: idle RSS, then latency ({} messages, 1 every {} ms)",
         settings.latency_messages, settings.latency_interval_ms
     );
-    match idle_and_latency(&env) {
+    match idle_and_latency(env) {
         Ok((idle, latency)) => {
             r.idle = Some(idle);
             r.latency = Some(latency);
@@ -346,14 +361,14 @@ fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResult {
         "bench: nats-source: msgs/s ({} messages backlog, MAX_IN_FLIGHT={})",
         settings.messages, settings.max_in_flight
     );
-    match drain(&env, &sink) {
+    match drain(env, sink) {
         Ok((publish, drained)) => {
             r.publish = Some(publish);
             r.drain = Some(drained);
         }
         Err(e) => r.fail(measures::DRAIN, &e),
     }
-    match rt.block_on(timeout(dead_letters(&js))) {
+    match env.rt.block_on(timeout(dead_letters(env.js))) {
         Ok(Ok(n)) => r.dead_letters = Some(n),
         Ok(Err(e)) | Err(e) => r.fail(measures::DRAIN, &e.context("counting dead letters")),
     }
@@ -363,9 +378,6 @@ fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResult {
             &err!("{n} messages were dead-lettered; every one should have been delivered"),
         );
     }
-    drop(sink);
-    drop(nats);
-    r
 }
 
 /// `echo-floor` as the sink: a process that answers 200 at once.
@@ -863,50 +875,52 @@ fn render(r: &SourceResult, s: &SourceSettings) -> String {
         ),
     );
     match &r.drain {
-        Some(d) => {
-            row(
-                "msgs/s (backlog drain)",
-                format!(
-                    "{:.0}   ({} messages timed in {:.2} s, first poll after /readyz -> drained; \
-                     {:.0} msgs/s counting all {} from exec)",
-                    d.per_sec, d.counted, d.seconds, d.per_sec_from_exec, d.backlog
-                ),
-            );
-            row(
-                "RSS while draining",
-                format!("{:.2} MiB   (max of {} samples)", d.rss_mib, d.rss_samples),
-            );
-            if let Some(c) = d.cpu {
-                row(
-                    "CPU while draining",
-                    format!(
-                        "nats-source {:.0}%, nats-server {:.0}%, sink {:.0}% of one core (of 200% on 2 cores)",
-                        c.source_pct, c.nats_server_pct, c.sink_pct
-                    ),
-                );
-            }
-            if let Some(c) = d.cpu.filter(|_| d.counted > 0) {
-                row(
-                    "source CPU per message",
-                    format!(
-                        "{:.1} us",
-                        c.source_pct / 100.0 * d.seconds / d.counted as f64 * 1e6
-                    ),
-                );
-            }
-            row(
-                "redelivered / dead letters",
-                format!(
-                    "{} / {}",
-                    d.redelivered,
-                    r.dead_letters
-                        .map_or_else(|| "?".to_string(), |n| n.to_string())
-                ),
-            );
-        }
+        Some(d) => drain_rows(d, r.dead_letters, &mut row),
         None => row("msgs/s (backlog drain)", or_err(r.failed(DRAIN))),
     }
     out
+}
+
+/// The rows of a finished drain.
+fn drain_rows(d: &Drain, dead_letters: Option<u64>, row: &mut impl FnMut(&str, String)) {
+    row(
+        "msgs/s (backlog drain)",
+        format!(
+            "{:.0}   ({} messages timed in {:.2} s, first poll after /readyz -> drained; \
+             {:.0} msgs/s counting all {} from exec)",
+            d.per_sec, d.counted, d.seconds, d.per_sec_from_exec, d.backlog
+        ),
+    );
+    row(
+        "RSS while draining",
+        format!("{:.2} MiB   (max of {} samples)", d.rss_mib, d.rss_samples),
+    );
+    if let Some(c) = d.cpu {
+        row(
+            "CPU while draining",
+            format!(
+                "nats-source {:.0}%, nats-server {:.0}%, sink {:.0}% of one core (of 200% on 2 cores)",
+                c.source_pct, c.nats_server_pct, c.sink_pct
+            ),
+        );
+    }
+    if let Some(c) = d.cpu.filter(|_| d.counted > 0) {
+        row(
+            "source CPU per message",
+            format!(
+                "{:.1} us",
+                c.source_pct / 100.0 * d.seconds / d.counted as f64 * 1e6
+            ),
+        );
+    }
+    row(
+        "redelivered / dead letters",
+        format!(
+            "{} / {}",
+            d.redelivered,
+            dead_letters.map_or_else(|| "?".to_string(), |n| n.to_string())
+        ),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
