@@ -47,13 +47,27 @@
 //! Module dependencies (an arrow: "imports"), with no cycle:
 //!
 //! ```text
-//! lib ──> sections::* ──> harness::*
-//!  │                        ^
-//!  └────> report ───────────┘
+//! lib ──> sections::{functions, chat, speech, pipeline, max_body, source} ──> harness::*
+//!  │                                                                            ^
+//!  └────> report ───────────────────────────────────────────────────────────────┘
+//!
+//! inside the harness, each module imports only those on lines below it:
+//!   section  ──> backends, load, measure, results, function
+//!   backends ──> measure, fixtures, function, proc
+//!   catalog  ──> fixtures, function
+//!   nats     ──> measure, proc
+//!   load     ──> measure, function, http, stats
+//!   measure  ──> metrics, function, http, proc, stats
+//!   metrics, llm ──> http
+//!   function ──> http
+//!   http, proc, fixtures, results ──> error
+//!   error, stats
 //! ```
 //!
-//! Harness modules import only each other; a section imports only the harness; the report
-//! imports only the harness. `floor` imports nothing of the crate.
+//! Harness modules never import a section or the report; a section imports only the harness
+//! (never another section: what one hands the next, such as chat-handler's RSS with 100 in
+//! flight, goes through the [`Context`]); the report imports only the harness. `floor`
+//! imports nothing of the crate. A test below holds the source to this.
 
 pub mod floor;
 pub mod harness;
@@ -154,4 +168,47 @@ pub fn run() -> Result<ExitCode> {
         json_path.display()
     );
     Ok(outcome.exit_code(settings.run.strict))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// The `use crate::...` and top-level `use super::...` paths of every file in `dir`.
+    fn imports(dir: &str) -> Vec<(String, String)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src").join(dir);
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            for line in text.lines() {
+                let top_level_super = line.starts_with("use super::");
+                if line.trim_start().starts_with("use crate::") || top_level_super {
+                    out.push((name.clone(), line.trim().to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_harness_imports_no_section_and_sections_import_only_the_harness() {
+        for (file, line) in imports("harness") {
+            assert!(
+                !line.contains("crate::sections")
+                    && !line.contains("crate::report")
+                    && !line.contains("crate::Settings"),
+                "harness/{file}: {line}"
+            );
+        }
+        let sections = imports("sections");
+        assert!(!sections.is_empty());
+        for (file, line) in sections {
+            assert!(
+                line.starts_with("use crate::harness::"),
+                "sections/{file}: {line}"
+            );
+        }
+    }
 }

@@ -1,10 +1,11 @@
 //! The chat-handler section: what the generic table cannot show for a RAG pipeline.
 //!
-//! chat-handler is in the generic list too ([`catalog`](crate::harness::catalog)), so it gets binary size,
-//! cold start, idle RSS and RSS with 100 events in flight (there, its LLM is a simulator
-//! streaming tokens [`STREAM_TOKEN_DELAY`](crate::harness::function::STREAM_TOKEN_DELAY) apart, so 100 LLM streams are open at once;
-//! the number is repeated here). Every backend is on 127.0.0.1 and instant: `inference-sim` for
-//! embeddings, rerank and the LLM, and the [`MilvusMock`](crate::harness::backends::MilvusMock) in the bench process for search.
+//! chat-handler is in the generic list too ([`catalog`](crate::harness::catalog)), so it gets
+//! binary size, cold start, idle RSS and RSS with 100 events in flight (there, its LLM is a
+//! simulator streaming tokens [`STREAM_TOKEN_DELAY`](crate::harness::function::STREAM_TOKEN_DELAY)
+//! apart, so 100 LLM streams are open at once; the number is repeated here). Every backend is on
+//! 127.0.0.1 and instant: `inference-sim` for embeddings, rerank and the LLM, and the
+//! [`MilvusMock`](crate::harness::backends::MilvusMock) in the bench process for search.
 //!
 //! 1. **Added latency**: `BENCH_CHAT_EVENTS` (500) pairs, after [`WARMUP_PAIRS`], over
 //!    `BENCH_CHAT_CONCURRENCY` (8) client threads with keep-alive connections. A pair is one

@@ -1,11 +1,12 @@
 //! The pipeline-bridge section: triggers over a fake Kubernetes API.
 //!
-//! pipeline-bridge is in the generic list too ([`catalog`](crate::harness::catalog)), against a `fake-kube`
-//! process (testkit's fake API server, answering at once; after [`HOLD`](crate::harness::function::HOLD) for the
-//! 100-in-flight measurement) through a kubeconfig, with the catalog [`CATALOG`](crate::harness::fixtures::CATALOG). Here: trigger
-//! latency with 100 triggers in flight at once (100 keep-alive connections, each sending its
-//! next trigger as soon as the last is answered), every trigger a new `request_id`, so each
-//! one creates a Job:
+//! pipeline-bridge is in the generic list too ([`catalog`](crate::harness::catalog)), against a
+//! `fake-kube` process (testkit's fake API server, answering at once; after
+//! [`HOLD`](crate::harness::function::HOLD) for the 100-in-flight measurement) through a
+//! kubeconfig, with the catalog [`CATALOG`](crate::harness::fixtures::CATALOG). Here: trigger
+//! latency with 100 triggers in flight at once (100 keep-alive connections, each sending its next
+//! trigger as soon as the last is answered), every trigger a new `request_id`, so each one creates
+//! a Job:
 //!
 //! - `bench`: no lock, one API call per trigger (`POST .../jobs`);
 //! - `bench-locked`: a lock per trigger (`bench-{request}`), three calls (`GET` the Lease, 404,

@@ -1,7 +1,7 @@
 //! The speech section: what the generic table cannot show for stt-module and voice-assistant.
 //!
-//! Both are in the generic list too ([`catalog`](crate::harness::catalog)): binary size, cold start, idle RSS
-//! and RSS with 100 events in flight. Here:
+//! Both are in the generic list too ([`catalog`](crate::harness::catalog)): binary size, cold
+//! start, idle RSS and RSS with 100 events in flight. Here:
 //!
 //! 1. **VAD speed**, in this process on one thread, with handler-kit's own code and default
 //!    settings (`STT_VAD_*` unset): for each fixture, decoding to 16 kHz mono (parse, downmix,
