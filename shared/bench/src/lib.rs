@@ -79,6 +79,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::harness::catalog;
 use crate::harness::error::Result;
 use crate::harness::nats::server_binary;
 use crate::harness::section::{Context, RunSettings, Section};
@@ -121,15 +122,20 @@ impl Settings {
         })
     }
 
-    /// Every section, in report order.
+    /// Every section, in report order, over the functions of [`catalog::functions`].
     pub fn sections(&self) -> Vec<Box<dyn Section>> {
         let run = &self.run;
+        let catalog = catalog::functions(&run.bin_dir);
         vec![
-            Box::new(FunctionsSection::new(run)),
-            Box::new(ChatSection::new(self.chat.clone(), run)),
-            Box::new(SpeechSection::new(self.speech.clone(), run)),
-            Box::new(PipelineSection::new(run)),
-            Box::new(MaxBodySection::new(self.max_body_caps.clone(), run)),
+            Box::new(FunctionsSection::new(run, &catalog)),
+            Box::new(ChatSection::new(self.chat.clone(), run, &catalog)),
+            Box::new(SpeechSection::new(self.speech.clone(), run, &catalog)),
+            Box::new(PipelineSection::new(run, &catalog)),
+            Box::new(MaxBodySection::new(
+                self.max_body_caps.clone(),
+                run,
+                &catalog,
+            )),
             Box::new(SourceSection::new(self.source.clone(), run)),
         ]
     }

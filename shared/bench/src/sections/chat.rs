@@ -813,10 +813,15 @@ pub struct ChatSection {
 
 impl ChatSection {
     /// Measures chat-handler when `BENCH_ONLY` lets it run.
-    pub fn new(settings: ChatSettings, run: &crate::harness::section::RunSettings) -> Self {
-        let function = crate::harness::catalog::functions(&run.bin_dir)
-            .into_iter()
-            .find(|f| f.name == CHAT_HANDLER && run.wants(f.name));
+    pub fn new(
+        settings: ChatSettings,
+        run: &crate::harness::section::RunSettings,
+        catalog: &[Function],
+    ) -> Self {
+        let function = catalog
+            .iter()
+            .find(|f| f.name == CHAT_HANDLER && run.wants(f.name))
+            .cloned();
         Self {
             settings,
             stream_token_delay_ms: run.stream_token_delay_ms,

@@ -256,15 +256,10 @@ pub struct FunctionsSection {
 }
 
 impl FunctionsSection {
-    /// The floor and the functions `settings` wants, from `bin_dir`.
-    pub fn new(settings: &RunSettings) -> Self {
-        let bin_dir = &settings.bin_dir;
-        let mut subjects = vec![catalog::floor(bin_dir)];
-        subjects.extend(
-            catalog::functions(bin_dir)
-                .into_iter()
-                .filter(|f| settings.wants(f.name)),
-        );
+    /// The floor and the functions of `catalog` that `settings` wants.
+    pub fn new(settings: &RunSettings, catalog: &[Function]) -> Self {
+        let mut subjects = vec![catalog::floor(&settings.bin_dir)];
+        subjects.extend(catalog.iter().filter(|f| settings.wants(f.name)).cloned());
         let results = subjects
             .iter()
             .map(|f| FunctionResult::new(f.name, f.floor))

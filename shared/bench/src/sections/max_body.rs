@@ -45,7 +45,7 @@ use crate::harness::error::{Context as _, Error, Result, bail, ensure};
 use serde::Serialize;
 
 use crate::harness::catalog::{
-    self, CHAT_HANDLER, PIPELINE_BRIDGE, STT_MODULE, TTS_MODULE, VOICE_ASSISTANT,
+    CHAT_HANDLER, PIPELINE_BRIDGE, STT_MODULE, TTS_MODULE, VOICE_ASSISTANT,
 };
 use crate::harness::fixtures::{
     self, PIPELINE_ENTRY, PIPELINE_MAX_BODY_BYTES, PIPELINE_MAX_VALUE_CHARS, pipeline_parameters,
@@ -736,10 +736,11 @@ pub struct MaxBodySection {
 impl MaxBodySection {
     /// Every function `BENCH_ONLY` names (all of them when it names [`SECTION`]), at the caps
     /// `caps` sets.
-    pub fn new(caps: Vec<(String, usize)>, run: &RunSettings) -> Self {
-        let subjects = catalog::functions(&run.bin_dir)
-            .into_iter()
+    pub fn new(caps: Vec<(String, usize)>, run: &RunSettings, catalog: &[Function]) -> Self {
+        let subjects = catalog
+            .iter()
             .filter(|f| run.wants(f.name) || run.wants(SECTION))
+            .cloned()
             .collect();
         Self {
             caps,

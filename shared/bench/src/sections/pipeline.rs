@@ -276,10 +276,11 @@ pub struct PipelineSection {
 
 impl PipelineSection {
     /// Measures pipeline-bridge when `BENCH_ONLY` lets it run.
-    pub fn new(settings: &RunSettings) -> Self {
-        let function = crate::harness::catalog::functions(&settings.bin_dir)
-            .into_iter()
-            .find(|f| f.name == PIPELINE_BRIDGE && settings.wants(f.name));
+    pub fn new(settings: &RunSettings, catalog: &[Function]) -> Self {
+        let function = catalog
+            .iter()
+            .find(|f| f.name == PIPELINE_BRIDGE && settings.wants(f.name))
+            .cloned();
         Self {
             settings: settings.clone(),
             function,

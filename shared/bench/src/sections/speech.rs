@@ -790,11 +790,12 @@ pub struct SpeechSection {
 
 impl SpeechSection {
     /// Measures stt-module and voice-assistant when `BENCH_ONLY` lets both run.
-    pub fn new(settings: SpeechSettings, run: &RunSettings) -> Self {
+    pub fn new(settings: SpeechSettings, run: &RunSettings, catalog: &[Function]) -> Self {
         let find = |name: &str| {
-            crate::harness::catalog::functions(&run.bin_dir)
-                .into_iter()
+            catalog
+                .iter()
                 .find(|f| f.name == name && run.wants(f.name))
+                .cloned()
         };
         Self {
             settings,
