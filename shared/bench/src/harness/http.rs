@@ -10,7 +10,10 @@
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::harness::error::{Context as _, Result, ensure};
+use serde_json::Value;
 
 /// Largest response body read; anything bigger is an error, not a buffer that keeps growing.
 /// tts-module's answer to a text of 5000 characters (max-body section) is ~18 MB of base64.
@@ -273,6 +276,82 @@ fn read_chunked(reader: &mut impl BufRead, on_body: &mut dyn FnMut(&[u8])) -> io
         if !read_line(reader)?.is_empty() {
             return Err(invalid("chunk not followed by CRLF"));
         }
+    }
+}
+
+/// Longest a [`Peer`]'s connect, write or read may wait.
+const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One keep-alive connection to a backend, opened (untimed) on first use.
+pub struct Peer {
+    /// Where it connects.
+    pub addr: SocketAddr,
+    conn: Option<Conn>,
+}
+
+impl Peer {
+    /// A peer for `addr`; nothing is connected yet.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { addr, conn: None }
+    }
+
+    /// The connection, opened now if there is none.
+    pub fn conn(&mut self) -> io::Result<&mut Conn> {
+        if self.conn.is_none() {
+            self.conn = Some(Conn::connect(self.addr, PEER_TIMEOUT)?);
+        }
+        self.conn
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no connection"))
+    }
+
+    /// Writes `request`, reads the answer with `on_body`; returns it with the moment before
+    /// the write and the time from then to the end of the body. Any failure drops the
+    /// connection.
+    pub fn send(
+        &mut self,
+        request: &Request,
+        on_body: &mut dyn FnMut(&[u8]),
+    ) -> Result<(Response, Instant, Duration)> {
+        let conn = self.conn()?;
+        let started = Instant::now();
+        let result = conn.write(request).and_then(|()| conn.read_with(on_body));
+        let took = started.elapsed();
+        match result {
+            Ok(r) => Ok((r, started, took)),
+            Err(e) => {
+                self.conn = None;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// `POST path` with a JSON body, which must be answered 200.
+    pub fn post_json(
+        &mut self,
+        path: &str,
+        body: &Value,
+        on_body: &mut dyn FnMut(&[u8]),
+    ) -> Result<(Response, Instant, Duration)> {
+        let request = Request::new(
+            "POST",
+            self.addr,
+            path,
+            &[("content-type", "application/json"), ("accept", "*/*")],
+            body.to_string().as_bytes(),
+            true,
+        );
+        let (r, started, took) = self
+            .send(&request, on_body)
+            .with_context(|| format!("POST {path} on {}", self.addr))?;
+        ensure!(
+            r.status == 200,
+            "POST {path} on {} answered HTTP {}: {}",
+            self.addr,
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        Ok((r, started, took))
     }
 }
 

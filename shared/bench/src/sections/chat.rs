@@ -1,10 +1,11 @@
 //! The chat-handler section: what the generic table cannot show for a RAG pipeline.
 //!
-//! chat-handler is in the generic list too ([`crate::functions`]), so it gets binary size,
-//! cold start, idle RSS and RSS with 100 events in flight (there, its LLM is a simulator
-//! streaming tokens [`crate::STREAM_TOKEN_DELAY`] apart, so 100 LLM streams are open at once;
-//! the number is repeated here). Every backend is on 127.0.0.1 and instant: `inference-sim` for
-//! embeddings, rerank and the LLM, and the [`MilvusMock`] in the bench process for search.
+//! chat-handler is in the generic list too ([`catalog`](crate::harness::catalog)), so it gets
+//! binary size, cold start, idle RSS and RSS with 100 events in flight (there, its LLM is a
+//! simulator streaming tokens [`STREAM_TOKEN_DELAY`](crate::harness::function::STREAM_TOKEN_DELAY)
+//! apart, so 100 LLM streams are open at once; the number is repeated here). Every backend is on
+//! 127.0.0.1 and instant: `inference-sim` for embeddings, rerank and the LLM, and the
+//! [`MilvusMock`](crate::harness::backends::MilvusMock) in the bench process for search.
 //!
 //! 1. **Added latency**: `BENCH_CHAT_EVENTS` (500) pairs, after [`WARMUP_PAIRS`], over
 //!    `BENCH_CHAT_CONCURRENCY` (8) client threads with keep-alive connections. A pair is one
@@ -30,45 +31,40 @@
 //!    and the rest. Then both modes again with an LLM answering at once: the difference shows
 //!    what waking up after an idle wait costs.
 //!
-//! Every child is a [`Proc`](crate::proc::Proc) killed on drop, every wait has a deadline.
-
-use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, bail, ensure};
+use crate::harness::error::{Context as _, Error, Result, ensure};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 
-use crate::functions::{Endpoints, Function, set_var};
-use crate::http::{Conn, Request, Response, exchange};
-use crate::measure::{self, Held, Running, addr_of};
-use crate::proc::cpu_ticks;
-use crate::report::MeasureError;
-use crate::stats::{Summary, ms};
+use crate::harness::backends::{Backend, MILVUS_SEARCH_PATH, addr_of, start_backend};
+use crate::harness::catalog::CHAT_HANDLER;
+use crate::harness::function::{Endpoints, Function, set_var};
+use crate::harness::http::{Peer, Request, Response};
+use crate::harness::llm::{MODEL, completion_body, stream_completion};
+use crate::harness::load::join_clients;
+use crate::harness::measure::{Held, Running, start_ready, start_ready_with};
+use crate::harness::metrics::Metrics;
+use crate::harness::nats::{RawSubscriber, chunk_done, start_nats};
+use crate::harness::proc::cpu_ticks;
+use crate::harness::results::{MeasureError, fail, failed};
+use crate::harness::section::{Context, Section, env_count};
+use crate::harness::stats::{Summary, mean_ms, ms};
 
-/// The Milvus REST v2 search path the mock answers.
-pub const MILVUS_SEARCH_PATH: &str = "/v2/vectordb/entities/search";
-/// What the mock answers to every search: two documents.
-pub const MILVUS_ANSWER: &str = r#"{"code":0,"data":[{"id":1,"distance":0.9,"text":"NATS is a messaging system.","source":"a.md"},{"id":2,"distance":0.8,"text":"JetStream persists messages.","source":"b.md"}]}"#;
-/// chat-handler's default system prompt (`CHAT_SYSTEM_PROMPT` unset), for the direct calls.
-const SYSTEM_PROMPT: &str = "You are a helpful assistant. Answer from the numbered \
-context when it is relevant and cite it as [n]; if the context does not contain the answer, \
-say so briefly and answer from general knowledge.";
 /// chat-handler's defaults: `CHAT_COLLECTION`, `MILVUS_VECTOR_FIELD`, `CHAT_TOP_K`,
-/// `CHAT_RERANK_TOP_N`, `CHAT_TEXT_FIELD`, `CHAT_SOURCE_FIELD`, `LLM_MODEL` / `EMBED_MODEL`.
+/// `CHAT_RERANK_TOP_N`, `CHAT_TEXT_FIELD`, `CHAT_SOURCE_FIELD`.
 const COLLECTION: &str = "documents";
 const VECTOR_FIELD: &str = "vector";
 const TOP_K: usize = 8;
 const TOP_N: usize = 4;
 const TEXT_FIELD: &str = "text";
 const SOURCE_FIELD: &str = "source";
-const MODEL: &str = "default";
 /// The stream subject template (`CHAT_STREAM_SUBJECT` default).
 const STREAM_SUBJECT: &str = "ai.chat.response.stream.";
 /// Pairs sent before the added latency is measured.
@@ -101,12 +97,12 @@ pub struct ChatSettings {
 
 impl ChatSettings {
     /// Reads the variables.
-    pub fn from_env() -> anyhow::Result<Self> {
+    pub fn from_env() -> Result<Self> {
         Ok(Self {
-            events: crate::env_count("BENCH_CHAT_EVENTS", 500)?,
-            concurrency: crate::env_count("BENCH_CHAT_CONCURRENCY", 8)?,
+            events: env_count("BENCH_CHAT_EVENTS", 500)?,
+            concurrency: env_count("BENCH_CHAT_CONCURRENCY", 8)?,
             warmup_events: WARMUP_PAIRS,
-            ttft_events: crate::env_count("BENCH_CHAT_TTFT_EVENTS", 100)?,
+            ttft_events: env_count("BENCH_CHAT_TTFT_EVENTS", 100)?,
             ttft_warmup_events: TTFT_WARMUP_PAIRS,
             llm_first_token_delay_ms: u64::try_from(LLM_FIRST_TOKEN_DELAY.as_millis())
                 .unwrap_or(u64::MAX),
@@ -150,12 +146,12 @@ pub struct Added {
     pub direct_means_ms: Stages,
     /// chat-handler's own view over the measured pairs, means in ms, from `/metrics`:
     /// `chat_stage_duration_seconds{stage}` and (`total`) `handler_event_duration_seconds`.
-    pub function_means_ms: Stages,
+    function_means_ms: Stages,
     /// Mean e2e, ms (to compare with `function_means_ms.total`).
     pub e2e_mean_ms: f64,
     /// CPU time chat-handler used per measured pair (user + system, from `/proc/<pid>/stat`,
     /// 10 ms ticks over the whole run), ms.
-    pub function_cpu_ms_per_event: Option<f64>,
+    function_cpu_ms_per_event: Option<f64>,
 }
 
 /// Time to first token through chat-handler, against the LLM's own.
@@ -183,7 +179,7 @@ pub struct Ttft {
     pub first_chunk_mean_ms: f64,
     /// chat-handler's own TTFT (LLM request -> first token, as its LLM client sees it), mean
     /// over the measured pairs from `chat_time_to_first_token_seconds` at `/metrics`, ms.
-    pub function_ttft_mean_ms: Option<f64>,
+    function_ttft_mean_ms: Option<f64>,
 }
 
 /// Everything measured in the section.
@@ -215,102 +211,41 @@ pub mod measures {
 }
 
 impl ChatResult {
-    fn fail(&mut self, measure: &'static str, error: &anyhow::Error) {
-        self.errors.push(MeasureError {
-            measure,
-            error: format!("{error:#}"),
-        });
+    fn fail(&mut self, measure: &'static str, error: &Error) {
+        fail(&mut self.errors, measure, error);
     }
 
     /// Whether `measure` failed.
     pub fn failed(&self, measure: &str) -> bool {
-        self.errors.iter().any(|e| e.measure == measure)
-    }
-}
-
-/// A Milvus REST v2 stand-in in the bench process (axum on the bench's tokio runtime):
-/// `POST` [`MILVUS_SEARCH_PATH`] answers [`MILVUS_ANSWER`] at once. Stopped when dropped.
-#[derive(Debug)]
-pub struct MilvusMock {
-    /// `http://127.0.0.1:PORT`.
-    pub url: String,
-    searches: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<io::Result<()>>,
-}
-
-impl Drop for MilvusMock {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn milvus_search(
-    axum::extract::State(searches): axum::extract::State<Arc<AtomicUsize>>,
-    body: axum::body::Bytes,
-) -> axum::response::Response {
-    use axum::response::IntoResponse as _;
-    // A cheap sanity check, not a parse: the request is a search of a collection.
-    if !body.windows(16).any(|w| w == b"\"collectionName\"") {
-        return (axum::http::StatusCode::BAD_REQUEST, "no collectionName").into_response();
-    }
-    searches.fetch_add(1, Ordering::Relaxed);
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        MILVUS_ANSWER,
-    )
-        .into_response()
-}
-
-impl MilvusMock {
-    /// Binds 127.0.0.1 on a free port and serves on `rt`.
-    pub fn start(rt: &Runtime) -> anyhow::Result<Self> {
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
-            .context("binding the Milvus mock")?;
-        let addr = listener.local_addr()?;
-        let searches = Arc::new(AtomicUsize::new(0));
-        let app = axum::Router::new()
-            .route(MILVUS_SEARCH_PATH, axum::routing::post(milvus_search))
-            .with_state(searches.clone());
-        let task = rt.spawn(async move { axum::serve(listener, app).await });
-        Ok(Self {
-            url: format!("http://{addr}"),
-            searches,
-            task,
-        })
-    }
-
-    /// Searches answered so far.
-    pub fn searches(&self) -> usize {
-        self.searches.load(Ordering::Relaxed)
+        failed(&self.errors, measure)
     }
 }
 
 /// The question of the request with `ce-id` (or `request_id`) `id`; chat-handler's sample
-/// event asks it too ([`crate::functions::CHAT_SAMPLE`]).
+/// event asks it too ([`CHAT_SAMPLE`](crate::harness::catalog::CHAT_SAMPLE)).
 pub fn message(id: &str) -> String {
     format!("What is NATS? ({id})")
 }
 
 /// What the section needs from the run.
 #[derive(Debug)]
-pub struct ChatEnv<'a> {
+struct ChatEnv<'a> {
     /// chat-handler, as in the generic list.
-    pub function: &'a Function,
+    function: &'a Function,
     /// The instant simulator and the Milvus mock (the rest unused).
-    pub endpoints: &'a Endpoints,
+    endpoints: &'a Endpoints,
     /// Where `inference-sim` is.
-    pub bin_dir: &'a Path,
+    bin_dir: &'a Path,
     /// The nats-server binary.
-    pub nats_server: &'a Path,
+    nats_server: &'a Path,
     /// Child output.
-    pub logs: &'a Path,
+    logs: &'a Path,
     /// The runtime the mock runs on (nats-server's readiness check uses it too).
-    pub rt: &'a Runtime,
+    rt: &'a Runtime,
 }
 
 /// Runs the section. Failures are recorded in the result, never returned.
-pub fn run(settings: &ChatSettings, env: &ChatEnv<'_>) -> ChatResult {
+fn run(settings: &ChatSettings, env: &ChatEnv<'_>) -> ChatResult {
     let mut r = ChatResult {
         name: env.function.name.to_string(),
         ..ChatResult::default()
@@ -327,14 +262,13 @@ pub fn run(settings: &ChatSettings, env: &ChatEnv<'_>) -> ChatResult {
         "bench: chat-handler: TTFT overhead ({} pairs per mode after {} warm-up, LLM first token after {} ms)",
         settings.ttft_events, settings.ttft_warmup_events, settings.llm_first_token_delay_ms
     );
-    let nats =
-        match crate::source::start_nats(env.nats_server, env.logs, "nats-server-chat", env.rt) {
-            Ok(n) => n,
-            Err(e) => {
-                r.fail(measures::TTFT_SETUP, &e);
-                return r;
-            }
-        };
+    let nats = match start_nats(env.nats_server, env.logs, "nats-server-chat", env.rt) {
+        Ok(n) => n,
+        Err(e) => {
+            r.fail(measures::TTFT_SETUP, &e);
+            return r;
+        }
+    };
     let delays = [
         Duration::from_millis(settings.llm_first_token_delay_ms),
         Duration::ZERO,
@@ -357,182 +291,6 @@ pub fn run(settings: &ChatSettings, env: &ChatEnv<'_>) -> ChatResult {
 
 // ---------------------------------------------------------------------------------------------
 // Direct backend calls.
-
-/// One keep-alive connection to a backend, opened (untimed) on first use.
-pub(crate) struct Peer {
-    pub(crate) addr: SocketAddr,
-    conn: Option<Conn>,
-}
-
-impl Peer {
-    pub(crate) fn new(addr: SocketAddr) -> Self {
-        Self { addr, conn: None }
-    }
-
-    pub(crate) fn conn(&mut self) -> io::Result<&mut Conn> {
-        if self.conn.is_none() {
-            self.conn = Some(Conn::connect(self.addr, CALL_TIMEOUT)?);
-        }
-        self.conn
-            .as_mut()
-            .ok_or_else(|| io::Error::other("no connection"))
-    }
-
-    /// Writes `request`, reads the answer with `on_body`; returns it with the moment before
-    /// the write and the time from then to the end of the body. Any failure drops the
-    /// connection.
-    pub(crate) fn send(
-        &mut self,
-        request: &Request,
-        on_body: &mut dyn FnMut(&[u8]),
-    ) -> anyhow::Result<(Response, Instant, Duration)> {
-        let conn = self.conn()?;
-        let started = Instant::now();
-        let result = conn.write(request).and_then(|()| conn.read_with(on_body));
-        let took = started.elapsed();
-        match result {
-            Ok(r) => Ok((r, started, took)),
-            Err(e) => {
-                self.conn = None;
-                Err(e.into())
-            }
-        }
-    }
-
-    /// `POST path` with a JSON body, which must be answered 200.
-    fn post_json(
-        &mut self,
-        path: &str,
-        body: &Value,
-        on_body: &mut dyn FnMut(&[u8]),
-    ) -> anyhow::Result<(Response, Instant, Duration)> {
-        let request = Request::new(
-            "POST",
-            self.addr,
-            path,
-            &[("content-type", "application/json"), ("accept", "*/*")],
-            body.to_string().as_bytes(),
-            true,
-        );
-        let (r, started, took) = self
-            .send(&request, on_body)
-            .with_context(|| format!("POST {path} on {}", self.addr))?;
-        ensure!(
-            r.status == 200,
-            "POST {path} on {} answered HTTP {}: {}",
-            self.addr,
-            r.status,
-            String::from_utf8_lossy(&r.body)
-        );
-        Ok((r, started, took))
-    }
-}
-
-/// Times the first content delta of a server-sent-events completion as it is read.
-#[derive(Default)]
-struct FirstToken {
-    pending: Vec<u8>,
-    at: Option<Instant>,
-}
-
-impl FirstToken {
-    fn feed(&mut self, bytes: &[u8]) {
-        let now = Instant::now();
-        if self.at.is_some() {
-            return;
-        }
-        self.pending.extend_from_slice(bytes);
-        while let Some(end) = self.pending.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = self.pending.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&event);
-            if text
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .any(|data| has_content(data.trim()))
-            {
-                self.at = Some(now);
-                return;
-            }
-        }
-    }
-}
-
-/// Whether an SSE `data` payload carries a non-empty `choices[0].delta.content`.
-fn has_content(data: &str) -> bool {
-    serde_json::from_str::<Value>(data).is_ok_and(|v| {
-        v["choices"][0]["delta"]["content"]
-            .as_str()
-            .is_some_and(|t| !t.is_empty())
-    })
-}
-
-/// The completion request chat-handler sends for `message` with `docs` (text, source) as
-/// numbered context.
-pub(crate) fn completion_body(message: &str, docs: &[(String, Option<String>)]) -> Value {
-    let mut system = SYSTEM_PROMPT.to_string();
-    if !docs.is_empty() {
-        system.push_str("\n\nContext:\n");
-        for (i, (text, source)) in docs.iter().enumerate() {
-            let origin = source
-                .as_deref()
-                .map(|s| format!(" ({s})"))
-                .unwrap_or_default();
-            system.push_str(&format!("[{}] {}{}\n", i + 1, text.trim(), origin));
-        }
-    }
-    json!({
-        "model": MODEL,
-        "messages": [
-            {"role": "system", "content": system},
-            {"role": "user", "content": message},
-        ],
-        "stream": true,
-        "stream_options": {"include_usage": true},
-    })
-}
-
-/// Streams a completion to `[DONE]`: (first content delta, whole stream), both from before
-/// the request was written.
-fn stream_completion(peer: &mut Peer, body: &Value) -> anyhow::Result<(Duration, Duration)> {
-    let mut first = FirstToken::default();
-    let (r, started, took) =
-        peer.post_json("/v1/chat/completions", body, &mut |b| first.feed(b))?;
-    ensure!(
-        r.body.windows(12).any(|w| w == b"data: [DONE]"),
-        "the completion stream did not end with [DONE]"
-    );
-    let at = first
-        .at
-        .context("the completion stream carried no content")?;
-    Ok((at.saturating_duration_since(started), took))
-}
-
-/// Streams a completion to `[DONE]`: (the answer's text, the whole stream's time from before
-/// the request was written).
-pub(crate) fn stream_completion_text(
-    peer: &mut Peer,
-    body: &Value,
-) -> anyhow::Result<(String, Duration)> {
-    let (r, _, took) = peer.post_json("/v1/chat/completions", body, &mut |_| {})?;
-    let mut text = String::new();
-    let mut done = false;
-    for data in String::from_utf8_lossy(&r.body)
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(str::trim)
-    {
-        if data == "[DONE]" {
-            done = true;
-        } else if let Ok(v) = serde_json::from_str::<Value>(data)
-            && let Some(t) = v["choices"][0]["delta"]["content"].as_str()
-        {
-            text.push_str(t);
-        }
-    }
-    ensure!(done, "the completion stream did not end with [DONE]");
-    ensure!(!text.is_empty(), "the completion stream carried no content");
-    Ok((text, took))
-}
 
 #[derive(Deserialize)]
 struct EmbeddingAnswer {
@@ -581,7 +339,7 @@ struct Direct {
 impl Direct {
     /// Embeddings, search, rerank and the streamed completion for `message`, as chat-handler
     /// makes them.
-    fn chain(&mut self, message: &str) -> anyhow::Result<Chain> {
+    fn chain(&mut self, message: &str) -> Result<Chain> {
         let body = json!({"model": MODEL, "input": [message], "encoding_format": "float"});
         let (r, _, embed) = self.sim.post_json("/v1/embeddings", &body, &mut |_| {})?;
         let answer: EmbeddingAnswer =
@@ -666,7 +424,7 @@ fn chat_event(addr: SocketAddr, id: &str, data: &Value) -> Request {
 
 /// Checks chat-handler's answer to `id`: 200, `ce-id: <id>.reply`, the expected `path`, not
 /// degraded, and (for `rag`) both documents as sources. Returns the data.
-fn check_answer(r: &Response, id: &str, path: &str) -> anyhow::Result<Value> {
+fn check_answer(r: &Response, id: &str, path: &str) -> Result<Value> {
     ensure!(
         r.status == 200,
         "chat-handler answered HTTP {}: {}",
@@ -717,11 +475,11 @@ fn pair(
     function: &mut Peer,
     direct: &mut Direct,
     f: &Function,
-) -> anyhow::Result<Pair> {
+) -> Result<Pair> {
     let id = format!("chat-{tag}-{i}");
     let question = message(&id);
     let request = f.event.request(function.addr, &id, true);
-    let mut ask = || -> anyhow::Result<Duration> {
+    let mut ask = || -> Result<Duration> {
         let (r, _, took) = function
             .send(&request, &mut |_| {})
             .context("sending an event to chat-handler")?;
@@ -745,11 +503,11 @@ fn pairs(
     count: usize,
     concurrency: usize,
     tag: &str,
-) -> anyhow::Result<Vec<Pair>> {
+) -> Result<Vec<Pair>> {
     let next = AtomicUsize::new(0);
     let abort = AtomicBool::new(false);
     let deadline = Instant::now() + SERIES_DEADLINE;
-    let worker = || -> anyhow::Result<Vec<Pair>> {
+    let worker = || -> Result<Vec<Pair>> {
         let mut function = Peer::new(targets.function);
         let mut direct = Direct {
             sim: Peer::new(targets.sim),
@@ -790,80 +548,32 @@ fn pairs(
                 }
             }
         }
-        let mut all = Vec::with_capacity(count);
-        let mut first_error = None;
-        for h in handles {
-            match h.join() {
-                Ok(Ok(p)) => all.extend(p),
-                Ok(Err(e)) => {
-                    first_error.get_or_insert(e);
-                }
-                Err(_) => {
-                    first_error.get_or_insert(anyhow!("client thread panicked"));
-                }
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
+        let all = join_clients(handles, count)?;
         ensure!(all.len() == count, "{} of {count} pairs done", all.len());
         Ok(all)
     })
 }
 
-/// `(sum, count)` of a Prometheus histogram over the series whose labels contain `label`.
-fn histogram(metrics: &str, name: &str, label: &str) -> (f64, f64) {
-    let value = |suffix: &str| -> f64 {
-        let series = format!("{name}_{suffix}");
-        metrics
-            .lines()
-            .filter_map(|l| {
-                let rest = l.strip_prefix(series.as_str())?;
-                let (labels, value) = match rest.strip_prefix('{') {
-                    Some(r) => r.split_once('}')?,
-                    None => ("", rest),
-                };
-                if !value.starts_with(' ') || !labels.contains(label) {
-                    return None;
-                }
-                value.trim().parse::<f64>().ok()
-            })
-            .sum()
-    };
-    (value("sum"), value("count"))
-}
-
 /// chat-handler's stage and event means between two `/metrics` scrapes, ms.
-fn stage_means(before: &str, after: &str) -> Stages {
-    let mean = |name: &str, label: &str| {
-        let (s0, c0) = histogram(before, name, label);
-        let (s1, c1) = histogram(after, name, label);
-        (c1 > c0).then(|| (s1 - s0) / (c1 - c0) * 1000.0)
-    };
-    let stage = |s: &str| mean("chat_stage_duration_seconds", &format!("stage=\"{s}\""));
+fn stage_means(before: &Metrics, after: &Metrics) -> Stages {
+    let stage =
+        |s: &str| after.mean_ms_since(before, "chat_stage_duration_seconds", Some(("stage", s)));
     Stages {
         embed: stage("embed"),
         search: stage("search"),
         rerank: stage("rerank"),
         llm: stage("llm"),
-        total: mean("handler_event_duration_seconds", "type=\"ai.chat.request\""),
+        total: after.mean_ms_since(
+            before,
+            "handler_event_duration_seconds",
+            Some(("type", "ai.chat.request")),
+        ),
     }
 }
 
-fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
-    let r = exchange(addr, &Request::get(addr, "/metrics"), CALL_TIMEOUT)?;
-    ensure!(r.status == 200, "GET /metrics answered HTTP {}", r.status);
-    Ok(String::from_utf8_lossy(&r.body).into_owned())
-}
-
-fn mean_ms(values: impl Iterator<Item = Duration>) -> Option<f64> {
-    let (sum, n) = values.fold((0.0, 0usize), |(s, n), d| (s + ms(d), n + 1));
-    (n > 0).then(|| sum / n as f64)
-}
-
-fn added_latency(settings: &ChatSettings, env: &ChatEnv<'_>) -> anyhow::Result<Added> {
+fn added_latency(settings: &ChatSettings, env: &ChatEnv<'_>) -> Result<Added> {
     let f = env.function;
-    let mut running = measure::start_ready(f, env.endpoints, None, env.logs)?;
+    let mut running = start_ready(f, env.endpoints, None, env.logs)?;
     let sim = addr_of(env.endpoints.instant.as_deref().context("no simulator")?)?;
     let targets = Targets {
         function: running.addr,
@@ -879,11 +589,11 @@ fn added_latency(settings: &ChatSettings, env: &ChatEnv<'_>) -> anyhow::Result<A
         "warm",
     )
     .context("warm-up")?;
-    let before = scrape(running.addr)?;
+    let before = Metrics::get(running.addr, CALL_TIMEOUT)?;
     let ticks_before = cpu_ticks(running.proc.pid()).ok();
     let measured = pairs(f, targets, settings.events, settings.concurrency, "ev")?;
     let ticks_after = cpu_ticks(running.proc.pid()).ok();
-    let after = scrape(running.addr)?;
+    let after = Metrics::get(running.addr, CALL_TIMEOUT)?;
     running.proc.check_alive()?;
     let function_cpu_ms_per_event = match (ticks_before, ticks_after) {
         (Some(a), Some(b)) if !measured.is_empty() => {
@@ -924,142 +634,20 @@ fn added_latency(settings: &ChatSettings, env: &ChatEnv<'_>) -> anyhow::Result<A
 // ---------------------------------------------------------------------------------------------
 // TTFT.
 
-/// A NATS subscriber speaking the client protocol over a blocking socket: `CONNECT`, `SUB`,
-/// `PING`/`PONG`, and `MSG`/`HMSG` read as they arrive.
-pub(crate) struct RawSubscriber {
-    reader: BufReader<TcpStream>,
-}
-
-/// One message read by [`RawSubscriber`].
-pub(crate) struct NatsMessage {
-    /// When its first line was read.
-    pub(crate) at: Instant,
-    pub(crate) subject: String,
-    pub(crate) headers: String,
-    pub(crate) payload: Vec<u8>,
-}
-
-impl RawSubscriber {
-    /// Connects to `nats://127.0.0.1:PORT` and subscribes to `subject`; returns once the
-    /// server has confirmed (`PONG` after `SUB`).
-    pub(crate) fn connect(url: &str, subject: &str) -> anyhow::Result<Self> {
-        let addr: SocketAddr = url
-            .strip_prefix("nats://")
-            .and_then(|a| a.parse().ok())
-            .with_context(|| format!("{url:?} is not nats://IP:PORT"))?;
-        let stream = TcpStream::connect_timeout(&addr, CALL_TIMEOUT)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(CALL_TIMEOUT))?;
-        stream.set_write_timeout(Some(CALL_TIMEOUT))?;
-        let mut sub = Self {
-            reader: BufReader::new(stream),
-        };
-        let info = sub.line()?;
-        ensure!(info.starts_with("INFO "), "nats-server said {info:?} first");
-        let hello = format!(
-            "CONNECT {}\r\nSUB {subject} 1\r\nPING\r\n",
-            json!({"verbose": false, "pedantic": false, "headers": true, "protocol": 1,
-                   "name": "bench", "lang": "rust", "version": "0"})
-        );
-        sub.write(hello.as_bytes())?;
-        loop {
-            match sub.line()?.as_str() {
-                "PONG" => return Ok(sub),
-                "PING" => sub.write(b"PONG\r\n")?,
-                // The server may send INFO again at any time (e.g. after CONNECT).
-                l if l == "+OK" || l.starts_with("INFO ") => {}
-                other => bail!("nats-server answered {other:?} to CONNECT/SUB"),
-            }
-        }
-    }
-
-    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let stream = self.reader.get_mut();
-        stream.write_all(bytes)?;
-        stream.flush()
-    }
-
-    fn line(&mut self) -> anyhow::Result<String> {
-        let mut line = String::new();
-        let n = (&mut self.reader)
-            .take(64 * 1024)
-            .read_line(&mut line)
-            .context("reading from nats-server")?;
-        ensure!(n > 0, "nats-server closed the connection");
-        Ok(line.trim_end_matches(['\r', '\n']).to_string())
-    }
-
-    /// The next message (answering the server's `PING`s on the way).
-    pub(crate) fn next(&mut self) -> anyhow::Result<NatsMessage> {
-        loop {
-            let line = self.line()?;
-            let at = Instant::now();
-            let parts: Vec<&str> = line.split_whitespace().collect();
-            match parts.first().copied() {
-                Some("PING") => self.write(b"PONG\r\n")?,
-                Some("+OK" | "PONG" | "INFO") => {}
-                Some("MSG" | "HMSG") => {
-                    let with_headers = parts[0] == "HMSG";
-                    let sizes: Vec<usize> = parts
-                        .iter()
-                        .rev()
-                        .take(if with_headers { 2 } else { 1 })
-                        .map(|s| s.parse())
-                        .collect::<Result<_, _>>()
-                        .with_context(|| format!("bad message line {line:?}"))?;
-                    let (total, header_len) = if with_headers {
-                        (sizes[0], sizes[1])
-                    } else {
-                        (sizes[0], 0)
-                    };
-                    ensure!(header_len <= total, "bad message line {line:?}");
-                    let mut body = vec![0; total + 2];
-                    self.reader
-                        .read_exact(&mut body)
-                        .context("reading a message")?;
-                    body.truncate(total);
-                    let payload = body.split_off(header_len);
-                    return Ok(NatsMessage {
-                        at,
-                        subject: parts.get(1).map_or_else(String::new, |s| s.to_string()),
-                        headers: String::from_utf8_lossy(&body).into_owned(),
-                        payload,
-                    });
-                }
-                _ => bail!("nats-server said {line:?}"),
-            }
-        }
-    }
-}
-
-/// Whether a MessagePack text chunk (`{request_id, seq, text, done, error?}`, a map) has
-/// `done` set to `value`.
-pub(crate) fn chunk_done_is(payload: &[u8], value: bool) -> bool {
-    let needle = [
-        0xa4,
-        b'd',
-        b'o',
-        b'n',
-        b'e',
-        if value { 0xc3 } else { 0xc2 },
-    ];
-    payload.windows(needle.len()).any(|w| w == needle)
-}
-
 /// The processes of one TTFT measurement: an LLM simulator answering after `delay`, and
 /// chat-handler publishing to `nats_url`.
 struct TtftRig {
     function: &'static str,
     delay: Duration,
-    _llm: measure::Backend,
+    _llm: Backend,
     chat: Running,
     llm: Peer,
     subscriber: RawSubscriber,
 }
 
 impl TtftRig {
-    fn start(env: &ChatEnv<'_>, nats_url: &str, delay: Duration) -> anyhow::Result<Self> {
-        let llm = measure::start_backend(
+    fn start(env: &ChatEnv<'_>, nats_url: &str, delay: Duration) -> Result<Self> {
+        let llm = start_backend(
             env.bin_dir,
             delay,
             Duration::ZERO,
@@ -1070,7 +658,7 @@ impl TtftRig {
         let mut vars = f.environment(0, env.endpoints, None);
         set_var(&mut vars, "LLM_URL", llm.url.clone());
         set_var(&mut vars, "NATS_URL", nats_url);
-        let chat = measure::start_ready_with(f, vars, env.logs)?;
+        let chat = start_ready_with(f, vars, env.logs)?;
         let subscriber = RawSubscriber::connect(nats_url, &format!("{STREAM_SUBJECT}>"))?;
         Ok(Self {
             function: f.name,
@@ -1083,7 +671,7 @@ impl TtftRig {
     }
 
     /// One pair: the LLM's own first token, then chat-handler's first chunk.
-    fn pair(&mut self, id: &str, rag: bool, function: &mut Peer) -> anyhow::Result<TtftPair> {
+    fn pair(&mut self, id: &str, rag: bool, function: &mut Peer) -> Result<TtftPair> {
         let question = message(id);
         let docs: Vec<(String, Option<String>)> = if rag {
             vec![
@@ -1111,7 +699,7 @@ impl TtftRig {
                 Instant::now() < deadline,
                 "no done chunk on {subject} within {CALL_TIMEOUT:?}"
             );
-            let m = self.subscriber.next()?;
+            let m = self.subscriber.next_message()?;
             if m.subject != subject {
                 continue; // a late chunk of an earlier request
             }
@@ -1122,12 +710,12 @@ impl TtftRig {
                     m.headers
                 );
                 ensure!(
-                    chunk_done_is(&m.payload, false),
+                    chunk_done(&m.payload) == Some(false),
                     "the first message on {subject} is not a text chunk"
                 );
                 first = Some(m.at);
             }
-            if chunk_done_is(&m.payload, true) {
+            if chunk_done(&m.payload) == Some(true) {
                 break;
             }
         }
@@ -1146,7 +734,7 @@ impl TtftRig {
         })
     }
 
-    fn measure(&mut self, settings: &ChatSettings, rag: bool) -> anyhow::Result<Ttft> {
+    fn measure(&mut self, settings: &ChatSettings, rag: bool) -> Result<Ttft> {
         let mode = format!(
             "{}-{}ms",
             if rag { "rag" } else { "norag" },
@@ -1162,7 +750,7 @@ impl TtftRig {
                 "not done within {SERIES_DEADLINE:?}"
             );
             if i == settings.ttft_warmup_events {
-                before = Some(scrape(self.chat.addr)?);
+                before = Some(Metrics::get(self.chat.addr, CALL_TIMEOUT)?);
             }
             let id = format!("ttft-{mode}-{i}");
             let p = self
@@ -1172,13 +760,11 @@ impl TtftRig {
                 samples.push(p);
             }
         }
-        let after = scrape(self.chat.addr)?;
+        let after = Metrics::get(self.chat.addr, CALL_TIMEOUT)?;
         self.chat.proc.check_alive()?;
         let function_ttft_mean_ms = before.and_then(|before| {
             let name = "chat_time_to_first_token_seconds";
-            let (s0, c0) = histogram(&before, name, "");
-            let (s1, c1) = histogram(&after, name, "");
-            (c1 > c0).then(|| (s1 - s0) / (c1 - c0) * 1000.0)
+            after.mean_ms_since(&before, name, None)
         });
         let of = |v: Vec<Duration>| Summary::of(&v).context("no samples");
         Ok(Ttft {
@@ -1213,57 +799,326 @@ struct TtftPair {
     answered: Duration,
 }
 
+// ---------------------------------------------------------------------------------------------
+// The section.
+
+/// The chat-handler section.
+#[derive(Debug)]
+pub struct ChatSection {
+    settings: ChatSettings,
+    stream_token_delay_ms: u64,
+    function: Option<Function>,
+    result: ChatResult,
+}
+
+impl ChatSection {
+    /// Measures chat-handler when `BENCH_ONLY` lets it run.
+    pub fn new(
+        settings: ChatSettings,
+        run: &crate::harness::section::RunSettings,
+        catalog: &[Function],
+    ) -> Self {
+        let function = catalog
+            .iter()
+            .find(|f| f.name == CHAT_HANDLER && run.wants(f.name))
+            .cloned();
+        Self {
+            settings,
+            stream_token_delay_ms: run.stream_token_delay_ms,
+            function,
+            result: ChatResult::default(),
+        }
+    }
+}
+
+impl Section for ChatSection {
+    fn key(&self) -> &'static str {
+        "chat_handler"
+    }
+
+    fn selected(&self) -> bool {
+        self.function.is_some()
+    }
+
+    fn functions(&self) -> Vec<&Function> {
+        self.function.iter().collect()
+    }
+
+    fn run(&mut self, ctx: &mut Context<'_>) {
+        let Some(function) = &self.function else {
+            return;
+        };
+        let rt = match ctx.rt() {
+            Ok(rt) => rt,
+            Err(e) => {
+                self.result.name = function.name.to_string();
+                self.result.fail(measures::ADDED, &e);
+                return;
+            }
+        };
+        let endpoints = ctx.endpoints();
+        let env = ChatEnv {
+            function,
+            endpoints: &endpoints,
+            bin_dir: ctx.bin_dir(),
+            nats_server: &ctx.nats_server,
+            logs: &ctx.logs,
+            rt,
+        };
+        self.result = run(&self.settings, &env);
+        self.result.rss_in_flight = ctx.held(function.name).cloned();
+        self.result.milvus_searches = ctx.backends().map_or(0, |b| b.milvus_searches());
+    }
+
+    fn render(&self) -> Option<String> {
+        (!self.result.name.is_empty()).then(|| render(&self.result, self.stream_token_delay_ms))
+    }
+
+    fn notes(&self) -> Vec<String> {
+        if self.function.is_some() {
+            notes(&self.settings)
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn errors(&self) -> Vec<String> {
+        let r = &self.result;
+        r.errors
+            .iter()
+            .map(|e| format!("{} {}: {}", r.name, e.measure, e.error))
+            .collect()
+    }
+
+    fn result_json(&self) -> serde_json::Result<String> {
+        serde_json::to_string_pretty(&self.result)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report.
+
+/// `function/direct` per stage, ms.
+fn stage_pairs(function: &Stages, direct: &Stages) -> String {
+    let one = |v: Option<f64>| v.map_or_else(|| "?".to_string(), |v| format!("{v:.2}"));
+    [
+        ("embed", function.embed, direct.embed),
+        ("search", function.search, direct.search),
+        ("rerank", function.rerank, direct.rerank),
+        ("llm", function.llm, direct.llm),
+        ("total", function.total, direct.total),
+    ]
+    .iter()
+    .map(|(name, f, d)| format!("{name} {}/{}", one(*f), one(*d)))
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
+fn ttft_rows(t: &Ttft) -> [String; 2] {
+    let split = t.function_ttft_mean_ms.map_or_else(
+        || "function's own TTFT not found at /metrics".to_string(),
+        |f| {
+            format!(
+                "its LLM client {:.2} (own TTFT {f:.2} - LLM's {:.2}), the rest {:.2} (event in -> \
+                 LLM request, first token -> chunk at the subscriber)",
+                f - t.llm_mean_ms,
+                t.llm_mean_ms,
+                t.first_chunk_mean_ms - f
+            )
+        },
+    );
+    [
+        format!(
+            "{:.2} / {:.2} ms   (first chunk on NATS {:.2} - LLM's own first token {:.2}, p50s; \
+             timings_ms.ttft p50 {:.0} ms; whole answer {:.2} ms; {} pairs)",
+            t.overhead_ms.p50,
+            t.overhead_ms.p90,
+            t.first_chunk_ms.p50,
+            t.llm_ms.p50,
+            t.reported_ttft_ms.p50,
+            t.answer_ms.p50,
+            t.events
+        ),
+        format!(
+            "{:.2} ms mean overhead = {split}",
+            t.first_chunk_mean_ms - t.llm_mean_ms
+        ),
+    ]
+}
+
+/// The chat-handler section of the report.
+fn render(r: &ChatResult, stream_token_delay_ms: u64) -> String {
+    use measures::*;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} (RAG: embeddings + Milvus search + rerank + streamed LLM, every backend instant on 127.0.0.1):",
+        r.name
+    );
+    let mut row = |label: &str, value: String| {
+        let _ = writeln!(out, "  {label:<32}{value}");
+    };
+    let or_err = |failed: bool| if failed { "ERR" } else { "-" }.to_string();
+    match &r.added {
+        Some(a) => added_rows(a, &mut row),
+        None => row("added latency p50/p99", or_err(r.failed(ADDED))),
+    }
+    let delayed: Vec<&Ttft> = r.ttft.iter().filter(|t| t.llm_delay_ms > 0).collect();
+    for t in &delayed {
+        let [head, split] = ttft_rows(t);
+        row(
+            &format!(
+                "TTFT overhead p50/p90, RAG {}",
+                if t.rag { "on" } else { "off" }
+            ),
+            head,
+        );
+        row("", split);
+    }
+    let instant: Vec<String> = r
+        .ttft
+        .iter()
+        .filter(|t| t.llm_delay_ms == 0)
+        .map(|t| {
+            format!(
+                "RAG {} {:.2} / {:.2}",
+                if t.rag { "on" } else { "off" },
+                t.overhead_ms.p50,
+                t.overhead_ms.p90
+            )
+        })
+        .collect();
+    if !instant.is_empty() {
+        row(
+            "  same, LLM answering at once",
+            format!(
+                "{} ms p50/p90   (no idle wait before the first token)",
+                instant.join(", ")
+            ),
+        );
+    }
+    if delayed.is_empty() {
+        row(
+            "TTFT overhead",
+            or_err(r.failed(TTFT_SETUP) || r.failed(TTFT)),
+        );
+    }
+    row(
+        "RSS with 100 streams",
+        r.rss_in_flight.as_ref().map_or_else(
+            || "ERR (see the table)".to_string(),
+            |h| {
+                format!(
+                    "{:.2} MiB   ({} events in flight, each an LLM stream of 8 tokens {} ms apart; LLM_CONCURRENCY=100)",
+                    h.rss_mib, h.events, stream_token_delay_ms
+                )
+            },
+        ),
+    );
+    row("Milvus mock searches", r.milvus_searches.to_string());
+    out
+}
+
+/// The rows of the added latency.
+fn added_rows(a: &Added, row: &mut impl FnMut(&str, String)) {
+    row(
+        "added latency p50/p99",
+        format!(
+            "{:.2} / {:.2} ms   (per pair: function - its 4 backend calls made directly; {} pairs, {} threads)",
+            a.added_ms.p50, a.added_ms.p99, a.events, a.concurrency
+        ),
+    );
+    row(
+        "  vs median direct",
+        format!(
+            "{:.2} / {:.2} ms   (function p50 / p99 - direct p50)",
+            a.added_p50_vs_median_ms, a.added_p99_vs_median_ms
+        ),
+    );
+    row(
+        "  function p50/p99",
+        format!(
+            "{:.2} / {:.2} ms   (request written -> whole reply read; mean {:.2})",
+            a.e2e_ms.p50, a.e2e_ms.p99, a.e2e_mean_ms
+        ),
+    );
+    row(
+        "  direct backends p50/p99",
+        format!(
+            "{:.2} / {:.2} ms   (embeddings + search + rerank + completion to [DONE], summed)",
+            a.direct_ms.p50, a.direct_ms.p99
+        ),
+    );
+    row(
+        "  means function/direct ms",
+        stage_pairs(&a.function_means_ms, &a.direct_means_ms),
+    );
+    row(
+        "  chat-handler CPU per event",
+        a.function_cpu_ms_per_event.map_or_else(
+            || "?".to_string(),
+            |c| format!("{c:.2} ms   (user + system over the measured pairs)"),
+        ),
+    );
+}
+
+/// How the chat-handler section was measured.
+fn notes(c: &ChatSettings) -> Vec<String> {
+    vec![
+        format!(
+            "chat-handler: every event asks a different question (\"What is NATS? (<ce-id>)\"): \
+             identical concurrent requests would share one pipeline run. Milvus mock: POST {} \
+             answers 2 documents at once (MILVUS_API=v2); no NATS_URL except for TTFT.",
+            MILVUS_SEARCH_PATH
+        ),
+        format!(
+            "chat added latency: {} pairs after {} warm-up over {} client threads, keep-alive \
+             everywhere. A pair = one RAG request to chat-handler (written -> whole reply read) and \
+             the same 4 backend calls made by the bench itself in turn with chat-handler's payloads \
+             (embeddings, search, rerank, completion streamed to [DONE]; each written -> whole answer \
+             read), order alternating; added = function - sum of the direct calls, per pair \
+             (\"vs median\": function p50/p99 - direct p50). Stage means: the function's \
+             chat_stage_duration_seconds / handler_event_duration_seconds over the measured pairs, \
+             against the bench's direct calls under the same load. CPU per event: chat-handler's \
+             utime + stime over the measured pairs (10 ms ticks).",
+            c.events, c.warmup_events, c.concurrency
+        ),
+        format!(
+            "chat TTFT: LLM on its own inference-sim with SIM_LATENCY_MS={} (delays the response \
+             start), embeddings/rerank instant; chat-handler with NATS_URL (its own nats-server). \
+             {} pairs per mode after {} warm-up, one at a time: the LLM's own first token (bench \
+             writes the completion request -> reads the first content delta), then chat-handler \
+             with stream: true (request written -> first chunk read by a raw NATS-protocol \
+             subscriber on ai.chat.response.stream.> in the bench). Overhead = per-pair \
+             difference; RAG on includes embeddings + search + rerank on instant backends. \
+             timings_ms.ttft = the answer's own (whole ms); the split uses chat-handler's \
+             chat_time_to_first_token_seconds mean. \"LLM answering at once\": the same with \
+             SIM_LATENCY_MS=0 on a second simulator and chat-handler.",
+            c.llm_first_token_delay_ms, c.ttft_events, c.ttft_warmup_events
+        ),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::functions::EVENT_ID;
+    use crate::harness::function::EVENT_ID;
 
     #[test]
     fn the_sample_event_asks_the_message_of_its_id() {
-        let body = crate::functions::CHAT_SAMPLE.replace(EVENT_ID, "x-1");
+        let body = crate::harness::catalog::CHAT_SAMPLE.replace(EVENT_ID, "x-1");
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v, json!({"message": message("x-1")}));
     }
 
     #[test]
-    fn first_token_waits_for_content() {
-        let mut f = FirstToken::default();
-        f.feed(b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\ndata: {\"cho");
-        assert!(f.at.is_none());
-        f.feed(b"ices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n");
-        assert!(f.at.is_some());
-    }
-
-    #[test]
-    fn histogram_sums_matching_series() {
-        let text = "chat_stage_duration_seconds_bucket{stage=\"embed\",le=\"0.01\"} 3\n\
-                    chat_stage_duration_seconds_sum{stage=\"embed\"} 0.5\n\
-                    chat_stage_duration_seconds_count{stage=\"embed\"} 4\n\
-                    chat_stage_duration_seconds_sum{stage=\"llm\"} 9\n";
-        assert_eq!(
-            histogram(text, "chat_stage_duration_seconds", "stage=\"embed\""),
-            (0.5, 4.0)
-        );
-        let later = text.replace("0.5", "1.5").replace("} 4", "} 8");
-        let s = stage_means(text, &later);
+    fn stage_means_come_from_the_histograms_between_scrapes() {
+        let before = "chat_stage_duration_seconds_sum{stage=\"embed\"} 0.5\n\
+                      chat_stage_duration_seconds_count{stage=\"embed\"} 4\n\
+                      chat_stage_duration_seconds_sum{stage=\"llm\"} 9\n";
+        let after = before.replace("0.5", "1.5").replace("} 4", "} 8");
+        let s = stage_means(&Metrics::parse(before), &Metrics::parse(&after));
         assert_eq!(s.embed, Some(250.0));
         assert_eq!(s.llm, None);
-    }
-
-    #[test]
-    fn done_flag_in_msgpack_chunks() {
-        let chunk = [0x84, 0xa4, b'd', b'o', b'n', b'e', 0xc2];
-        assert!(chunk_done_is(&chunk, false) && !chunk_done_is(&chunk, true));
-    }
-
-    #[test]
-    fn completion_body_numbers_the_context() {
-        let body = completion_body("q", &[("a ".into(), Some("s".into())), ("b".into(), None)]);
-        let system = body["messages"][0]["content"].as_str().unwrap();
-        assert!(
-            system.ends_with("\n\nContext:\n[1] a (s)\n[2] b\n"),
-            "{system}"
-        );
-        assert_eq!(body["messages"][1]["content"], "q");
     }
 }

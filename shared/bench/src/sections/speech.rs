@@ -1,9 +1,9 @@
 //! The speech section: what the generic table cannot show for stt-module and voice-assistant.
 //!
-//! Both are in the generic list too ([`crate::functions`]): binary size, cold start, idle RSS
-//! and RSS with 100 events in flight. Here:
+//! Both are in the generic list too ([`catalog`](crate::harness::catalog)): binary size, cold
+//! start, idle RSS and RSS with 100 events in flight. Here:
 //!
-//! 1. **VAD speed**, in this process on one thread, with handler-kit's own code and default
+//! 1. **VAD speed**, in this process on one thread, with stt-module's own code and default
 //!    settings (`STT_VAD_*` unset): for each fixture, decoding to 16 kHz mono (parse, downmix,
 //!    resample: what `SttClient::prepare` does) and voice activity detection
 //!    (`vad::segments`), each repeated until it has used [`VAD_MIN_CPU`] of this thread's CPU
@@ -25,16 +25,15 @@
 //!    message on `ai.voice.response.stream.{request_id}`. Overhead = first audio - the sum of
 //!    the three direct calls. Then the same with a simulator answering at once.
 //!
-//! Every child is a [`Proc`](crate::proc::Proc) killed on drop, every wait has a deadline.
+//! Every child is a [`Proc`](crate::harness::proc::Proc) killed on drop, every wait has a deadline.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, ensure};
 use audio::{Wav, encode_pcm16, resample};
 use base64::Engine as _;
 use serde::Serialize;
@@ -42,15 +41,21 @@ use serde_json::{Value, json};
 use stt_module::vad::{Span, VAD_RATE, VadConfig, segments};
 use tokio::runtime::Runtime;
 
-use crate::chat::{Peer, RawSubscriber, chunk_done_is, completion_body, stream_completion_text};
-use crate::functions::{Endpoints, Function, set_var};
-use crate::http::Request;
-use crate::measure::{self, Running};
-use crate::report::MeasureError;
-use crate::stats::{Summary, ms};
+use crate::harness::backends::{Backend, start_backend};
+use crate::harness::catalog::{STT_MODULE, VOICE_ASSISTANT};
+use crate::harness::error::{Context as _, Error, Result, ensure};
+use crate::harness::fixtures::{self, read_speech};
+use crate::harness::function::{Endpoints, Function, set_var};
+use crate::harness::http::{Peer, Request, Response};
+use crate::harness::llm::{completion_body, stream_completion_text};
+use crate::harness::measure::{Running, start_ready_with};
+use crate::harness::nats::{RawSubscriber, chunk_done, start_nats};
+use crate::harness::results::{MeasureError, fail};
+use crate::harness::section::{Context, RunSettings, Section, env_count};
+use crate::harness::stats::{Summary, ms};
 
-/// The speech fixtures (made by `scripts/make-speech-fixtures.sh`).
-pub const FIXTURES: [&str; 2] = ["two-utterances-16k.wav", "three-utterances-44k-stereo.wav"];
+/// The speech fixtures measured.
+const FIXTURES: [&str; 2] = fixtures::SPEECH;
 /// CPU time each VAD-speed stage is repeated for, at least.
 pub const VAD_MIN_CPU: Duration = Duration::from_millis(1500);
 /// The simulator's `SIM_LATENCY_MS` in the time-to-first-audio measurement.
@@ -69,11 +74,6 @@ const SERIES_DEADLINE: Duration = Duration::from_secs(60);
 /// The transcription path stt-module and voice-assistant call.
 pub const TRANSCRIBE_PATH: &str = "/v1/audio/transcriptions";
 
-/// The directory of the speech fixtures in the source tree.
-pub fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testkit/fixtures/speech")
-}
-
 /// Settings of the section, from `BENCH_VOICE_*` variables.
 #[derive(Debug, Clone, Serialize)]
 pub struct SpeechSettings {
@@ -89,9 +89,9 @@ pub struct SpeechSettings {
 
 impl SpeechSettings {
     /// Reads the variables.
-    pub fn from_env() -> anyhow::Result<Self> {
+    pub fn from_env() -> Result<Self> {
         Ok(Self {
-            voice_events: crate::env_count("BENCH_VOICE_EVENTS", 50)?,
+            voice_events: env_count("BENCH_VOICE_EVENTS", 50)?,
             voice_warmup_events: VOICE_WARMUP_PAIRS,
             backend_delay_ms: u64::try_from(BACKEND_DELAY.as_millis()).unwrap_or(u64::MAX),
             vad_min_cpu_ms: u64::try_from(VAD_MIN_CPU.as_millis()).unwrap_or(u64::MAX),
@@ -190,35 +190,32 @@ pub mod measures {
 }
 
 impl SpeechResult {
-    fn fail(&mut self, measure: &'static str, error: &anyhow::Error) {
-        self.errors.push(MeasureError {
-            measure,
-            error: format!("{error:#}"),
-        });
+    fn fail(&mut self, measure: &'static str, error: &Error) {
+        fail(&mut self.errors, measure, error);
     }
 }
 
 /// What the section needs from the run.
 #[derive(Debug)]
-pub struct SpeechEnv<'a> {
+struct SpeechEnv<'a> {
     /// stt-module, as in the generic list.
-    pub stt: &'a Function,
+    stt: &'a Function,
     /// voice-assistant, as in the generic list.
-    pub voice: &'a Function,
+    voice: &'a Function,
     /// The instant simulator and the Milvus mock.
-    pub endpoints: &'a Endpoints,
+    endpoints: &'a Endpoints,
     /// Where `inference-sim` is.
-    pub bin_dir: &'a Path,
+    bin_dir: &'a Path,
     /// The nats-server binary.
-    pub nats_server: &'a Path,
+    nats_server: &'a Path,
     /// Child output.
-    pub logs: &'a Path,
+    logs: &'a Path,
     /// The runtime the transcription mock runs on.
-    pub rt: &'a Runtime,
+    rt: &'a Runtime,
 }
 
 /// Runs the section. Failures are recorded in the result, never returned.
-pub fn run(settings: &SpeechSettings, env: &SpeechEnv<'_>) -> SpeechResult {
+fn run(settings: &SpeechSettings, env: &SpeechEnv<'_>) -> SpeechResult {
     let mut r = SpeechResult::default();
     eprintln!("bench: speech: VAD speed (one thread, in process)");
     for name in FIXTURES {
@@ -236,7 +233,7 @@ pub fn run(settings: &SpeechSettings, env: &SpeechEnv<'_>) -> SpeechResult {
         "bench: speech: voice-assistant time to first audio ({} pairs per mode after {} warm-up)",
         settings.voice_events, settings.voice_warmup_events
     );
-    match crate::source::start_nats(env.nats_server, env.logs, "nats-server-voice", env.rt) {
+    match start_nats(env.nats_server, env.logs, "nats-server-voice", env.rt) {
         Ok(nats) => {
             for delay in [BACKEND_DELAY, Duration::ZERO] {
                 match ttfa(settings, env, &nats.url, delay) {
@@ -254,7 +251,7 @@ pub fn run(settings: &SpeechSettings, env: &SpeechEnv<'_>) -> SpeechResult {
 // VAD speed.
 
 /// CPU time this thread has used (`/proc/thread-self/schedstat`, nanoseconds on the CPU).
-fn thread_cpu() -> anyhow::Result<Duration> {
+fn thread_cpu() -> Result<Duration> {
     let text = std::fs::read_to_string("/proc/thread-self/schedstat")
         .context("reading /proc/thread-self/schedstat")?;
     let ns: u64 = text
@@ -266,7 +263,7 @@ fn thread_cpu() -> anyhow::Result<Duration> {
 }
 
 /// Runs `work` until it has used [`VAD_MIN_CPU`]; returns CPU time per run and the runs.
-fn per_run<T>(mut work: impl FnMut() -> T) -> anyhow::Result<(Duration, usize)> {
+fn per_run<T>(mut work: impl FnMut() -> T) -> Result<(Duration, usize)> {
     std::hint::black_box(work()); // warm-up
     let start = thread_cpu()?;
     let mut runs = 0u32;
@@ -285,15 +282,10 @@ fn to_16k(wav: &Wav) -> Vec<i16> {
     resample(&wav.to_mono_i16(), wav.sample_rate(), VAD_RATE)
 }
 
-fn read_fixture(name: &str) -> anyhow::Result<Vec<u8>> {
-    let path = fixture_dir().join(name);
-    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
-}
-
-fn vad_speed(name: &str) -> anyhow::Result<VadSpeed> {
-    let bytes = read_fixture(name)?;
+fn vad_speed(name: &str) -> Result<VadSpeed> {
+    let bytes = read_speech(name)?;
     let config = VadConfig::default();
-    let wav = Wav::parse(&bytes).map_err(|e| anyhow!(e))?;
+    let wav = Wav::parse(&bytes).map_err(Error::msg)?;
     let samples = to_16k(&wav);
     let spans = segments(&config, &samples);
     let (decode, decode_runs) = per_run(|| {
@@ -345,7 +337,7 @@ impl Drop for TranscriptionCounter {
 }
 
 impl TranscriptionCounter {
-    fn start(rt: &Runtime) -> anyhow::Result<Self> {
+    fn start(rt: &Runtime) -> Result<Self> {
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
             .context("binding the transcription counter")?;
@@ -406,7 +398,7 @@ fn event(addr: SocketAddr, ty: &str, id: &str, data: &Value) -> Request {
 }
 
 /// The JSON data of a reply answered 200.
-fn reply_data(r: &crate::http::Response, what: &str) -> anyhow::Result<Value> {
+fn reply_data(r: &Response, what: &str) -> Result<Value> {
     ensure!(
         r.status == 200,
         "{what} answered HTTP {}: {}",
@@ -416,15 +408,15 @@ fn reply_data(r: &crate::http::Response, what: &str) -> anyhow::Result<Value> {
     serde_json::from_slice(&r.body).with_context(|| format!("{what}'s reply is not JSON"))
 }
 
-fn forwarded(env: &SpeechEnv<'_>) -> anyhow::Result<Vec<Forwarded>> {
+fn forwarded(env: &SpeechEnv<'_>) -> Result<Vec<Forwarded>> {
     let counter = TranscriptionCounter::start(env.rt)?;
     let mut vars = env.stt.environment(0, env.endpoints, None);
     set_var(&mut vars, "STT_URL", counter.url.clone());
-    let mut stt = measure::start_ready_with(env.stt, vars, env.logs)?;
+    let mut stt = start_ready_with(env.stt, vars, env.logs)?;
     let mut peer = Peer::new(stt.addr);
     let mut out = Vec::new();
     for name in FIXTURES {
-        let bytes = read_fixture(name)?;
+        let bytes = read_speech(name)?;
         let audio = base64::engine::general_purpose::STANDARD.encode(&bytes);
         counter.take();
         let id = format!("forwarded-{name}");
@@ -439,9 +431,9 @@ fn forwarded(env: &SpeechEnv<'_>) -> anyhow::Result<Vec<Forwarded>> {
         let (requests, forwarded_bytes) = counter.take();
         let audio_ms = data["audio_ms"].as_u64().context("no audio_ms")?;
         let speech_ms = data["speech_ms"].as_u64().context("no speech_ms")?;
-        let wav = Wav::parse(&bytes).map_err(|e| anyhow!(e))?;
+        let wav = Wav::parse(&bytes).map_err(Error::msg)?;
         let whole_16k_bytes = encode_pcm16(&to_16k(&wav), VAD_RATE)
-            .map_err(|e| anyhow!(e))?
+            .map_err(Error::msg)?
             .len();
         ensure!(audio_ms > 0, "stt-module reports no audio for {name}");
         out.push(Forwarded {
@@ -465,8 +457,8 @@ fn forwarded(env: &SpeechEnv<'_>) -> anyhow::Result<Vec<Forwarded>> {
 
 /// The voice recording: the first utterance of `two-utterances-16k.wav` (WAV bytes), and the
 /// WAV of its speech segment, which is what voice-assistant sends to STT.
-fn voice_recording() -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
-    let wav = Wav::parse(&read_fixture(FIXTURES[0])?).map_err(|e| anyhow!(e))?;
+fn voice_recording() -> Result<(Vec<u8>, Vec<u8>)> {
+    let wav = Wav::parse(&read_speech(FIXTURES[0])?).map_err(Error::msg)?;
     ensure!(wav.sample_rate() == VAD_RATE && wav.channels() == 1);
     let mut samples = wav.to_mono_i16();
     samples.truncate((VOICE_CUT_MS * u64::from(VAD_RATE) / 1000) as usize);
@@ -476,8 +468,8 @@ fn voice_recording() -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
         "expected one utterance in the first {VOICE_CUT_MS} ms, found {}",
         spans.len()
     );
-    let segment = encode_pcm16(spans[0].slice(&samples), VAD_RATE).map_err(|e| anyhow!(e))?;
-    let recording = encode_pcm16(&samples, VAD_RATE).map_err(|e| anyhow!(e))?;
+    let segment = encode_pcm16(spans[0].slice(&samples), VAD_RATE).map_err(Error::msg)?;
+    let recording = encode_pcm16(&samples, VAD_RATE).map_err(Error::msg)?;
     Ok((recording, segment))
 }
 
@@ -527,7 +519,7 @@ struct VoicePair {
 
 /// The processes of one time-to-first-audio measurement.
 struct VoiceRig {
-    _sim: measure::Backend,
+    _sim: Backend,
     voice: Running,
     sim: Peer,
     subscriber: RawSubscriber,
@@ -536,8 +528,8 @@ struct VoiceRig {
 }
 
 impl VoiceRig {
-    fn start(env: &SpeechEnv<'_>, nats_url: &str, delay: Duration) -> anyhow::Result<Self> {
-        let sim = measure::start_backend(
+    fn start(env: &SpeechEnv<'_>, nats_url: &str, delay: Duration) -> Result<Self> {
+        let sim = start_backend(
             env.bin_dir,
             delay,
             Duration::ZERO,
@@ -549,7 +541,7 @@ impl VoiceRig {
             set_var(&mut vars, name, sim.url.clone());
         }
         set_var(&mut vars, "NATS_URL", nats_url);
-        let voice = measure::start_ready_with(env.voice, vars, env.logs)?;
+        let voice = start_ready_with(env.voice, vars, env.logs)?;
         let subscriber = RawSubscriber::connect(nats_url, &format!("{STREAM_SUBJECT}>"))?;
         let (recording, segment) = voice_recording()?;
         Ok(Self {
@@ -563,7 +555,7 @@ impl VoiceRig {
     }
 
     /// The three backend calls, in turn, timed each from writing to the whole answer read.
-    fn direct(&mut self) -> anyhow::Result<[Duration; 3]> {
+    fn direct(&mut self) -> Result<[Duration; 3]> {
         let request = transcription_request(self.sim.addr, &self.segment);
         let (r, _, stt) = self.sim.send(&request, &mut |_| {})?;
         let transcript = reply_data(&r, "the simulator's transcription")?["text"]
@@ -583,7 +575,7 @@ impl VoiceRig {
         Ok([stt, llm, tts])
     }
 
-    fn pair(&mut self, id: &str, voice: &mut Peer) -> anyhow::Result<VoicePair> {
+    fn pair(&mut self, id: &str, voice: &mut Peer) -> Result<VoicePair> {
         let direct = self.direct()?;
         let data = json!({"audio": self.recording_b64, "request_id": id, "enable_rag": false});
         let request = event(voice.addr, "ai.voice.request", id, &data);
@@ -600,18 +592,18 @@ impl VoiceRig {
                 Instant::now() < deadline,
                 "no done message on {subject} within {CALL_TIMEOUT:?}"
             );
-            let m = self.subscriber.next()?;
+            let m = self.subscriber.next_message()?;
             if m.subject != subject {
                 continue; // a late message of an earlier request
             }
             if first.is_none() {
                 ensure!(
-                    chunk_done_is(&m.payload, false) && m.payload.len() > 1000,
+                    chunk_done(&m.payload) == Some(false) && m.payload.len() > 1000,
                     "the first message on {subject} carries no audio"
                 );
                 first = Some(m.at);
             }
-            if chunk_done_is(&m.payload, true) {
+            if chunk_done(&m.payload) == Some(true) {
                 break;
             }
         }
@@ -636,7 +628,7 @@ fn ttfa(
     env: &SpeechEnv<'_>,
     nats_url: &str,
     delay: Duration,
-) -> anyhow::Result<Ttfa> {
+) -> Result<Ttfa> {
     let mut rig = VoiceRig::start(env, nats_url, delay)?;
     let mut voice = Peer::new(rig.voice.addr);
     let started = Instant::now();
@@ -685,7 +677,7 @@ fn ttfa(
 // Report.
 
 /// The section as printed under the table.
-pub fn section(r: &SpeechResult, settings: &SpeechSettings) -> String {
+fn render(r: &SpeechResult) -> String {
     let mut out = String::from("speech (stt-module, voice-assistant):\n");
     let mut row = |label: &str, value: String| {
         let _ = writeln!(out, "  {label:<32}{value}");
@@ -750,15 +742,14 @@ pub fn section(r: &SpeechResult, settings: &SpeechSettings) -> String {
             ),
         );
     }
-    let _ = settings;
     out
 }
 
 /// How the section was measured, for the notes.
-pub fn notes(settings: &SpeechSettings) -> Vec<String> {
+fn notes(settings: &SpeechSettings) -> Vec<String> {
     vec![
         format!(
-            "speech VAD speed: handler-kit's code in the bench process on one thread, default \
+            "speech VAD speed: stt-module's code in the bench process on one thread, default \
              STT_VAD_* settings; each stage repeated until it used {} ms of the thread's CPU time \
              (/proc/thread-self/schedstat); x real time = audio seconds per CPU second. Decoding = \
              WAV parse + downmix + resample to 16 kHz.",
@@ -783,6 +774,97 @@ pub fn notes(settings: &SpeechSettings) -> Vec<String> {
             settings.voice_warmup_events
         ),
     ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// The section.
+
+/// The speech section.
+#[derive(Debug)]
+pub struct SpeechSection {
+    settings: SpeechSettings,
+    /// stt-module and voice-assistant, when `BENCH_ONLY` lets both run.
+    functions: Option<(Function, Function)>,
+    result: SpeechResult,
+}
+
+impl SpeechSection {
+    /// Measures stt-module and voice-assistant when `BENCH_ONLY` lets both run.
+    pub fn new(settings: SpeechSettings, run: &RunSettings, catalog: &[Function]) -> Self {
+        let find = |name: &str| {
+            catalog
+                .iter()
+                .find(|f| f.name == name && run.wants(f.name))
+                .cloned()
+        };
+        Self {
+            settings,
+            functions: find(STT_MODULE).zip(find(VOICE_ASSISTANT)),
+            result: SpeechResult::default(),
+        }
+    }
+}
+
+impl Section for SpeechSection {
+    fn key(&self) -> &'static str {
+        "speech"
+    }
+
+    fn selected(&self) -> bool {
+        self.functions.is_some()
+    }
+
+    fn functions(&self) -> Vec<&Function> {
+        self.functions
+            .iter()
+            .flat_map(|(stt, voice)| [stt, voice])
+            .collect()
+    }
+
+    fn run(&mut self, ctx: &mut Context<'_>) {
+        let Some((stt, voice)) = &self.functions else {
+            return;
+        };
+        let rt = match ctx.rt() {
+            Ok(rt) => rt,
+            Err(e) => {
+                self.result.fail(measures::VAD, &e);
+                return;
+            }
+        };
+        let endpoints = ctx.endpoints();
+        let env = SpeechEnv {
+            stt,
+            voice,
+            endpoints: &endpoints,
+            bin_dir: ctx.bin_dir(),
+            nats_server: &ctx.nats_server,
+            logs: &ctx.logs,
+            rt,
+        };
+        self.result = run(&self.settings, &env);
+    }
+
+    fn render(&self) -> Option<String> {
+        let r = &self.result;
+        (!(r.vad.is_empty() && r.errors.is_empty())).then(|| render(r))
+    }
+
+    fn notes(&self) -> Vec<String> {
+        notes(&self.settings)
+    }
+
+    fn errors(&self) -> Vec<String> {
+        self.result
+            .errors
+            .iter()
+            .map(|e| format!("speech {}: {}", e.measure, e.error))
+            .collect()
+    }
+
+    fn result_json(&self) -> serde_json::Result<String> {
+        serde_json::to_string_pretty(&self.result)
+    }
 }
 
 #[cfg(test)]

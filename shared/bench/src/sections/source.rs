@@ -24,6 +24,7 @@
 //! directory is removed once nats-server is gone.
 
 use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,16 +32,22 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, bail, ensure};
+use crate::harness::error::{Context as _, Error, Result, bail, ensure, err};
 use async_nats::jetstream::{self, consumer, stream};
 use serde::Serialize;
 use tokio::runtime::Runtime;
 
-use crate::http::{Request, exchange};
-use crate::measure::{IDLE_SETTLE, Idle, POLL, START_DEADLINE, log_path, loopback, wait_for};
-use crate::proc::{Proc, command, cpu_ticks, free_port};
-use crate::report::MeasureError;
-use crate::stats::{Summary, mib, ms};
+use crate::harness::http::{Request, exchange};
+use crate::harness::measure::{
+    IDLE_SETTLE, Idle, POLL, START_DEADLINE, log_path, loopback, wait_for,
+};
+use crate::harness::nats::{Nats, server_binary, start_nats, timeout};
+use crate::harness::proc::{Proc, command, cpu_ticks, free_port};
+use crate::harness::results::{
+    Bound, MeasureError, TargetCheck, check_bound, check_max, fail, failed,
+};
+use crate::harness::section::{Context, RunSettings, Section, env_count};
+use crate::harness::stats::{Summary, mib, ms};
 
 /// The stream nats-source consumes (created by the runner, as a cluster would declare it).
 pub const STREAM: &str = "BENCH";
@@ -61,14 +68,15 @@ const PAYLOAD: &[u8] = br#"{"text":"Hi."}"#;
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 /// Longest a drain (or a wait for the consumer to settle) may take.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
-/// Longest nats-server may take to accept clients with JetStream up.
-const NATS_START_DEADLINE: Duration = Duration::from_secs(15);
-/// Longest one NATS request (publish, ack, consumer info) may take.
-const NATS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Publish acks awaited at most this many messages behind when filling the backlog.
 const PUBLISH_WINDOW: usize = 1024;
 /// Kernel clock ticks per second in `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
 const TICKS_PER_SEC: f64 = 100.0;
+
+/// Slowest nats-source drain of a backlog into a sink that answers at once, msgs/s.
+pub const SOURCE_MIN_MSGS_PER_SEC: f64 = 10_000.0;
+/// Largest idle RSS of nats-source, MiB.
+pub const SOURCE_IDLE_RSS_MAX_MIB: f64 = 10.0;
 
 /// Settings of the section, from `BENCH_SOURCE_*` variables.
 #[derive(Debug, Clone, Serialize)]
@@ -92,26 +100,19 @@ pub struct SourceSettings {
 
 impl SourceSettings {
     /// Reads the variables; `bin_dir` is `target/release`, two levels under the workspace.
-    pub fn from_env(bin_dir: &Path) -> anyhow::Result<Self> {
-        let nats_server = match std::env::var_os("NATS_SERVER_BIN") {
-            Some(path) if !path.is_empty() => PathBuf::from(path),
-            _ => bin_dir
-                .parent()
-                .and_then(Path::parent)
-                .unwrap_or(Path::new("."))
-                .join(".venv/bin/nats-server"),
-        };
-        let fetch_batch = match crate::env_count("BENCH_SOURCE_FETCH_BATCH", 0) {
+    pub fn from_env(bin_dir: &Path) -> Result<Self> {
+        let nats_server = server_binary(bin_dir);
+        let fetch_batch = match env_count("BENCH_SOURCE_FETCH_BATCH", 0) {
             Ok(0) => None,
             Ok(n) => Some(n),
             Err(e) => return Err(e),
         };
         Ok(Self {
-            messages: crate::env_count("BENCH_SOURCE_MESSAGES", 20_000)?,
-            latency_messages: crate::env_count("BENCH_SOURCE_LATENCY_MESSAGES", 500)?,
+            messages: env_count("BENCH_SOURCE_MESSAGES", 20_000)?,
+            latency_messages: env_count("BENCH_SOURCE_LATENCY_MESSAGES", 500)?,
             latency_interval_ms: 2,
-            starts: crate::env_count("BENCH_SOURCE_STARTS", 11)?,
-            max_in_flight: crate::env_count("BENCH_SOURCE_MAX_IN_FLIGHT", 256)?,
+            starts: env_count("BENCH_SOURCE_STARTS", 11)?,
+            max_in_flight: env_count("BENCH_SOURCE_MAX_IN_FLIGHT", 256)?,
             fetch_batch,
             nats_server,
         })
@@ -229,26 +230,14 @@ pub mod measures {
 }
 
 impl SourceResult {
-    fn fail(&mut self, measure: &'static str, error: &anyhow::Error) {
-        self.errors.push(MeasureError {
-            measure,
-            error: format!("{error:#}"),
-        });
+    fn fail(&mut self, measure: &'static str, error: &Error) {
+        fail(&mut self.errors, measure, error);
     }
 
     /// Whether `measure` failed.
     pub fn failed(&self, measure: &str) -> bool {
-        self.errors.iter().any(|e| e.measure == measure)
+        failed(&self.errors, measure)
     }
-}
-
-/// A nats-server with JetStream on a free port; killed, then its store removed, when dropped.
-pub(crate) struct Nats {
-    proc: Proc,
-    /// `nats://127.0.0.1:PORT`.
-    pub(crate) url: String,
-    // Dropped after `proc` (fields drop in order): the server is gone before its store.
-    _store: tempfile::TempDir,
 }
 
 /// What every phase shares.
@@ -263,7 +252,7 @@ struct Env<'a> {
 }
 
 /// Runs the whole section. Failures are recorded in the result, never returned.
-pub fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResult {
+fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResult {
     let mut r = SourceResult {
         name: "nats-source".into(),
         ..SourceResult::default()
@@ -276,7 +265,7 @@ pub fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResu
         }
         Err(e) => r.fail(
             measures::BINARY,
-            &anyhow!(e).context(format!("{} not found", binary.display())),
+            &Error::from(e).context(format!("{} not found", binary.display())),
         ),
     }
     r.nats_server_version = std::process::Command::new(&settings.nats_server)
@@ -294,27 +283,14 @@ pub fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResu
         Err(e) => {
             r.fail(
                 measures::SETUP,
-                &anyhow!(e).context("starting a tokio runtime"),
+                &Error::from(e).context("starting a tokio runtime"),
             );
             return r;
         }
     };
     // async-nats spawns its tasks on the current runtime.
     let _entered = rt.enter();
-    let setup = || -> anyhow::Result<_> {
-        let nats = start_nats(&settings.nats_server, logs, "nats-server", &rt)?;
-        let client = rt.block_on(timeout(async_nats::connect(&nats.url)))??;
-        let js = jetstream::new(client);
-        let stream = rt.block_on(timeout(js.get_or_create_stream(stream::Config {
-            name: STREAM.into(),
-            subjects: vec![SUBJECTS.into()],
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })))??;
-        let sink = start_echo_sink(bin_dir, logs)?;
-        Ok((nats, js, stream, sink))
-    };
-    let (nats, js, stream, sink) = match setup() {
+    let (nats, js, stream, sink) = match setup(settings, bin_dir, logs, &rt) {
         Ok(parts) => parts,
         Err(e) => {
             r.fail(measures::SETUP, &e);
@@ -330,12 +306,40 @@ pub fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResu
         js: &js,
         stream: &stream,
     };
+    measure(&mut r, &env, &sink);
+    drop(sink);
+    drop(nats);
+    r
+}
 
+/// nats-server, a JetStream client, the stream (as a cluster would declare it) and the sink.
+fn setup(
+    settings: &SourceSettings,
+    bin_dir: &Path,
+    logs: &Path,
+    rt: &Runtime,
+) -> Result<(Nats, jetstream::Context, stream::Stream, EchoSink)> {
+    let nats = start_nats(&settings.nats_server, logs, "nats-server", rt)?;
+    let client = rt.block_on(timeout(async_nats::connect(&nats.url)))??;
+    let js = jetstream::new(client);
+    let stream = rt.block_on(timeout(js.get_or_create_stream(stream::Config {
+        name: STREAM.into(),
+        subjects: vec![SUBJECTS.into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })))??;
+    let sink = start_echo_sink(bin_dir, logs)?;
+    Ok((nats, js, stream, sink))
+}
+
+/// Cold starts, idle RSS and latency, then the drain and the dead letters.
+fn measure(r: &mut SourceResult, env: &Env<'_>, sink: &EchoSink) {
+    let settings = env.settings;
     eprintln!(
         "bench: nats-source: cold starts, {} after 1 warm-up",
         settings.starts
     );
-    match cold_starts(&env, &sink) {
+    match cold_starts(env, sink) {
         Ok(samples) => {
             r.cold_start_ms = Summary::of(&samples);
             r.cold_start_samples_ms = samples.iter().copied().map(ms).collect();
@@ -346,7 +350,7 @@ pub fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResu
         "bench: nats-source: idle RSS, then latency ({} messages, 1 every {} ms)",
         settings.latency_messages, settings.latency_interval_ms
     );
-    match idle_and_latency(&env) {
+    match idle_and_latency(env) {
         Ok((idle, latency)) => {
             r.idle = Some(idle);
             r.latency = Some(latency);
@@ -357,93 +361,23 @@ pub fn run(settings: &SourceSettings, bin_dir: &Path, logs: &Path) -> SourceResu
         "bench: nats-source: msgs/s ({} messages backlog, MAX_IN_FLIGHT={})",
         settings.messages, settings.max_in_flight
     );
-    match drain(&env, &sink) {
+    match drain(env, sink) {
         Ok((publish, drained)) => {
             r.publish = Some(publish);
             r.drain = Some(drained);
         }
         Err(e) => r.fail(measures::DRAIN, &e),
     }
-    match rt.block_on(timeout(dead_letters(&js))) {
+    match env.rt.block_on(timeout(dead_letters(env.js))) {
         Ok(Ok(n)) => r.dead_letters = Some(n),
         Ok(Err(e)) | Err(e) => r.fail(measures::DRAIN, &e.context("counting dead letters")),
     }
     if let Some(n) = r.dead_letters.filter(|n| *n > 0) {
         r.fail(
             measures::DRAIN,
-            &anyhow!("{n} messages were dead-lettered; every one should have been delivered"),
+            &err!("{n} messages were dead-lettered; every one should have been delivered"),
         );
     }
-    drop(sink);
-    drop(nats);
-    r
-}
-
-/// `fut` with [`NATS_TIMEOUT`].
-pub(crate) async fn timeout<F: IntoFuture>(fut: F) -> anyhow::Result<F::Output> {
-    tokio::time::timeout(NATS_TIMEOUT, fut.into_future())
-        .await
-        .map_err(|_| anyhow!("no answer from NATS within {NATS_TIMEOUT:?}"))
-}
-
-/// Starts nats-server on a free port with JetStream and a temporary store, and waits until
-/// JetStream answers. Its output goes to `logs/<label>.log`.
-pub(crate) fn start_nats(
-    binary: &Path,
-    logs: &Path,
-    label: &str,
-    rt: &Runtime,
-) -> anyhow::Result<Nats> {
-    ensure!(
-        binary.is_file(),
-        "{} not found (set NATS_SERVER_BIN or run `just tools`)",
-        binary.display()
-    );
-    let store = tempfile::Builder::new()
-        .prefix("bench-nats-")
-        .tempdir()
-        .context("creating the JetStream store directory")?;
-    let port = free_port()?;
-    let log = log_path(logs, label);
-    let args: Vec<String> = vec![
-        "-a".into(),
-        "127.0.0.1".into(),
-        "-p".into(),
-        port.to_string(),
-        "-js".into(),
-        "-sd".into(),
-        store.path().display().to_string(),
-    ];
-    let mut cmd = command(binary, &args, &[], &log)?;
-    let mut proc = Proc::spawn(&mut cmd, "nats-server", &log)?;
-    let url = format!("nats://127.0.0.1:{port}");
-    let started = Instant::now();
-    loop {
-        let attempt = rt.block_on(async {
-            let client = async_nats::ConnectOptions::new()
-                .connection_timeout(Duration::from_secs(1))
-                .connect(&url)
-                .await?;
-            timeout(jetstream::new(client).query_account()).await??;
-            anyhow::Ok(())
-        });
-        match attempt {
-            Ok(()) => break,
-            Err(e) if started.elapsed() > NATS_START_DEADLINE => {
-                return Err(e.context(format!(
-                    "nats-server not ready within {NATS_START_DEADLINE:?}"
-                )));
-            }
-            Err(_) => {}
-        }
-        proc.check_alive()?;
-        thread::sleep(Duration::from_millis(20));
-    }
-    Ok(Nats {
-        proc,
-        url,
-        _store: store,
-    })
 }
 
 /// `echo-floor` as the sink: a process that answers 200 at once.
@@ -452,7 +386,7 @@ struct EchoSink {
     url: String,
 }
 
-fn start_echo_sink(bin_dir: &Path, logs: &Path) -> anyhow::Result<EchoSink> {
+fn start_echo_sink(bin_dir: &Path, logs: &Path) -> Result<EchoSink> {
     let binary = bin_dir.join("echo-floor");
     let port = free_port()?;
     let log = log_path(logs, "echo-floor-sink");
@@ -473,7 +407,7 @@ struct Source {
 }
 
 /// Starts nats-source delivering to `sink`; returns at once (after exec).
-fn spawn_source(env: &Env<'_>, sink: &str, label: &str) -> anyhow::Result<Source> {
+fn spawn_source(env: &Env<'_>, sink: &str, label: &str) -> Result<Source> {
     let s = env.settings;
     let port = free_port()?;
     let mut vars: Vec<(String, String)> = [
@@ -505,7 +439,7 @@ fn spawn_source(env: &Env<'_>, sink: &str, label: &str) -> anyhow::Result<Source
 }
 
 /// Polls `/readyz` on a fresh connection every ~0.1 ms; returns exec -> first 200.
-fn wait_ready(source: &mut Source) -> anyhow::Result<Duration> {
+fn wait_ready(source: &mut Source) -> Result<Duration> {
     let request = Request::get(source.addr, "/readyz");
     let mut last = String::from("no attempt");
     loop {
@@ -523,7 +457,7 @@ fn wait_ready(source: &mut Source) -> anyhow::Result<Duration> {
     }
 }
 
-fn cold_starts(env: &Env<'_>, sink: &EchoSink) -> anyhow::Result<Vec<Duration>> {
+fn cold_starts(env: &Env<'_>, sink: &EchoSink) -> Result<Vec<Duration>> {
     let mut samples = Vec::with_capacity(env.settings.starts);
     for round in 0..=env.settings.starts {
         let mut source = spawn_source(env, &sink.url, "nats-source")?;
@@ -536,14 +470,14 @@ fn cold_starts(env: &Env<'_>, sink: &EchoSink) -> anyhow::Result<Vec<Duration>> 
 }
 
 /// The consumer's state: `num_pending`, `num_ack_pending`, `num_redelivered`.
-fn consumer_info(env: &Env<'_>) -> anyhow::Result<consumer::Info> {
+fn consumer_info(env: &Env<'_>) -> Result<consumer::Info> {
     env.rt
         .block_on(timeout(env.stream.consumer_info(CONSUMER)))?
         .context("consumer info")
 }
 
 /// Waits until the consumer has nothing pending and nothing unacked.
-fn wait_settled(env: &Env<'_>, source: &mut Source) -> anyhow::Result<()> {
+fn wait_settled(env: &Env<'_>, source: &mut Source) -> Result<()> {
     let started = Instant::now();
     loop {
         let info = consumer_info(env)?;
@@ -602,7 +536,7 @@ async fn receive(
     axum::http::StatusCode::OK
 }
 
-fn start_latency_sink(rt: &Runtime, origin: Instant) -> anyhow::Result<LatencySink> {
+fn start_latency_sink(rt: &Runtime, origin: Instant) -> Result<LatencySink> {
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
         .context("binding the latency sink")?;
@@ -633,7 +567,7 @@ fn headers(sent_ns: Option<u128>) -> async_nats::HeaderMap {
 }
 
 /// Idle RSS of a ready source, then the added latency through the same process.
-fn idle_and_latency(env: &Env<'_>) -> anyhow::Result<(Idle, Latency)> {
+fn idle_and_latency(env: &Env<'_>) -> Result<(Idle, Latency)> {
     let s = env.settings;
     let origin = Instant::now();
     let sink = start_latency_sink(env.rt, origin)?;
@@ -658,7 +592,7 @@ fn idle_and_latency(env: &Env<'_>) -> anyhow::Result<(Idle, Latency)> {
             let ack = timeout(js.publish_with_headers(SUBJECT, h, PAYLOAD.into())).await??;
             timeout(ack).await??;
         }
-        anyhow::Ok(())
+        Ok::<_, Error>(())
     });
     published.context("publishing the timed messages")?;
     let started = Instant::now();
@@ -709,7 +643,7 @@ fn idle_and_latency(env: &Env<'_>) -> anyhow::Result<(Idle, Latency)> {
 }
 
 /// Publishes `n` messages with acks, at most [`PUBLISH_WINDOW`] acks outstanding.
-async fn publish_backlog(js: &jetstream::Context, n: usize) -> anyhow::Result<Publish> {
+async fn publish_backlog(js: &jetstream::Context, n: usize) -> Result<Publish> {
     let started = Instant::now();
     let h = headers(None);
     let mut window = VecDeque::with_capacity(PUBLISH_WINDOW);
@@ -744,7 +678,7 @@ fn ticks(source: &Source, nats: &Nats, sink: &EchoSink) -> Option<[u64; 3]> {
 }
 
 /// Fills the backlog with no source running, then times a fresh source draining it.
-fn drain(env: &Env<'_>, sink: &EchoSink) -> anyhow::Result<(Publish, Drain)> {
+fn drain(env: &Env<'_>, sink: &EchoSink) -> Result<(Publish, Drain)> {
     let s = env.settings;
     let before = consumer_info(env)?;
     ensure!(
@@ -759,7 +693,7 @@ fn drain(env: &Env<'_>, sink: &EchoSink) -> anyhow::Result<(Publish, Drain)> {
             DRAIN_DEADLINE,
             publish_backlog(env.js, s.messages),
         ))
-        .map_err(|_| anyhow!("backlog not published within {DRAIN_DEADLINE:?}"))?
+        .map_err(|_| err!("backlog not published within {DRAIN_DEADLINE:?}"))?
         .context("publishing the backlog")?;
     let filled = consumer_info(env)?;
     ensure!(
@@ -836,7 +770,271 @@ fn drain(env: &Env<'_>, sink: &EchoSink) -> anyhow::Result<(Publish, Drain)> {
 }
 
 /// Messages in the dead-letter stream (nats-source creates it with `CREATE=true`).
-async fn dead_letters(js: &jetstream::Context) -> anyhow::Result<u64> {
+async fn dead_letters(js: &jetstream::Context) -> Result<u64> {
     let mut dlq = js.get_stream(format!("{STREAM}_DLQ")).await?;
     Ok(dlq.info().await?.state.messages)
+}
+
+/// Holds nats-source to its targets.
+fn check_targets(r: &SourceResult) -> Vec<TargetCheck> {
+    vec![
+        check_bound(
+            &r.name,
+            format!(
+                "msgs/s >= {SOURCE_MIN_MSGS_PER_SEC:.0} (MAX_IN_FLIGHT={})",
+                r.drain.as_ref().map_or(0, |d| d.max_in_flight)
+            ),
+            r.drain.as_ref().map(|d| d.per_sec),
+            Some(SOURCE_MIN_MSGS_PER_SEC),
+            "msgs/s",
+            Bound::Min,
+        ),
+        check_max(
+            &r.name,
+            format!("idle RSS <= {SOURCE_IDLE_RSS_MAX_MIB} MiB"),
+            r.idle.map(|i| i.rss_mib),
+            Some(SOURCE_IDLE_RSS_MAX_MIB),
+            "MiB",
+        ),
+    ]
+}
+
+/// The nats-source section of the report.
+fn render(r: &SourceResult, s: &SourceSettings) -> String {
+    use measures::*;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "nats-source (JetStream pull consumer -> CloudEvents over HTTP; {}; MAX_IN_FLIGHT={}, FETCH_BATCH={}{}):",
+        r.nats_server_version
+            .as_deref()
+            .unwrap_or("nats-server version unknown"),
+        s.max_in_flight,
+        s.effective_fetch_batch(),
+        if s.fetch_batch.is_none() {
+            " (default)"
+        } else {
+            ""
+        },
+    );
+    let mut row = |label: &str, value: String| {
+        let _ = writeln!(out, "  {label:<28}{value}");
+    };
+    let or_err = |failed: bool| if failed { "ERR" } else { "-" }.to_string();
+    row(
+        "binary",
+        r.binary_mib
+            .map_or_else(|| or_err(r.failed(BINARY)), |m| format!("{m:.2} MiB")),
+    );
+    row(
+        "cold start p50/p90",
+        r.cold_start_ms.as_ref().map_or_else(
+            || or_err(r.failed(COLD_START)),
+            |c| {
+                format!(
+                    "{:.2} / {:.2} ms   (exec -> /readyz 200, consumer bound; {} starts after 1 warm-up)",
+                    c.p50, c.p90, c.count
+                )
+            },
+        ),
+    );
+    row(
+        "idle RSS",
+        r.idle.map_or_else(
+            || or_err(r.failed(IDLE_LATENCY)),
+            |i| {
+                format!(
+                    "{:.2} MiB   (peak {:.2} MiB; 300 ms after /readyz)",
+                    i.rss_mib, i.peak_mib
+                )
+            },
+        ),
+    );
+    row(
+        "added latency p50/p99",
+        r.latency.as_ref().map_or_else(
+            || or_err(r.failed(IDLE_LATENCY)),
+            |l| {
+                format!(
+                    "{:.2} / {:.2} ms   (max {:.2}; {} messages, 1 every {} ms; publish -> sink arrival)",
+                    l.ms.p50, l.ms.p99, l.ms.max, l.messages, l.interval_ms
+                )
+            },
+        ),
+    );
+    row(
+        "backlog published",
+        r.publish.as_ref().map_or_else(
+            || or_err(r.failed(DRAIN)),
+            |p| {
+                format!(
+                    "{} messages in {:.2} s = {:.0} msgs/s   (bench publisher, acks pipelined, source stopped)",
+                    p.messages, p.seconds, p.per_sec
+                )
+            },
+        ),
+    );
+    match &r.drain {
+        Some(d) => drain_rows(d, r.dead_letters, &mut row),
+        None => row("msgs/s (backlog drain)", or_err(r.failed(DRAIN))),
+    }
+    out
+}
+
+/// The rows of a finished drain.
+fn drain_rows(d: &Drain, dead_letters: Option<u64>, row: &mut impl FnMut(&str, String)) {
+    row(
+        "msgs/s (backlog drain)",
+        format!(
+            "{:.0}   ({} messages timed in {:.2} s, first poll after /readyz -> drained; \
+             {:.0} msgs/s counting all {} from exec)",
+            d.per_sec, d.counted, d.seconds, d.per_sec_from_exec, d.backlog
+        ),
+    );
+    row(
+        "RSS while draining",
+        format!("{:.2} MiB   (max of {} samples)", d.rss_mib, d.rss_samples),
+    );
+    if let Some(c) = d.cpu {
+        row(
+            "CPU while draining",
+            format!(
+                "nats-source {:.0}%, nats-server {:.0}%, sink {:.0}% of one core (of 200% on 2 cores)",
+                c.source_pct, c.nats_server_pct, c.sink_pct
+            ),
+        );
+    }
+    if let Some(c) = d.cpu.filter(|_| d.counted > 0) {
+        row(
+            "source CPU per message",
+            format!(
+                "{:.1} us",
+                c.source_pct / 100.0 * d.seconds / d.counted as f64 * 1e6
+            ),
+        );
+    }
+    row(
+        "redelivered / dead letters",
+        format!(
+            "{} / {}",
+            d.redelivered,
+            dead_letters.map_or_else(|| "?".to_string(), |n| n.to_string())
+        ),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The section.
+
+/// The nats-source section.
+#[derive(Debug)]
+pub struct SourceSection {
+    settings: SourceSettings,
+    wanted: bool,
+    result: SourceResult,
+}
+
+impl SourceSection {
+    /// Measures nats-source when `BENCH_ONLY` lets it run.
+    pub fn new(settings: SourceSettings, run: &RunSettings) -> Self {
+        Self {
+            settings,
+            wanted: run.wants("nats-source"),
+            result: SourceResult::default(),
+        }
+    }
+}
+
+impl Section for SourceSection {
+    fn key(&self) -> &'static str {
+        "nats_source"
+    }
+
+    fn selected(&self) -> bool {
+        self.wanted
+    }
+
+    fn functions(&self) -> Vec<&crate::harness::function::Function> {
+        Vec::new()
+    }
+
+    fn binaries(&self, bin_dir: &Path) -> Vec<PathBuf> {
+        vec![bin_dir.join("nats-source")]
+    }
+
+    // Its own nats-server, sinks and runtime; the shared backends would only sit beside it.
+    fn uses_backends(&self) -> bool {
+        false
+    }
+
+    fn run(&mut self, ctx: &mut Context<'_>) {
+        self.result = run(&self.settings, ctx.bin_dir(), &ctx.logs);
+    }
+
+    fn render(&self) -> Option<String> {
+        self.wanted.then(|| render(&self.result, &self.settings))
+    }
+
+    fn checks(&self) -> Vec<TargetCheck> {
+        if self.wanted {
+            check_targets(&self.result)
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let s = &self.settings;
+        let mut out = Vec::new();
+        out.push(format!(
+        "nats-source: real nats-server ({}) with JetStream on 127.0.0.1, store in a temp dir; stream {} \
+         (file storage, subjects {}) created by the runner, consumer {} created by the source \
+         (CREATE=true); messages on {} carry a 14-byte JSON payload; RUST_LOG=warn.",
+        s.nats_server.display(),
+        STREAM,
+        SUBJECTS,
+        CONSUMER,
+        SUBJECT
+    ));
+        out.push(
+        "nats-source cold start: exec to /readyz 200, which it answers once NATS is connected, the \
+         stream and consumer are looked up (get-or-create finds them) and the pull is under way."
+            .into(),
+    );
+        out.push(format!(
+        "nats-source added latency: the sink is in the bench process (axum, one tokio worker); each \
+         message carries its publish time (taken just before the JetStream publish) in the NATS header \
+         {} -> CloudEvent extension {}; included: the publish to nats-server, storing in the stream, \
+         delivery on the source's waiting pull request, building the event and one HTTP POST on a \
+         kept-alive loopback connection up to the sink's handler. The ack back to JetStream is not included.",
+        SENT_HEADER,
+        SINK_SENT_HEADER
+    ));
+        out.push(format!(
+        "nats-source msgs/s: {} messages published (acked) with no source running, then a fresh source \
+         delivering to echo-floor (a separate process answering 200 at once) until the consumer shows \
+         num_pending == 0 and num_ack_pending == 0 (consumer info polled every 20 ms); every message \
+         is POSTed, answered and acked. Timed from the first poll after /readyz, counting the messages \
+         still unacked then.",
+        s.messages
+    ));
+        out.push(format!(
+        "nats-source runs on {} CPUs shared by nats-server, the source, the sink and the runner: \
+         its msgs/s is a floor for a deployment where the server and the sink have their own cores.",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    ));
+        out
+    }
+
+    fn errors(&self) -> Vec<String> {
+        let r = &self.result;
+        r.errors
+            .iter()
+            .map(|e| format!("{} {}: {}", r.name, e.measure, e.error))
+            .collect()
+    }
+
+    fn result_json(&self) -> serde_json::Result<String> {
+        serde_json::to_string_pretty(&self.result)
+    }
 }

@@ -1,11 +1,12 @@
 //! The pipeline-bridge section: triggers over a fake Kubernetes API.
 //!
-//! pipeline-bridge is in the generic list too ([`crate::functions`]), against a `fake-kube`
-//! process (testkit's fake API server, answering at once; after [`crate::HOLD`] for the
-//! 100-in-flight measurement) through a kubeconfig, with the catalog [`CATALOG`]. Here: trigger
-//! latency with 100 triggers in flight at once (100 keep-alive connections, each sending its
-//! next trigger as soon as the last is answered), every trigger a new `request_id`, so each
-//! one creates a Job:
+//! pipeline-bridge is in the generic list too ([`catalog`](crate::harness::catalog)), against a
+//! `fake-kube` process (testkit's fake API server, answering at once; after
+//! [`HOLD`](crate::harness::function::HOLD) for the 100-in-flight measurement) through a
+//! kubeconfig, with the catalog [`CATALOG`](crate::harness::fixtures::CATALOG). Here: trigger
+//! latency with 100 triggers in flight at once (100 keep-alive connections, each sending its next
+//! trigger as soon as the last is answered), every trigger a new `request_id`, so each one creates
+//! a Job:
 //!
 //! - `bench`: no lock, one API call per trigger (`POST .../jobs`);
 //! - `bench-locked`: a lock per trigger (`bench-{request}`), three calls (`GET` the Lease, 404,
@@ -19,131 +20,29 @@
 //! the client, the function and its backend on the same two cores.
 //!
 //! The 100 connections are driven from one client thread (an epoll loop,
-//! [`measure::load_evented`]), as a load generator does. The no-lock series is repeated with the
+//! [`load_evented`]), as a load generator does. The no-lock series is repeated with the
 //! generic measurement's client, a blocking thread per connection, for reference: on two shared
-//! cores its hundred threads' wake-ups and context switches show up in the latencies too.
+use std::path::Path;
+use std::time::Duration;
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-use anyhow::{Context as _, bail};
+use crate::harness::error::{Context as _, Result};
 use serde::Serialize;
 
-use crate::functions::Function;
-use crate::measure::{self, Throughput};
-use crate::proc::{Proc, command, cpu_ticks};
-use crate::report::{MeasureError, TargetCheck};
-use crate::stats::Summary;
+use crate::harness::backends::FakeKube;
+use crate::harness::catalog::{PIPELINE_BRIDGE, floor};
+use crate::harness::fixtures::{self, LOCKED_SAMPLE};
+use crate::harness::function::{Endpoints, Function, SampleEvent};
+use crate::harness::load::{Throughput, WARMUP_EVENTS, load, load_evented};
+use crate::harness::measure::{Running, start_ready, start_ready_with};
+use crate::harness::proc::cpu_ticks;
+use crate::harness::results::{Bound, MeasureError, TargetCheck, check_bound};
+use crate::harness::section::{Context, RunSettings, Section};
+use crate::harness::stats::Summary;
 
 /// The target for a trigger's p99 with 100 in flight, ms.
 pub const TRIGGER_P99_MAX_MS: f64 = 10.0;
 /// Triggers in flight at once.
 pub const CONCURRENT_TRIGGERS: usize = 100;
-/// The catalog pipeline-bridge runs with in the bench.
-pub const CATALOG: &str = r#"pipelines:
-  bench:
-    kind: job
-    namespace: bench
-    parameters:
-      n: {pattern: "[a-z0-9-]{1,40}", default: "0"}
-    job:
-      template:
-        spec:
-          restartPolicy: Never
-          containers:
-            - name: work
-              image: busybox
-              args: ["{{parameters.n}}"]
-  bench-locked:
-    kind: job
-    namespace: bench
-    lock: "bench-{{parameters.n}}"
-    parameters:
-      n: {pattern: "[a-z0-9-]{1,40}"}
-    job:
-      template:
-        spec:
-          restartPolicy: Never
-          containers:
-            - name: work
-              image: busybox
-              args: ["{{parameters.n}}"]
-"#;
-
-/// The sample trigger: a new `request_id` per copy, no lock.
-pub const TRIGGER_SAMPLE: &str =
-    r#"{"request_id":"{id}","pipeline":"bench","parameters":{"n":"1"}}"#;
-/// The same with a lock of its own per copy.
-pub const LOCKED_SAMPLE: &str =
-    r#"{"request_id":"{id}","pipeline":"bench-locked","parameters":{"n":"{id}"}}"#;
-
-/// Where the bench writes [`CATALOG`] (under `target/bench`).
-pub fn catalog_path(bin_dir: &Path) -> PathBuf {
-    bin_dir
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("bench")
-        .join("pipeline-catalog.yaml")
-}
-
-/// Writes [`CATALOG`] and the max-body section's entry ([`crate::max_body::pipeline_entry`])
-/// to [`catalog_path`].
-pub fn write_catalog(bin_dir: &Path, max_body_bytes: usize) -> anyhow::Result<()> {
-    let path = catalog_path(bin_dir);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let entry =
-        crate::max_body::pipeline_entry(crate::max_body::pipeline_parameters(max_body_bytes));
-    std::fs::write(&path, format!("{CATALOG}{entry}"))
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-/// A `fake-kube` process and the kubeconfig pointing at it; killed when dropped.
-#[derive(Debug)]
-pub struct FakeKube {
-    proc: Proc,
-    _dir: tempfile::TempDir,
-    /// The kubeconfig path.
-    pub kubeconfig: String,
-}
-
-impl FakeKube {
-    /// Starts `fake-kube` from `bin_dir` answering after `latency`; returns once its
-    /// kubeconfig is written (after it listens).
-    pub fn start(
-        bin_dir: &Path,
-        latency: Duration,
-        logs: &Path,
-        label: &str,
-    ) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir().context("creating a directory for the kubeconfig")?;
-        let log = logs.join(format!("fake-kube-{label}.log"));
-        let args = [
-            dir.path().display().to_string(),
-            latency.as_millis().to_string(),
-        ];
-        let mut cmd = command(&bin_dir.join("fake-kube"), &args, &[], &log)?;
-        let mut proc = Proc::spawn(&mut cmd, "fake-kube", &log)?;
-        let kubeconfig = dir.path().join("kubeconfig");
-        let started = Instant::now();
-        while !kubeconfig.is_file() {
-            proc.check_alive()?;
-            if started.elapsed() > measure::START_DEADLINE {
-                bail!(
-                    "fake-kube wrote no kubeconfig within {:?}",
-                    measure::START_DEADLINE
-                );
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(Self {
-            proc,
-            kubeconfig: kubeconfig.display().to_string(),
-            _dir: dir,
-        })
-    }
-}
 
 /// One series of triggers.
 #[derive(Debug, Clone, Serialize)]
@@ -177,54 +76,49 @@ pub struct PipelineResult {
 /// How the runner drives the 100 connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Client {
-    /// One client thread, an epoll loop ([`measure::load_evented`]).
+    /// One client thread, an epoll loop ([`load_evented`]).
     Evented,
-    /// A blocking client thread per connection ([`measure::load`]).
+    /// A blocking client thread per connection ([`load`]).
     Threads,
 }
 
 /// One series: a fresh fake API and pipeline-bridge, a warm-up, then `triggers` timed.
 fn series(
     f: &Function,
-    endpoints: &crate::functions::Endpoints,
+    endpoints: &Endpoints,
     triggers: usize,
     client: Client,
     bin_dir: &Path,
     logs: &Path,
-) -> anyhow::Result<Triggers> {
+) -> Result<Triggers> {
     let kube = FakeKube::start(bin_dir, Duration::ZERO, logs, "triggers")?;
-    let endpoints = crate::functions::Endpoints {
+    let endpoints = Endpoints {
         kube: Some(kube.kubeconfig.clone()),
         ..endpoints.clone()
     };
-    let mut running = measure::start_ready(f, &endpoints, None, logs)?;
+    let mut running = start_ready(f, &endpoints, None, logs)?;
     let load = match client {
-        Client::Evented => measure::load_evented,
-        Client::Threads => measure::load,
+        Client::Evented => load_evented,
+        Client::Threads => load,
     };
-    timed(f, &mut running, kube.proc.pid(), load, triggers)
+    timed(f, &mut running, kube.pid(), load, triggers)
 }
 
-/// A signature shared by [`measure::load`] and [`measure::load_evented`].
-type Load = fn(
-    &Function,
-    std::net::SocketAddr,
-    usize,
-    usize,
-    &str,
-) -> anyhow::Result<(Vec<Duration>, Duration)>;
+/// A signature shared by [`load`] and [`load_evented`].
+type Load =
+    fn(&Function, std::net::SocketAddr, usize, usize, &str) -> Result<(Vec<Duration>, Duration)>;
 
 /// A warm-up, then `events` timed through `load` with [`CONCURRENT_TRIGGERS`] in flight,
 /// with the CPU time `running` and its backend (`backend_pid`) used meanwhile.
 fn timed(
     f: &Function,
-    running: &mut measure::Running,
+    running: &mut Running,
     backend_pid: u32,
     load: Load,
     events: usize,
-) -> anyhow::Result<Triggers> {
+) -> Result<Triggers> {
     let n = CONCURRENT_TRIGGERS;
-    load(f, running.addr, measure::WARMUP_EVENTS, n, "warm").context("warm-up")?;
+    load(f, running.addr, WARMUP_EVENTS, n, "warm").context("warm-up")?;
     let (f0, b0) = (cpu_ticks(running.proc.pid())?, cpu_ticks(backend_pid)?);
     let (latencies, wall) = load(f, running.addr, events, n, "ev")?;
     let (f1, b1) = (cpu_ticks(running.proc.pid())?, cpu_ticks(backend_pid)?);
@@ -245,14 +139,9 @@ fn timed(
 }
 
 /// The floor series: `forward-floor` in front of an `echo-floor`, loaded like [`series`].
-fn floor_series(
-    f: &Function,
-    triggers: usize,
-    bin_dir: &Path,
-    logs: &Path,
-) -> anyhow::Result<Triggers> {
-    let backend_fn = crate::functions::floor(bin_dir);
-    let backend = measure::start_ready_with(&backend_fn, Vec::new(), logs)?;
+fn floor_series(f: &Function, triggers: usize, bin_dir: &Path, logs: &Path) -> Result<Triggers> {
+    let backend_fn = floor(bin_dir);
+    let backend = start_ready_with(&backend_fn, Vec::new(), logs)?;
     let forward = Function {
         name: "forward-floor",
         binary: bin_dir.join("forward-floor"),
@@ -262,20 +151,20 @@ fn floor_series(
         "ECHO_FORWARD_URL".to_string(),
         format!("http://{}/", backend.addr),
     )];
-    let mut running = measure::start_ready_with(&forward, env, logs)?;
+    let mut running = start_ready_with(&forward, env, logs)?;
     timed(
         &forward,
         &mut running,
         backend.proc.pid(),
-        measure::load_evented,
+        load_evented,
         triggers,
     )
 }
 
 /// Measures `f` (pipeline-bridge) against a fake API of its own per series.
-pub fn run(
+fn run(
     f: &Function,
-    endpoints: &crate::functions::Endpoints,
+    endpoints: &Endpoints,
     triggers: usize,
     bin_dir: &Path,
     logs: &Path,
@@ -285,7 +174,7 @@ pub fn run(
         ..PipelineResult::default()
     };
     let locked = Function {
-        event: crate::functions::SampleEvent::json("ai.pipeline.trigger", LOCKED_SAMPLE),
+        event: SampleEvent::json("ai.pipeline.trigger", LOCKED_SAMPLE),
         ..f.clone()
     };
     for (label, function, client, slot) in [
@@ -321,19 +210,19 @@ pub fn run(
 }
 
 /// Holds pipeline-bridge to its target.
-pub fn check_targets(r: &PipelineResult) -> Vec<TargetCheck> {
-    vec![crate::report::check_bound(
+fn check_targets(r: &PipelineResult) -> Vec<TargetCheck> {
+    vec![check_bound(
         &r.name,
         format!("trigger p99 < {TRIGGER_P99_MAX_MS} ms ({CONCURRENT_TRIGGERS} in flight)"),
         r.plain.as_ref().map(|t| t.load.latency_ms.p99),
         Some(TRIGGER_P99_MAX_MS),
         "ms",
-        crate::report::Bound::Max,
+        Bound::Max,
     )]
 }
 
 /// The section as printed under the table.
-pub fn section(r: &PipelineResult) -> String {
+fn render(r: &PipelineResult) -> String {
     use std::fmt::Write as _;
     let mut out = format!(
         "{} (triggers over a fake Kubernetes API answering at once, {CONCURRENT_TRIGGERS} in flight):\n",
@@ -372,4 +261,107 @@ pub fn section(r: &PipelineResult) -> String {
         );
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// The section.
+
+/// The pipeline-bridge section.
+#[derive(Debug)]
+pub struct PipelineSection {
+    settings: RunSettings,
+    function: Option<Function>,
+    result: PipelineResult,
+}
+
+impl PipelineSection {
+    /// Measures pipeline-bridge when `BENCH_ONLY` lets it run.
+    pub fn new(settings: &RunSettings, catalog: &[Function]) -> Self {
+        let function = catalog
+            .iter()
+            .find(|f| f.name == PIPELINE_BRIDGE && settings.wants(f.name))
+            .cloned();
+        Self {
+            settings: settings.clone(),
+            function,
+            result: PipelineResult::default(),
+        }
+    }
+}
+
+impl Section for PipelineSection {
+    fn key(&self) -> &'static str {
+        "pipeline_bridge"
+    }
+
+    fn selected(&self) -> bool {
+        self.function.is_some()
+    }
+
+    fn functions(&self) -> Vec<&Function> {
+        self.function.iter().collect()
+    }
+
+    fn binaries(&self, bin_dir: &Path) -> Vec<std::path::PathBuf> {
+        vec![bin_dir.join("forward-floor")]
+    }
+
+    fn run(&mut self, ctx: &mut Context<'_>) {
+        if let Some(f) = &self.function {
+            let endpoints = ctx.endpoints();
+            self.result = run(
+                f,
+                &endpoints,
+                self.settings.events,
+                ctx.bin_dir(),
+                &ctx.logs,
+            );
+        }
+    }
+
+    fn render(&self) -> Option<String> {
+        (!self.result.name.is_empty()).then(|| render(&self.result))
+    }
+
+    fn checks(&self) -> Vec<TargetCheck> {
+        if self.result.name.is_empty() {
+            Vec::new()
+        } else {
+            check_targets(&self.result)
+        }
+    }
+
+    fn notes(&self) -> Vec<String> {
+        if self.function.is_none() {
+            return Vec::new();
+        }
+        let settings = &self.settings;
+        vec![format!(
+            "pipeline-bridge: KUBECONFIG pointing at fake-kube (testkit's fake API server as a \
+             separate process on one thread: answers like the API server, keeps every object in \
+             memory; answering at once, or after {} ms for RSS@100), catalog {}; no NATS_URL. \
+             Trigger latency: {} triggers after {} warm-up over {} keep-alive connections driven \
+             from one client thread (epoll; the reference line: a blocking client thread each), \
+             every trigger a new request_id (a new Job; with a lock, a new Lease too). Floor: \
+             forward-floor (axum + handler-kit's HTTP client, one POST per event) in front of an \
+             echo-floor, same events and load.",
+            settings.hold_ms,
+            fixtures::catalog_path(&settings.bin_dir).display(),
+            settings.events,
+            settings.warmup_events,
+            CONCURRENT_TRIGGERS
+        )]
+    }
+
+    fn errors(&self) -> Vec<String> {
+        let r = &self.result;
+        r.errors
+            .iter()
+            .map(|e| format!("{} {}: {}", r.name, e.measure, e.error))
+            .collect()
+    }
+
+    fn result_json(&self) -> serde_json::Result<String> {
+        serde_json::to_string_pretty(&self.result)
+    }
 }

@@ -63,6 +63,12 @@ impl Summary {
     }
 }
 
+/// The mean of `values` in milliseconds; `None` when there are none.
+pub fn mean_ms(values: impl Iterator<Item = Duration>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), d| (s + ms(d), n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,189 +1,16 @@
 //! What gets measured: the floor and every function.
 //!
-//! Adding a function is one more entry in [`functions`]: its binary name, its environment, a
-//! sample CloudEvent it answers with 200, and whether events/s is measured. Environment values
-//! may contain placeholders, filled in per start from [`Endpoints`]:
-//!
-//! - [`BACKEND`]: an `inference-sim` answering at once, or after [`HOLD_MS`] in the
-//!   100-in-flight measurement;
-//! - [`INSTANT`]: an `inference-sim` answering at once in every measurement;
-//! - [`STREAMING`]: an `inference-sim` streaming chat tokens slowly
-//!   ([`crate::STREAM_TOKEN_DELAY`] before each), so a streamed answer stays open for about
-//!   [`crate::HOLD`];
-//! - [`MILVUS`]: the Milvus mock in the bench process (see [`crate::chat::MilvusMock`]);
-//! - [`KUBE`]: the kubeconfig of a `fake-kube` (testkit's fake Kubernetes API server)
-//!   answering at once, or after [`HOLD_MS`] in the 100-in-flight measurement;
-//! - [`HOLD_MS`]: how long held events stay in flight, in milliseconds.
-//!
-//! A sample event's body may contain [`EVENT_ID`], replaced by the `ce-id` of every copy, so
-//! copies differ (chat-handler shares one run among identical concurrent requests).
+//! Adding a function is one more entry in [`functions`]: its binary name, its environment (see
+//! [`super::function`] for the placeholders), a sample CloudEvent it answers with 200, and
+//! whether events/s is measured.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use crate::http::Request;
-
-/// Placeholder for the step's simulator: instant, or answering after [`HOLD_MS`] when events
-/// are held in flight.
-pub const BACKEND: &str = "{backend}";
-/// Placeholder for a simulator that answers at once in every step.
-pub const INSTANT: &str = "{instant}";
-/// Placeholder for a simulator streaming chat tokens [`crate::STREAM_TOKEN_DELAY`] apart.
-pub const STREAMING: &str = "{streaming}";
-/// Placeholder for the Milvus mock (REST API v2) in the bench process.
-pub const MILVUS: &str = "{milvus}";
-/// Placeholder for the kubeconfig of a fake Kubernetes API server: instant, or answering after
-/// [`HOLD_MS`] when events are held in flight.
-pub const KUBE: &str = "{kubeconfig}";
-/// Placeholder for the hold time of the 100-in-flight measurement, in milliseconds.
-pub const HOLD_MS: &str = "{hold_ms}";
-/// Placeholder in a sample event's body for the copy's `ce-id`.
-pub const EVENT_ID: &str = "{id}";
-/// Every placeholder that names a simulator.
-const SIMULATORS: [&str; 3] = [BACKEND, INSTANT, STREAMING];
-/// Where an unset placeholder points: a closed port.
-const NOWHERE: &str = "http://127.0.0.1:9";
-
-/// Base URLs the placeholders stand for in one start; unset ones point at a closed port.
-#[derive(Debug, Clone, Default)]
-pub struct Endpoints {
-    /// [`BACKEND`].
-    pub backend: Option<String>,
-    /// [`INSTANT`].
-    pub instant: Option<String>,
-    /// [`STREAMING`].
-    pub streaming: Option<String>,
-    /// [`MILVUS`].
-    pub milvus: Option<String>,
-    /// [`KUBE`]: a kubeconfig path.
-    pub kube: Option<String>,
-}
-
-impl Endpoints {
-    /// `value` with every URL placeholder filled in.
-    fn fill(&self, value: &str) -> String {
-        let url = |u: &Option<String>| u.clone().unwrap_or_else(|| NOWHERE.to_string());
-        value
-            .replace(BACKEND, &url(&self.backend))
-            .replace(INSTANT, &url(&self.instant))
-            .replace(STREAMING, &url(&self.streaming))
-            .replace(MILVUS, &url(&self.milvus))
-            .replace(
-                KUBE,
-                self.kube.as_deref().unwrap_or("/nonexistent/kubeconfig"),
-            )
-    }
-}
-
-/// A CloudEvent in binary mode; the runner adds a unique `ce-id` to every copy it sends.
-#[derive(Debug, Clone)]
-pub struct SampleEvent {
-    /// Headers besides `ce-id`: `ce-specversion`, `ce-type`, `ce-source`, `content-type`, ...
-    pub headers: Vec<(&'static str, &'static str)>,
-    /// The body; [`EVENT_ID`] in it becomes the copy's `ce-id`.
-    pub body: &'static str,
-}
-
-impl SampleEvent {
-    /// A JSON event of type `ty`.
-    pub fn json(ty: &'static str, body: &'static str) -> Self {
-        Self {
-            headers: vec![
-                ("ce-specversion", "1.0"),
-                ("ce-type", ty),
-                ("ce-source", "bench"),
-                ("content-type", "application/json"),
-            ],
-            body,
-        }
-    }
-
-    /// `POST /` carrying this event with `ce-id: id`.
-    pub fn request(&self, addr: SocketAddr, id: &str, keep_alive: bool) -> Request {
-        let mut headers = self.headers.clone();
-        headers.push(("ce-id", id));
-        let body = self.body.replace(EVENT_ID, id);
-        Request::new("POST", addr, "/", &headers, body.as_bytes(), keep_alive)
-    }
-}
-
-/// How the runner knows that the held events are all in flight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InFlightProbe {
-    /// Poll `GET /metrics` until the gauge `handler_events_in_flight` reaches the count.
-    Metrics,
-    /// No metrics: wait this long after every request has been written.
-    Settle(Duration),
-}
-
-/// One measured binary.
-#[derive(Debug, Clone)]
-pub struct Function {
-    /// Name of the binary (and of the row in the report).
-    pub name: &'static str,
-    /// Path of the release binary.
-    pub binary: PathBuf,
-    /// Environment for every start (besides `PORT`, which the runner sets).
-    pub env: Vec<(&'static str, &'static str)>,
-    /// Extra environment for the 100-in-flight measurement (a variable also in `env` is
-    /// replaced): whatever makes the process hold events for [`HOLD_MS`] and lets 100 of them
-    /// reach the backend at once.
-    pub hold_env: Vec<(&'static str, &'static str)>,
-    /// The backend work in each answer, for the notes (e.g. `one round trip to inference-sim`).
-    pub backend_work: &'static str,
-    /// The event used for every measurement; answered with 200.
-    pub event: SampleEvent,
-    /// Whether events/s is measured.
-    pub events_per_sec: bool,
-    /// How to tell the held events are in flight.
-    pub in_flight: InFlightProbe,
-    /// The floor: a reference, not held to the targets.
-    pub floor: bool,
-}
-
-impl Function {
-    /// Whether any of the function's environment values contains `placeholder`.
-    pub fn uses(&self, placeholder: &str) -> bool {
-        self.env
-            .iter()
-            .chain(&self.hold_env)
-            .any(|(_, v)| v.contains(placeholder))
-    }
-
-    /// Whether the function needs an `inference-sim` backend.
-    pub fn needs_backend(&self) -> bool {
-        SIMULATORS.iter().any(|p| self.uses(p))
-    }
-
-    /// The environment of one start on `port`, placeholders filled in from `endpoints`; with
-    /// `hold`, the hold environment is applied over it.
-    pub fn environment(
-        &self,
-        port: u16,
-        endpoints: &Endpoints,
-        hold: Option<Duration>,
-    ) -> Vec<(String, String)> {
-        let hold_ms = hold.map(|d| d.as_millis().to_string()).unwrap_or_default();
-        let extra: &[(&str, &str)] = if hold.is_some() { &self.hold_env } else { &[] };
-        let mut env: Vec<(String, String)> = Vec::new();
-        for (k, v) in self.env.iter().chain(extra) {
-            let v = endpoints.fill(v).replace(HOLD_MS, &hold_ms);
-            set_var(&mut env, k, v);
-        }
-        set_var(&mut env, "PORT", port.to_string());
-        env
-    }
-}
-
-/// Sets `name` to `value` in `env`, replacing an earlier value.
-pub fn set_var(env: &mut Vec<(String, String)>, name: &str, value: impl Into<String>) {
-    let value = value.into();
-    match env.iter_mut().find(|(k, _)| k == name) {
-        Some(slot) => slot.1 = value,
-        None => env.push((name.to_string(), value)),
-    }
-}
+use super::fixtures;
+use super::function::{
+    BACKEND, Function, HOLD_MS, INSTANT, InFlightProbe, KUBE, MILVUS, STREAMING, SampleEvent,
+};
 
 /// The floor: `echo-floor` from this crate.
 pub fn floor(bin_dir: &Path) -> Function {
@@ -219,7 +46,7 @@ pub const VOICE_ASSISTANT: &str = "voice-assistant";
 /// sample events are `'static`; the bench is a short-lived process).
 fn audio_body(fixture: &str, extra: &str) -> &'static str {
     use base64::Engine as _;
-    let bytes = std::fs::read(crate::speech::fixture_dir().join(fixture)).unwrap_or_default();
+    let bytes = std::fs::read(fixtures::speech_dir().join(fixture)).unwrap_or_default();
     let audio = base64::engine::general_purpose::STANDARD.encode(bytes);
     // Leaked on purpose: one small string per run.
     Box::leak(format!(r#"{{"audio":"{audio}"{extra}}}"#).into_boxed_str())
@@ -278,7 +105,7 @@ pub fn functions(bin_dir: &Path) -> Vec<Function> {
             hold_env: vec![("STT_CONCURRENCY", "200")],
             backend_work: "decoding and VAD of a 7.5 s recording, then two transcription \
                            round trips to inference-sim",
-            event: SampleEvent::json("ai.stt.request", audio_body(crate::speech::FIXTURES[0], "")),
+            event: SampleEvent::json("ai.stt.request", audio_body(fixtures::SPEECH[0], "")),
             events_per_sec: false,
             in_flight: InFlightProbe::Metrics,
             floor: false,
@@ -303,7 +130,7 @@ pub fn functions(bin_dir: &Path) -> Vec<Function> {
                            trips, a completion streamed from inference-sim, and one TTS round trip",
             event: SampleEvent::json(
                 "ai.voice.request",
-                audio_body(crate::speech::FIXTURES[0], r#","enable_rag":false"#),
+                audio_body(fixtures::SPEECH[0], r#","enable_rag":false"#),
             ),
             events_per_sec: false,
             in_flight: InFlightProbe::Metrics,
@@ -318,7 +145,7 @@ pub fn functions(bin_dir: &Path) -> Vec<Function> {
                 (
                     "PIPELINE_CATALOG",
                     Box::leak(
-                        crate::pipeline::catalog_path(bin_dir)
+                        fixtures::catalog_path(bin_dir)
                             .display()
                             .to_string()
                             .into_boxed_str(),
@@ -327,7 +154,7 @@ pub fn functions(bin_dir: &Path) -> Vec<Function> {
             ],
             hold_env: vec![],
             backend_work: "one Job created on fake-kube",
-            event: SampleEvent::json("ai.pipeline.trigger", crate::pipeline::TRIGGER_SAMPLE),
+            event: SampleEvent::json("ai.pipeline.trigger", fixtures::TRIGGER_SAMPLE),
             events_per_sec: true,
             in_flight: InFlightProbe::Metrics,
             floor: false,
@@ -337,7 +164,10 @@ pub fn functions(bin_dir: &Path) -> Vec<Function> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
+    use crate::harness::function::Endpoints;
 
     fn endpoints() -> Endpoints {
         Endpoints {

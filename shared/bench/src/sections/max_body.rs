@@ -41,17 +41,22 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, bail, ensure};
+use crate::harness::error::{Context as _, Error, Result, bail, ensure};
 use serde::Serialize;
 
-use crate::functions::{
-    CHAT_HANDLER, Endpoints, Function, PIPELINE_BRIDGE, STT_MODULE, TTS_MODULE, VOICE_ASSISTANT,
+use crate::harness::catalog::{
+    CHAT_HANDLER, PIPELINE_BRIDGE, STT_MODULE, TTS_MODULE, VOICE_ASSISTANT,
 };
-use crate::http::{Request, Response, exchange};
-use crate::measure::{IDLE_SETTLE, start_ready_with};
-use crate::proc::Proc;
-use crate::report::{TargetCheck, check_bound};
-use crate::stats::mib;
+use crate::harness::fixtures::{
+    self, PIPELINE_ENTRY, PIPELINE_MAX_BODY_BYTES, PIPELINE_MAX_VALUE_CHARS, pipeline_parameters,
+};
+use crate::harness::function::{Endpoints, Function};
+use crate::harness::http::{Request, Response, exchange};
+use crate::harness::measure::{IDLE_SETTLE, start_ready_with};
+use crate::harness::proc::Proc;
+use crate::harness::results::{Bound, TargetCheck, check_bound};
+use crate::harness::section::{Context, RunSettings, Section};
+use crate::harness::stats::mib;
 
 /// The section's name in `BENCH_ONLY`: the max-body figure of every function, alone.
 pub const SECTION: &str = "max-body";
@@ -67,10 +72,6 @@ pub const TTS_MAX_TEXT_CHARS: usize = 5000;
 pub const CHAT_MAX_MESSAGE_CHARS: usize = 8000;
 /// `STT_MAX_AUDIO_MS`' default.
 pub const STT_MAX_AUDIO_MS: u64 = 600_000;
-/// The longest parameter value pipeline-bridge accepts, characters.
-pub const PIPELINE_MAX_VALUE_CHARS: usize = 1024;
-/// The catalog entry the pipeline-bridge body triggers.
-pub const PIPELINE_ENTRY: &str = "bench-max-body";
 /// The rates tried for the speech bodies, lowest first.
 const RATES: [u32; 6] = [16_000, 22_050, 24_000, 32_000, 44_100, 48_000];
 
@@ -83,8 +84,8 @@ pub struct Case {
     pub ce_type: &'static str,
     /// What fills the body, for the report.
     pub content: &'static str,
-    build: fn(usize) -> anyhow::Result<Body>,
-    check: fn(&Response) -> anyhow::Result<()>,
+    build: fn(usize) -> Result<Body>,
+    check: fn(&Response) -> Result<()>,
 }
 
 /// A built body.
@@ -130,7 +131,7 @@ pub fn case(function: &str) -> Option<Case> {
             check: voice_check,
         },
         PIPELINE_BRIDGE => Case {
-            cap: 64 * 1024,
+            cap: PIPELINE_MAX_BODY_BYTES,
             ce_type: "ai.pipeline.trigger",
             content: "JSON: parameters of the longest allowed value filling the cap",
             build: pipeline_body,
@@ -201,7 +202,7 @@ pub fn knative_dir() -> std::path::PathBuf {
 
 /// Reads `function`'s service.yaml and config.yaml under `dir` (plain line scans: our own files,
 /// one container each).
-pub fn manifest(dir: &Path, function: &str, default_cap: usize) -> anyhow::Result<Manifest> {
+pub fn manifest(dir: &Path, function: &str, default_cap: usize) -> Result<Manifest> {
     let read = |name: &str| {
         let path = dir.join(function).join(name);
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
@@ -244,7 +245,7 @@ pub fn manifest(dir: &Path, function: &str, default_cap: usize) -> anyhow::Resul
 }
 
 /// Every measured function against its manifests.
-pub fn fits(section: &MaxBodySection, dir: &Path) -> (Vec<Fit>, Vec<String>) {
+pub fn fits(section: &MaxBodyFigures, dir: &Path) -> (Vec<Fit>, Vec<String>) {
     let mut fits = Vec::new();
     let mut errors = Vec::new();
     for r in &section.results {
@@ -268,7 +269,7 @@ pub fn fits(section: &MaxBodySection, dir: &Path) -> (Vec<Fit>, Vec<String>) {
 
 /// The section's results.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct MaxBodySection {
+pub struct MaxBodyFigures {
     /// One entry per function measured.
     pub results: Vec<MaxBodyResult>,
     /// Each against its manifests' memory limit.
@@ -278,7 +279,7 @@ pub struct MaxBodySection {
 }
 
 /// `BENCH_MAX_BODY_CAPS`: `name=bytes` pairs, comma-separated.
-pub fn caps_from_env() -> anyhow::Result<Vec<(String, usize)>> {
+pub fn caps_from_env() -> Result<Vec<(String, usize)>> {
     let Ok(raw) = std::env::var("BENCH_MAX_BODY_CAPS") else {
         return Ok(Vec::new());
     };
@@ -300,13 +301,13 @@ pub fn caps_from_env() -> anyhow::Result<Vec<(String, usize)>> {
 
 /// Measures every function in `functions` that has a [`case`], at its default cap or the one
 /// `caps` names for it (then set as `MAX_BODY_BYTES` in its environment).
-pub fn run(
+fn run(
     functions: &[&Function],
     caps: &[(String, usize)],
     endpoints: &Endpoints,
     logs: &Path,
-) -> MaxBodySection {
-    let mut section = MaxBodySection::default();
+) -> MaxBodyFigures {
+    let mut section = MaxBodyFigures::default();
     for f in functions {
         let Some(mut case) = case(f.name) else {
             continue;
@@ -336,7 +337,7 @@ fn measure(
     set_cap: bool,
     endpoints: &Endpoints,
     logs: &Path,
-) -> anyhow::Result<MaxBodyResult> {
+) -> Result<MaxBodyResult> {
     let body = (case.build)(case.cap)?;
     ensure!(
         body.bytes.len() <= case.cap && body.bytes.len() + 1 >= case.cap,
@@ -347,7 +348,7 @@ fn measure(
     );
     let mut env = f.environment(0, endpoints, None);
     if set_cap {
-        crate::functions::set_var(&mut env, "MAX_BODY_BYTES", case.cap.to_string());
+        crate::harness::function::set_var(&mut env, "MAX_BODY_BYTES", case.cap.to_string());
     }
     let mut running = start_ready_with(f, env, logs)?;
     let addr = running.addr;
@@ -394,7 +395,7 @@ fn measure(
     ensure!(
         over_reply.status == 413,
         "a body of {} bytes (one over the cap the bench assumes) answered HTTP {}, not 413: \
-         the function's MAX_BODY_BYTES is not {} (update max_body::case)",
+         the function's MAX_BODY_BYTES is not {} (update sections::max_body::case)",
         case.cap + 1,
         over_reply.status,
         case.cap
@@ -443,7 +444,7 @@ fn event(addr: SocketAddr, ce_type: &str, id: &str, body: &Body) -> Request {
 }
 
 /// `json` followed by spaces up to `cap` bytes (JSON allows whitespace after the value).
-fn pad_json(json: String, cap: usize) -> anyhow::Result<Vec<u8>> {
+fn pad_json(json: String, cap: usize) -> Result<Vec<u8>> {
     ensure!(
         json.len() <= cap,
         "the JSON is {} bytes, over the cap {cap}",
@@ -460,7 +461,7 @@ fn sentences(chars: usize) -> String {
     SENTENCE.chars().cycle().take(chars).collect()
 }
 
-fn tts_body(cap: usize) -> anyhow::Result<Body> {
+fn tts_body(cap: usize) -> Result<Body> {
     let json = serde_json::json!({ "text": sentences(TTS_MAX_TEXT_CHARS) }).to_string();
     Ok(Body {
         content_type: "application/json",
@@ -469,7 +470,7 @@ fn tts_body(cap: usize) -> anyhow::Result<Body> {
     })
 }
 
-fn chat_body(cap: usize) -> anyhow::Result<Body> {
+fn chat_body(cap: usize) -> Result<Body> {
     const TURN_CHARS: usize = 4000;
     let message = sentences(CHAT_MAX_MESSAGE_CHARS);
     let mut history = Vec::new();
@@ -511,17 +512,16 @@ struct Audio<'a> {
     audio: &'a [u8],
 }
 
-fn audio_msgpack(samples: &[i16], rate: u32) -> anyhow::Result<Vec<u8>> {
-    let wav = audio::encode_pcm16(samples, rate).map_err(|e| anyhow!(e))?;
+fn audio_msgpack(samples: &[i16], rate: u32) -> Result<Vec<u8>> {
+    let wav = audio::encode_pcm16(samples, rate).map_err(Error::msg)?;
     rmp_serde::to_vec_named(&Audio { audio: &wav }).context("encoding msgpack")
 }
 
-fn speech_body(cap: usize) -> anyhow::Result<Body> {
+fn speech_body(cap: usize) -> Result<Body> {
     use audio::{Wav, resample};
-    let name = crate::speech::FIXTURES[0];
-    let path = crate::speech::fixture_dir().join(name);
-    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let wav = Wav::parse(&bytes).map_err(|e| anyhow!(e))?;
+    let name = fixtures::SPEECH[0];
+    let bytes = fixtures::read_speech(name)?;
+    let wav = Wav::parse(&bytes).map_err(Error::msg)?;
     let speech = wav.to_mono_i16();
     ensure!(!speech.is_empty(), "{name} has no samples");
     let max_samples = |rate: u32| (STT_MAX_AUDIO_MS * u64::from(rate) / 1000) as usize;
@@ -546,30 +546,7 @@ fn speech_body(cap: usize) -> anyhow::Result<Body> {
     })
 }
 
-/// The parameters of [`PIPELINE_ENTRY`] that fit a trigger of `cap` bytes.
-pub fn pipeline_parameters(cap: usize) -> usize {
-    // `"p000":"<value>",` per parameter; the rest of the trigger is under 100 bytes.
-    (cap - 100) / (PIPELINE_MAX_VALUE_CHARS + 10)
-}
-
-/// The catalog entry [`PIPELINE_ENTRY`]: `count` parameters, every one in the Job's args.
-pub fn pipeline_entry(count: usize) -> String {
-    let mut entry =
-        format!("  {PIPELINE_ENTRY}:\n    kind: job\n    namespace: bench\n    parameters:\n");
-    for i in 0..count {
-        let _ = writeln!(entry, "      p{i:03}: {{pattern: \"[a-z]+\"}}");
-    }
-    entry.push_str(
-        "    job:\n      template:\n        spec:\n          restartPolicy: Never\n          \
-         containers:\n            - name: work\n              image: busybox\n              args:\n",
-    );
-    for i in 0..count {
-        let _ = writeln!(entry, "                - \"{{{{parameters.p{i:03}}}}}\"");
-    }
-    entry
-}
-
-fn pipeline_body(cap: usize) -> anyhow::Result<Body> {
+fn pipeline_body(cap: usize) -> Result<Body> {
     let count = pipeline_parameters(cap);
     let value: String = "abcdefghijklmnopqrstuvwxyz"
         .chars()
@@ -592,18 +569,18 @@ fn pipeline_body(cap: usize) -> anyhow::Result<Body> {
     })
 }
 
-fn json_reply(r: &Response) -> anyhow::Result<serde_json::Value> {
+fn json_reply(r: &Response) -> Result<serde_json::Value> {
     serde_json::from_slice(&r.body).context("the reply is not JSON")
 }
 
-fn positive(v: &serde_json::Value, field: &str) -> anyhow::Result<()> {
+fn positive(v: &serde_json::Value, field: &str) -> Result<()> {
     match v.get(field).and_then(serde_json::Value::as_u64) {
         Some(n) if n > 0 => Ok(()),
         other => bail!("{field} is {other:?}, not above 0"),
     }
 }
 
-fn tts_check(r: &Response) -> anyhow::Result<()> {
+fn tts_check(r: &Response) -> Result<()> {
     let v = json_reply(r)?;
     positive(&v, "duration_ms")?;
     ensure!(
@@ -613,7 +590,7 @@ fn tts_check(r: &Response) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn chat_check(r: &Response) -> anyhow::Result<()> {
+fn chat_check(r: &Response) -> Result<()> {
     let v = json_reply(r)?;
     match v.get("response").and_then(serde_json::Value::as_str) {
         Some(answer) if !answer.is_empty() => Ok(()),
@@ -621,7 +598,7 @@ fn chat_check(r: &Response) -> anyhow::Result<()> {
     }
 }
 
-fn stt_check(r: &Response) -> anyhow::Result<()> {
+fn stt_check(r: &Response) -> Result<()> {
     // msgpack in, msgpack out; the transcript holds no bytes, so it reads as JSON values.
     let v: serde_json::Value =
         rmp_serde::from_slice(&r.body).context("the reply is not msgpack")?;
@@ -632,7 +609,7 @@ fn stt_check(r: &Response) -> anyhow::Result<()> {
     }
 }
 
-fn voice_check(r: &Response) -> anyhow::Result<()> {
+fn voice_check(r: &Response) -> Result<()> {
     ensure!(
         r.header("ce-type") == Some("ai.voice.response"),
         "the reply is {:?}, not ai.voice.response",
@@ -642,14 +619,14 @@ fn voice_check(r: &Response) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pipeline_check(r: &Response) -> anyhow::Result<()> {
+fn pipeline_check(r: &Response) -> Result<()> {
     ensure!(!json_reply(r)?.is_null(), "an empty reply");
     Ok(())
 }
 
 /// stt-module's and voice-assistant's target, peak over idle <= [`SPEECH_MAX_X_BODY`] x body,
 /// and every function's fit in its memory limit.
-pub fn check_targets(section: &MaxBodySection) -> Vec<TargetCheck> {
+fn check_targets(section: &MaxBodyFigures) -> Vec<TargetCheck> {
     let fits = section.fits.iter().map(|f| {
         check_bound(
             &f.name,
@@ -664,7 +641,7 @@ pub fn check_targets(section: &MaxBodySection) -> Vec<TargetCheck> {
             Some(f.needed_mib),
             Some(f.manifest.memory_limit_mib),
             "MiB",
-            crate::report::Bound::Max,
+            Bound::Max,
         )
     });
     let speech = [STT_MODULE, VOICE_ASSISTANT]
@@ -677,14 +654,14 @@ pub fn check_targets(section: &MaxBodySection) -> Vec<TargetCheck> {
                 Some(r.x_body),
                 Some(SPEECH_MAX_X_BODY),
                 "x body",
-                crate::report::Bound::Max,
+                Bound::Max,
             )
         });
     speech.chain(fits).collect()
 }
 
 /// The printed section.
-pub fn section(s: &MaxBodySection) -> String {
+fn render(s: &MaxBodyFigures) -> String {
     let mut out = String::from(
         "max-size body: one request with a body at MAX_BODY_BYTES (the default, or as \
          BENCH_MAX_BODY_CAPS sets it; peak = VmHWM, \
@@ -743,6 +720,74 @@ pub fn section(s: &MaxBodySection) -> String {
         }
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// The section.
+
+/// The max-body section.
+#[derive(Debug)]
+pub struct MaxBodySection {
+    caps: Vec<(String, usize)>,
+    subjects: Vec<Function>,
+    result: MaxBodyFigures,
+}
+
+impl MaxBodySection {
+    /// Every function `BENCH_ONLY` names (all of them when it names [`SECTION`]), at the caps
+    /// `caps` sets.
+    pub fn new(caps: Vec<(String, usize)>, run: &RunSettings, catalog: &[Function]) -> Self {
+        let subjects = catalog
+            .iter()
+            .filter(|f| run.wants(f.name) || run.wants(SECTION))
+            .cloned()
+            .collect();
+        Self {
+            caps,
+            subjects,
+            result: MaxBodyFigures::default(),
+        }
+    }
+}
+
+impl Section for MaxBodySection {
+    fn key(&self) -> &'static str {
+        "max_body"
+    }
+
+    fn selected(&self) -> bool {
+        !self.subjects.is_empty()
+    }
+
+    fn functions(&self) -> Vec<&Function> {
+        self.subjects.iter().collect()
+    }
+
+    fn run(&mut self, ctx: &mut Context<'_>) {
+        let list: Vec<&Function> = self.subjects.iter().collect();
+        self.result = run(&list, &self.caps, &ctx.endpoints(), &ctx.logs);
+    }
+
+    fn render(&self) -> Option<String> {
+        let r = &self.result;
+        (!(r.results.is_empty() && r.errors.is_empty())).then(|| render(r))
+    }
+
+    fn checks(&self) -> Vec<TargetCheck> {
+        check_targets(&self.result)
+    }
+
+    fn errors(&self) -> Vec<String> {
+        self.result
+            .errors
+            .iter()
+            .map(|e| format!("max-body {e}"))
+            .collect()
+    }
+
+    fn result_json(&self) -> serde_json::Result<String> {
+        serde_json::to_string_pretty(&self.result)
+    }
 }
 
 #[cfg(test)]
@@ -840,7 +885,7 @@ mod tests {
         assert_eq!(m.container_concurrency, 8);
         assert!((m.memory_limit_mib - 1024.0).abs() < f64::EPSILON);
         assert_eq!(m.max_body_bytes, 1024);
-        let section = MaxBodySection {
+        let section = MaxBodyFigures {
             results: vec![MaxBodyResult {
                 name: "f".into(),
                 max_body_bytes: 4096,
@@ -848,7 +893,7 @@ mod tests {
                 peak_over_idle_mib: 40.0,
                 ..MaxBodyResult::default()
             }],
-            ..MaxBodySection::default()
+            ..MaxBodyFigures::default()
         };
         let (fits, errors) = fits(&section, dir.path());
         assert!(errors.is_empty(), "{errors:?}");
@@ -860,7 +905,7 @@ mod tests {
     #[test]
     fn the_pipeline_entry_declares_every_parameter_the_body_sends() {
         let count = pipeline_parameters(64 * 1024);
-        let entry = pipeline_entry(count);
+        let entry = fixtures::pipeline_entry(count);
         let body: serde_json::Value =
             serde_json::from_slice(&pipeline_body(64 * 1024).unwrap().bytes).unwrap();
         let sent = body["parameters"].as_object().unwrap();

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use anyhow::{Context as _, bail};
+use crate::harness::error::{Context as _, Result, bail};
 
 /// A running child process, killed (SIGKILL) and reaped when dropped: on success, on error and
 /// on panic alike.
@@ -24,7 +24,7 @@ pub fn command(
     args: &[String],
     env: &[(String, String)],
     log: &Path,
-) -> anyhow::Result<Command> {
+) -> Result<Command> {
     let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(binary);
@@ -39,7 +39,7 @@ pub fn command(
 
 impl Proc {
     /// Spawns `cmd` (returns once the binary has been exec'd). `log` is where `cmd` writes.
-    pub fn spawn(cmd: &mut Command, name: &str, log: &Path) -> anyhow::Result<Self> {
+    pub fn spawn(cmd: &mut Command, name: &str, log: &Path) -> Result<Self> {
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
@@ -56,7 +56,7 @@ impl Proc {
     }
 
     /// Fails if the process has exited, quoting the end of its output.
-    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+    pub fn check_alive(&mut self) -> Result<()> {
         match self.child.try_wait()? {
             None => Ok(()),
             Some(status) => bail!(
@@ -68,12 +68,12 @@ impl Proc {
     }
 
     /// `VmRSS` (resident set) in KiB.
-    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+    pub fn rss_kib(&self) -> Result<u64> {
         status_kib(self.pid(), "VmRSS")
     }
 
     /// `VmHWM` (peak resident set) in KiB.
-    pub fn hwm_kib(&self) -> anyhow::Result<u64> {
+    pub fn hwm_kib(&self) -> Result<u64> {
         status_kib(self.pid(), "VmHWM")
     }
 }
@@ -86,7 +86,7 @@ impl Drop for Proc {
 }
 
 /// Reads a `kB` field of `/proc/<pid>/status`.
-pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+pub fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     parse_status_kib(&text, field).with_context(|| format!("no {field} in {path}"))
@@ -94,7 +94,7 @@ pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
 
 /// CPU time (user + system) of a process so far, in clock ticks (`USER_HZ`, 100 per second),
 /// from `/proc/<pid>/stat`.
-pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+pub fn cpu_ticks(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/stat");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     parse_stat_ticks(&text).with_context(|| format!("no utime/stime in {path}"))
@@ -135,7 +135,7 @@ pub fn tail(path: &Path, max: u64) -> String {
 }
 
 /// A port that was free on 127.0.0.1 a moment ago.
-pub fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind(("127.0.0.1", 0)).context("finding a free port")?;
     Ok(listener.local_addr()?.port())
 }
