@@ -313,15 +313,25 @@ fn container_bits(wav: &[u8]) -> Option<u32> {
 
 /// Linear interpolation fed one sample at a time: exactly [`resample`]'s output, without
 /// holding the input.
+///
+/// An output sample can be computed once the two input samples around its position are in,
+/// but it belongs to the output only if [`resample`]'s rounded length for the input so far
+/// reaches it: when downsampling by more than 2x, the last computed sample can lie past that
+/// length (44.1 kHz and 96 kHz input do this at some lengths). Such a sample is held, at most
+/// one, and released once more input makes the length reach it, or dropped at the end.
 #[derive(Debug, Clone)]
 struct Resampler {
     from: u64,
     to: u64,
-    /// Index of the next output sample.
+    /// Index of the next output sample to compute.
     next_out: u64,
+    /// Output samples handed out.
+    emitted: u64,
     /// Input samples received.
     received: u64,
     previous: i16,
+    /// Computed, not yet within the output's length.
+    held: Option<i16>,
 }
 
 impl Resampler {
@@ -330,20 +340,45 @@ impl Resampler {
             from: u64::from(from_hz),
             to: u64::from(to_hz),
             next_out: 0,
+            emitted: 0,
             received: 0,
             previous: 0,
+            held: None,
+        }
+    }
+
+    /// [`resample`]'s output length for `frames` input samples.
+    fn len_for(&self, frames: u64) -> u64 {
+        if self.from == 0 || self.to == 0 {
+            return 0;
+        }
+        (frames * self.to + self.from / 2) / self.from
+    }
+
+    /// Hands `value` out if the output's length for the input so far reaches it, else holds it.
+    fn emit(&mut self, value: i16, allowed: u64, out: &mut Vec<i16>) {
+        if self.emitted < allowed {
+            out.push(value);
+            self.emitted += 1;
+        } else {
+            debug_assert!(self.held.is_none(), "at most one sample lies past the length");
+            self.held = Some(value);
         }
     }
 
     /// Takes input sample number `received`: every output sample lying between it and the
     /// one before is now known.
     fn push(&mut self, sample: i16, out: &mut Vec<i16>) {
-        if self.received > 0 {
+        let allowed = self.len_for(self.received + 1);
+        if let Some(held) = self.held.take() {
+            self.emit(held, allowed, out);
+        }
+        if self.received > 0 && self.from > 0 && self.to > 0 {
             let index = self.received - 1;
             let (a, b) = (f64::from(self.previous), f64::from(sample));
             while (self.next_out * self.from) / self.to == index {
                 let frac = ((self.next_out * self.from) % self.to) as f64 / self.to as f64;
-                out.push((a + (b - a) * frac).round() as i16);
+                self.emit((a + (b - a) * frac).round() as i16, allowed, out);
                 self.next_out += 1;
             }
         }
@@ -351,15 +386,22 @@ impl Resampler {
         self.received += 1;
     }
 
-    /// End of input: the output samples at or past the last input sample are that sample.
+    /// End of input: a held sample past the final length is dropped; the output samples at or
+    /// past the last input sample are that sample.
     fn finish(&mut self, out: &mut Vec<i16>) {
-        if self.received == 0 || self.from == 0 || self.to == 0 {
+        if self.received == 0 {
             return;
         }
-        let out_len = (self.received * self.to + self.from / 2) / self.from;
-        while self.next_out < out_len {
+        let out_len = self.len_for(self.received);
+        if let Some(held) = self.held.take()
+            && self.emitted < out_len
+        {
+            out.push(held);
+            self.emitted += 1;
+        }
+        while self.emitted < out_len {
             out.push(self.previous);
-            self.next_out += 1;
+            self.emitted += 1;
         }
     }
 }
@@ -988,6 +1030,27 @@ mod tests {
                 while !downmix.read_into(&mut out, 997).expect("decodes") {}
                 assert_eq!(out.len() as u64, downmix.output_len(10_007));
                 assert_eq!(out, batch, "{spec:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_streaming_resampler_gives_resample_s_output_at_every_length() {
+        // Downsampling by more than 2x computes a sample past the rounded length at some
+        // lengths: 79 of these 600 at 44.1 kHz, 100 at 96 kHz (a 4.29 GHz header found it).
+        for from in [8_000, 16_000, 22_050, 44_100, 48_000, 96_000, 192_000, 4_294_959_295] {
+            let input: Vec<i16> = (0..600).map(|i| ((i * 7919) % 65_536 - 32_768) as i16).collect();
+            for len in 0..input.len() {
+                let samples = &input[..len];
+                let mut resampler = Resampler::new(from, 16_000);
+                let mut out = Vec::new();
+                for &sample in samples {
+                    resampler.push(sample, &mut out);
+                    // Nothing handed out lies past the length of the input so far.
+                    assert!(out.len() as u64 <= resampler.len_for(resampler.received));
+                }
+                resampler.finish(&mut out);
+                assert_eq!(out, resample(samples, from, 16_000), "{len} samples at {from} Hz");
             }
         }
     }
