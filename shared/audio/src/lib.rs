@@ -361,7 +361,10 @@ impl Resampler {
             out.push(value);
             self.emitted += 1;
         } else {
-            debug_assert!(self.held.is_none(), "at most one sample lies past the length");
+            debug_assert!(
+                self.held.is_none(),
+                "at most one sample lies past the length"
+            );
             self.held = Some(value);
         }
     }
@@ -1038,8 +1041,19 @@ mod tests {
     fn the_streaming_resampler_gives_resample_s_output_at_every_length() {
         // Downsampling by more than 2x computes a sample past the rounded length at some
         // lengths: 79 of these 600 at 44.1 kHz, 100 at 96 kHz (a 4.29 GHz header found it).
-        for from in [8_000, 16_000, 22_050, 44_100, 48_000, 96_000, 192_000, 4_294_959_295] {
-            let input: Vec<i16> = (0..600).map(|i| ((i * 7919) % 65_536 - 32_768) as i16).collect();
+        for from in [
+            8_000,
+            16_000,
+            22_050,
+            44_100,
+            48_000,
+            96_000,
+            192_000,
+            4_294_959_295,
+        ] {
+            let input: Vec<i16> = (0..600)
+                .map(|i| ((i * 7919) % 65_536 - 32_768) as i16)
+                .collect();
             for len in 0..input.len() {
                 let samples = &input[..len];
                 let mut resampler = Resampler::new(from, 16_000);
@@ -1050,7 +1064,11 @@ mod tests {
                     assert!(out.len() as u64 <= resampler.len_for(resampler.received));
                 }
                 resampler.finish(&mut out);
-                assert_eq!(out, resample(samples, from, 16_000), "{len} samples at {from} Hz");
+                assert_eq!(
+                    out,
+                    resample(samples, from, 16_000),
+                    "{len} samples at {from} Hz"
+                );
             }
         }
     }
