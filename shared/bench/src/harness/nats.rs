@@ -231,6 +231,43 @@ pub fn chunk_done(payload: &[u8]) -> Option<bool> {
     rmp_serde::from_slice::<Done>(payload).ok().map(|c| c.done)
 }
 
+impl RawSubscriber {
+    /// Reads one request's stream: messages on `subject` until the one whose payload says
+    /// `done`, by `deadline`. Messages on other subjects (late ones of an earlier request) are
+    /// skipped. `check_first` judges the first message on the subject, which must not be the
+    /// last. Returns when that first message arrived.
+    pub fn stream_until_done(
+        &mut self,
+        subject: &str,
+        deadline: Instant,
+        check_first: impl FnOnce(&NatsMessage) -> Result<()>,
+    ) -> Result<Instant> {
+        let mut check_first = Some(check_first);
+        let mut first = None;
+        loop {
+            ensure!(
+                Instant::now() < deadline,
+                "no done message on {subject} by the deadline"
+            );
+            let m = self.next_message()?;
+            if m.subject != subject {
+                continue;
+            }
+            if let Some(check) = check_first.take() {
+                ensure!(
+                    chunk_done(&m.payload) == Some(false),
+                    "the first message on {subject} is not a chunk before the end"
+                );
+                check(&m)?;
+                first = Some(m.at);
+            }
+            if chunk_done(&m.payload) == Some(true) {
+                return first.context("no message on the subject");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,7 +51,7 @@ use crate::harness::llm::{MODEL, completion_body, stream_completion};
 use crate::harness::load::join_clients;
 use crate::harness::measure::{Held, Running, start_ready, start_ready_with};
 use crate::harness::metrics::Metrics;
-use crate::harness::nats::{RawSubscriber, chunk_done, start_nats};
+use crate::harness::nats::{RawSubscriber, start_nats};
 use crate::harness::proc::cpu_ticks;
 use crate::harness::results::{MeasureError, fail, failed};
 use crate::harness::section::{Context, Section, env_count};
@@ -692,40 +692,22 @@ impl TtftRig {
         conn.write(&request)
             .context("sending an event to chat-handler")?;
         // Chunks are published before the reply is written: read them first, up to `done`.
-        let mut first = None;
-        let deadline = sent + CALL_TIMEOUT;
-        loop {
-            ensure!(
-                Instant::now() < deadline,
-                "no done chunk on {subject} within {CALL_TIMEOUT:?}"
-            );
-            let m = self.subscriber.next_message()?;
-            if m.subject != subject {
-                continue; // a late chunk of an earlier request
-            }
-            if first.is_none() {
+        let first = self
+            .subscriber
+            .stream_until_done(&subject, sent + CALL_TIMEOUT, |m| {
                 ensure!(
                     m.headers.contains(&format!("Nats-Msg-Id: {id}.0")),
                     "the first message on {subject} is not seq 0: {:?}",
                     m.headers
                 );
-                ensure!(
-                    chunk_done(&m.payload) == Some(false),
-                    "the first message on {subject} is not a text chunk"
-                );
-                first = Some(m.at);
-            }
-            if chunk_done(&m.payload) == Some(true) {
-                break;
-            }
-        }
+                Ok(())
+            })?;
         let r = conn.read().context("reading chat-handler's answer")?;
         let answered = sent.elapsed();
         let data = check_answer(&r, id, if rag { "rag" } else { "llm" })?;
         let reported = data["timings_ms"]["ttft"]
             .as_f64()
             .context("no timings_ms.ttft in the answer")?;
-        let first = first.context("no chunk")?;
         Ok(TtftPair {
             llm,
             first_chunk: first.saturating_duration_since(sent),

@@ -49,7 +49,7 @@ use crate::harness::function::{Endpoints, Function, set_var};
 use crate::harness::http::{Peer, Request, Response};
 use crate::harness::llm::{completion_body, stream_completion_text};
 use crate::harness::measure::{Running, start_ready_with};
-use crate::harness::nats::{RawSubscriber, chunk_done, start_nats};
+use crate::harness::nats::{RawSubscriber, start_nats};
 use crate::harness::results::{MeasureError, fail};
 use crate::harness::section::{Context, RunSettings, Section, env_count};
 use crate::harness::stats::{Summary, ms};
@@ -585,28 +585,15 @@ impl VoiceRig {
         conn.write(&request)
             .context("sending an event to voice-assistant")?;
         // Audio is published before the reply is written: read it first, up to `done`.
-        let mut first = None;
-        let deadline = sent + CALL_TIMEOUT;
-        loop {
-            ensure!(
-                Instant::now() < deadline,
-                "no done message on {subject} within {CALL_TIMEOUT:?}"
-            );
-            let m = self.subscriber.next_message()?;
-            if m.subject != subject {
-                continue; // a late message of an earlier request
-            }
-            if first.is_none() {
+        let first = self
+            .subscriber
+            .stream_until_done(&subject, sent + CALL_TIMEOUT, |m| {
                 ensure!(
-                    chunk_done(&m.payload) == Some(false) && m.payload.len() > 1000,
+                    m.payload.len() > 1000,
                     "the first message on {subject} carries no audio"
                 );
-                first = Some(m.at);
-            }
-            if chunk_done(&m.payload) == Some(true) {
-                break;
-            }
-        }
+                Ok(())
+            })?;
         let r = conn.read().context("reading voice-assistant's answer")?;
         let data = reply_data(&r, "voice-assistant")?;
         let t = &data["timings_ms"];
@@ -617,7 +604,7 @@ impl VoiceRig {
         };
         Ok(VoicePair {
             direct,
-            first_audio: first.context("no audio")?.saturating_duration_since(sent),
+            first_audio: first.saturating_duration_since(sent),
             reported: [field("stt")?, field("ttft")?, field("first_audio")?],
         })
     }
