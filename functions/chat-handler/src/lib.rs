@@ -215,13 +215,9 @@ impl ChunkPublisher<'_> {
             done,
             error,
         };
-        // Same id on a redelivery: a JetStream stream drops the copy.
-        let msg_id = format!("{}.{}", self.request_id, self.seq);
         self.outbox
-            .publish(self.subject.clone(), &chunk, Some(&msg_id))
-            .await?;
-        self.seq += 1;
-        Ok(())
+            .publish_chunk(self.subject.clone(), self.request_id, &mut self.seq, &chunk)
+            .await
     }
 
     /// Closes the stream with `done: true`.

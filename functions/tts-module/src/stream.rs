@@ -22,7 +22,7 @@ pub const ENVELOPE_ROOM: usize = 4 * 1024;
 #[derive(Debug, Serialize)]
 struct AudioChunk<'a> {
     request_id: &'a str,
-    seq: usize,
+    seq: u64,
     #[serde(with = "bytes_field")]
     audio: &'a [u8],
     /// The text this audio speaks (on the first piece of a sentence), when known.
@@ -47,7 +47,7 @@ pub struct AudioStream<'a> {
     max_payload: usize,
     subject: String,
     request_id: String,
-    seq: usize,
+    seq: u64,
 }
 
 impl<'a> AudioStream<'a> {
@@ -98,7 +98,7 @@ impl<'a> AudioStream<'a> {
 
     /// Messages published so far.
     pub fn published(&self) -> usize {
-        self.seq
+        usize::try_from(self.seq).unwrap_or(usize::MAX)
     }
 
     /// Ends a stream whose last piece was sent without `last`: a message with empty `audio`
@@ -115,12 +115,14 @@ impl<'a> AudioStream<'a> {
             text: None,
             done: true,
         };
-        let msg_id = format!("{}.{}", self.request_id, self.seq);
         self.outbox
-            .publish(self.subject.clone(), &chunk, Some(&msg_id))
-            .await?;
-        self.seq += 1;
-        Ok(())
+            .publish_chunk(
+                self.subject.clone(),
+                &self.request_id,
+                &mut self.seq,
+                &chunk,
+            )
+            .await
     }
 
     /// Publishes `wav` (cut to fit), with `text` on its first piece; `last` marks the end.
@@ -145,11 +147,14 @@ impl<'a> AudioStream<'a> {
                 text: if i == 0 { text } else { None },
                 done: last && i + 1 == count,
             };
-            let msg_id = format!("{}.{}", self.request_id, self.seq);
             self.outbox
-                .publish(self.subject.clone(), &chunk, Some(&msg_id))
+                .publish_chunk(
+                    self.subject.clone(),
+                    &self.request_id,
+                    &mut self.seq,
+                    &chunk,
+                )
                 .await?;
-            self.seq += 1;
         }
         Ok(())
     }

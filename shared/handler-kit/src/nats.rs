@@ -303,6 +303,22 @@ const MAX_HELD_MESSAGES: usize = 1024;
 const MAX_HELD_BYTES: usize = 8 * DEFAULT_MAX_PAYLOAD;
 
 impl Outbox<'_> {
+    /// Sends chunk number `*seq` of request `request_id`'s stream, then counts it: its
+    /// `Nats-Msg-Id` is `{request_id}.{seq}`, the same on a redelivery, so a JetStream stream
+    /// drops the copy.
+    pub async fn publish_chunk<T: Serialize>(
+        &mut self,
+        subject: String,
+        request_id: &str,
+        seq: &mut u64,
+        chunk: &T,
+    ) -> Result<(), HandlerError> {
+        let msg_id = format!("{request_id}.{seq}");
+        self.publish(subject, chunk, Some(&msg_id)).await?;
+        *seq += 1;
+        Ok(())
+    }
+
     /// Sends `payload` as MessagePack to `subject` (headers as [`Nats::publish`]) without
     /// waiting for it to be kept, unless too many messages already wait for their PubAck.
     pub async fn publish<T: Serialize>(
